@@ -1,0 +1,67 @@
+# minillava: build the environment, lint, test, and build the executable book.
+#
+#   make book    create .venv if needed, execute every chapter once, render _build/html/
+#   make test    run the unit tests (offline)
+#   make lint    ruff
+#
+# Everything runs offline except the package installs in `make venv`.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+# Installed first, and only when the venv has no torch: on the project's machines this resolves to a
+# CPU build on local disk; elsewhere pick the build you want, e.g. TORCH_SPEC="torch>=2.4".
+TORCH_SPEC ?= torch==2.13.0
+STAMP      := $(VENV)/.minillava-installed
+
+# Nothing may reach the Hugging Face Hub at test or book time; progress bars freeze in rendered HTML.
+# PATH puts the venv first so that notebook shell escapes (`!minillava ...`) find its commands.
+# (No MPLBACKEND here: it leaks into the notebook kernels and figures vanish from the outputs.)
+RUN_ENV := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 PATH="$(abspath $(BIN)):$$PATH"
+
+# The book is built from a scratch copy, so that executing the notebooks never rewrites the sources.
+# (Not under _build/: nbmake skips every notebook whose path has a `_build` folder in it.)
+BOOK_SRC   := build/book
+BOOK_HTML  := _build/html
+NB_TIMEOUT ?= 600
+
+.PHONY: venv lint test book clean distclean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --no-input "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --no-input -e ".[test,book]"
+	touch $@
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP)
+	$(RUN_ENV) $(BIN)/python -m pytest tests
+
+book: $(STAMP)
+	rm -rf $(BOOK_SRC) $(BOOK_HTML) _build/.doctrees _build/jupyter_execute
+	mkdir -p $(BOOK_SRC)
+	cp -R _config.yml _toc.yml book $(BOOK_SRC)/
+	if [ -d notebooks ]; then cp -R notebooks $(BOOK_SRC)/; fi
+	@# Chapters read shipped files as ../data, relative to their own folder.
+	if [ -d data ]; then ln -s ../../data $(BOOK_SRC)/data; fi
+	@# Execute each notebook once, in place in the copy; the build below only renders the outputs.
+	@if [ -n "$$(find $(BOOK_SRC) -path '$(BOOK_SRC)/notebooks/*.ipynb' -not -path '*/.ipynb_checkpoints/*')" ]; then \
+	  echo "Executing notebooks with nbmake"; \
+	  $(RUN_ENV) $(BIN)/python -m pytest -p no:cacheprovider --nbmake --nbmake-timeout=$(NB_TIMEOUT) \
+	    --overwrite $(BOOK_SRC)/notebooks; \
+	else \
+	  echo "No notebooks yet: nothing to execute"; \
+	fi
+	@# --path-output . puts the HTML in ./_build/html rather than in the scratch copy.
+	$(RUN_ENV) $(BIN)/jupyter-book build -W -n --keep-going --path-output . $(BOOK_SRC)
+	@echo "The book is at $(CURDIR)/$(BOOK_HTML)/index.html"
+
+clean:
+	rm -rf _build .pytest_cache .ruff_cache *.egg-info build dist
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,120 @@
+"""LLaVA's data format, read and checked.
+
+A data file is a JSON list of records, as LCS-558K, LLaVA-Instruct-150K and llava_v1_5_mix665k are:
+
+    {"id": "000123", "image": "000123.png",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat color is the circle?"},
+                       {"from": "gpt", "value": "Red."}]}
+
+"image" is absent for text-only records. minillava also reads a list of paths there (one per `<image>`
+placeholder, in order), which is how multi-image conversations are written. Every record is checked when the
+file is read, and a problem is reported with the file, the record's id and what is wrong -- never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..templates import IMAGE_PLACEHOLDER, from_llava, to_llava
+from ..utils import atomic_file
+
+
+@dataclass
+class Record:
+    """One conversation: its id, image paths (resolved against the image folder) and messages."""
+
+    id: str
+    images: list[Path] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # anything else the record carried (e.g. ShapesWorld's scene)
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used, with the file and record named."""
+
+
+def parse_record(raw, image_dir: Path | None, where: str, check_files: bool = True) -> Record:
+    """One raw JSON record -> `Record`, or a `DataError` naming `where` (file and record) and the problem."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(raw).__name__}")
+    rid = raw.get("id")
+    where = f"{where} (id '{rid}')" if rid is not None else where
+    if rid is None:
+        raise DataError(f"{where}: missing 'id'")
+    convs = raw.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list")
+    try:
+        messages = from_llava(convs)
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{where}: {e}") from None
+    if not any(m["role"] == "assistant" and str(m["content"]).strip() for m in messages):
+        raise DataError(f"{where}: no non-empty answer to learn from")
+    image = raw.get("image")
+    paths = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise DataError(f"{where}: 'image' must be a path or a list of paths")
+    n_slots = sum(str(m["content"]).count(IMAGE_PLACEHOLDER) for m in messages)
+    if n_slots != len(paths):
+        raise DataError(f"{where}: {n_slots} '{IMAGE_PLACEHOLDER}' placeholders but {len(paths)} images")
+    resolved = [Path(image_dir) / p if image_dir is not None else Path(p) for p in paths]
+    if check_files:
+        for p in resolved:
+            if not p.is_file():
+                raise DataError(f"{where}: image '{p}' not found")
+    meta = {k: v for k, v in raw.items() if k not in ("id", "image", "conversations")}
+    return Record(id=str(rid), images=resolved, messages=messages, meta=meta)
+
+
+def load_records(path: str | Path, image_dir: str | Path | None = None, check_files: bool = True) -> list[Record]:
+    """Read a LLaVA-format JSON file (a list of records) and check every record.
+
+    image_dir: the folder image paths are relative to (default: the JSON file's folder).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file '{path}': not found")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"data file '{path}': not valid JSON ({e})") from None
+    if not isinstance(raw, list):
+        raise DataError(f"data file '{path}': expected a JSON list of records, got {type(raw).__name__}")
+    if not raw:
+        raise DataError(f"data file '{path}': has no records")
+    image_dir = Path(image_dir) if image_dir is not None else path.parent
+    if check_files and not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder '{image_dir}': not found")
+    records = [parse_record(r, image_dir, f"data file '{path}', record {i}", check_files) for i, r in enumerate(raw)]
+    seen: set[str] = set()
+    for r in records:
+        if r.id in seen:
+            raise DataError(f"data file '{path}': id '{r.id}' appears more than once")
+        seen.add(r.id)
+    return records
+
+
+def record_to_json(record: Record, image_dir: str | Path | None = None) -> dict:
+    """A `Record` back to LLaVA's JSON form (image paths relative to `image_dir` where possible)."""
+    def rel(p: Path) -> str:
+        try:
+            return str(p.relative_to(image_dir)) if image_dir is not None else str(p)
+        except ValueError:
+            return str(p)
+
+    out: dict = {"id": record.id}
+    if record.images:
+        out["image"] = rel(record.images[0]) if len(record.images) == 1 else [rel(p) for p in record.images]
+    out["conversations"] = to_llava(record.messages)
+    out.update(record.meta)
+    return out
+
+
+def save_records(records: list[Record], path: str | Path, image_dir: str | Path | None = None) -> None:
+    """Write records as a LLaVA-format JSON file, atomically."""
+    path = Path(path)
+    image_dir = Path(image_dir) if image_dir is not None else path.parent
+    with atomic_file(path) as f:
+        json.dump([record_to_json(r, image_dir) for r in records], f, indent=1)

@@ -1,0 +1,160 @@
+"""Interop with transformers' `LlavaForConditionalGeneration` (the llava-hf checkpoints).
+
+`export_hf` writes a folder that transformers 4.x and 5.x both load: the "legacy" key layout below, a
+`LlavaConfig`, the tokenizer (with `<image>`), and a `LlavaProcessor` that expands `<image>` into as many
+tokens as the vision tower yields features. `load_hf` reads such folders -- real llava-1.5-hf checkpoints
+included -- into minillava's `LlavaModel` and `Processor`, reusing transformers' own loading.
+
+Key map (minillava -> transformers legacy layout), written out so it can be audited:
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .model import LlavaModel
+from .processor import Processor
+from .projector import build_projector
+from .utils import atomic_dir, pick_device, pick_dtype, read_json, save_tensors, write_json
+from .vision import CLIP_MEAN, CLIP_STD, ImageProcessor, VisionTower
+
+KEY_MAP = {
+    "vision_tower.model.": "vision_tower.vision_model.",  # as transformers 4.x's CLIPVisionModel names it
+    "projector.0.": "multi_modal_projector.linear_1.",
+    "projector.2.": "multi_modal_projector.linear_2.",
+    "language_model.": "language_model.",  # `model.*` and `lm_head.weight`, as LlamaForCausalLM names them
+}
+__doc__ += "\n".join(f"    {k}* -> {v}*" for k, v in KEY_MAP.items()) + "\n"
+
+
+def _rename(key: str) -> str:
+    for old, new in KEY_MAP.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    raise KeyError(f"no transformers name for weight '{key}'")
+
+
+def _hf_select_strategy(tower: VisionTower) -> str:
+    """transformers' name for the feature selection: "default" drops the first token, "full" keeps all."""
+    return "default" if tower.has_cls and tower.select == "patch" else "full"
+
+
+def hf_config(model: LlavaModel):
+    """The `LlavaConfig` describing `model` (it must use the `mlp2x_gelu` projector, as transformers' Llava)."""
+    from transformers import LlavaConfig
+
+    if model.projector.kind != "mlp2x_gelu":
+        raise ValueError(f"export_hf: projector '{model.projector.kind}' has no equivalent in transformers' Llava "
+                         "(it has mlp2x_gelu only)")
+    tower = model.vision_tower
+    return LlavaConfig(
+        vision_config=tower.model.config.to_dict(), text_config=model.language_model.config.to_dict(),
+        image_token_id=model.image_token_id, image_seq_length=model.num_image_tokens,
+        vision_feature_layer=tower.feature_layer, vision_feature_select_strategy=_hf_select_strategy(tower),
+        projector_hidden_act="gelu", multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(model.language_model.config, "tie_word_embeddings", False)))
+
+
+def export_hf(model: LlavaModel, processor: Processor, out_dir: str | Path) -> Path:
+    """Write `model` and `processor` as a transformers Llava folder (legacy layout, safetensors), atomically."""
+    from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaProcessor
+
+    config = hf_config(model)
+    ip = processor.image_processor
+    image_cls = LlavaImageProcessorPil if ip.aspect == "pad" else CLIPImageProcessorPil
+    image_processor = image_cls(
+        size={"shortest_edge": ip.resize or ip.image_size},
+        crop_size={"height": ip.image_size, "width": ip.image_size},
+        image_mean=list(ip.mean), image_std=list(ip.std), **({"do_pad": True} if ip.aspect == "pad" else {}))
+    tower = model.vision_tower
+    hf_processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=processor.tokenizer, patch_size=tower.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=int(tower.has_cls), chat_template=processor.template.to_jinja())
+    state = {_rename(k): v for k, v in model.state_dict().items()}
+    with atomic_dir(out_dir) as tmp:
+        config.save_pretrained(str(tmp))
+        save_tensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        hf_processor.save_pretrained(str(tmp))
+        image_processor.save_pretrained(str(tmp))  # preprocessor_config.json, where transformers 4.x looks
+        tok_cfg = read_json(tmp / "tokenizer_config.json", what="tokenizer config")
+        if tok_cfg.get("tokenizer_class") == "TokenizersBackend":  # a v5-only name; 4.x knows the fast class
+            tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+            write_json(tmp / "tokenizer_config.json", tok_cfg)
+    return Path(out_dir)
+
+
+def from_hf_model(hf) -> LlavaModel:
+    """A minillava `LlavaModel` sharing the modules (and so the weights) of a transformers Llava model."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf.config
+    if not isinstance(cfg.vision_feature_layer, int):
+        raise ValueError(f"vision_feature_layer {cfg.vision_feature_layer}: several layers are not supported")
+    if cfg.projector_hidden_act != "gelu" or not cfg.multimodal_projector_bias:
+        raise ValueError(f"projector with act '{cfg.projector_hidden_act}', bias {cfg.multimodal_projector_bias}: "
+                         "only LLaVA's mlp2x_gelu (exact GELU, with bias) is supported")
+    inner = hf.model
+    tower = VisionTower(inner.vision_tower, feature_layer=cfg.vision_feature_layer)
+    strategy = cfg.vision_feature_select_strategy
+    if strategy == "default" and not tower.has_cls:
+        raise ValueError("vision_feature_select_strategy 'default' on a tower without a CLS token drops a real "
+                         "patch (a known bug in some checkpoints); minillava will not reproduce it")
+    tower.select = "patch" if strategy == "default" or not tower.has_cls else "cls_patch"
+    src = inner.multi_modal_projector
+    projector = build_projector("mlp2x_gelu", tower.hidden_size, cfg.text_config.hidden_size)
+    projector[0].load_state_dict(src.linear_1.state_dict())
+    projector[2].load_state_dict(src.linear_2.state_dict())
+    with torch.device("meta"):  # a shell only: its decoder and head are replaced by the loaded ones
+        lm = AutoModelForCausalLM.from_config(cfg.text_config)
+    setattr(lm, lm.base_model_prefix, inner.language_model)
+    lm.set_output_embeddings(hf.lm_head)
+    if any(p.is_meta for p in lm.parameters()):
+        raise ValueError(f"language model {type(lm).__name__}: could not be assembled from the Llava checkpoint")
+    model = LlavaModel(tower, projector.to(hf.lm_head.weight.device, hf.lm_head.weight.dtype), lm,
+                       cfg.image_token_id)
+    return model
+
+
+def load_hf(path: str | Path, device=None, dtype=None, template: str = "vicuna_v1") -> tuple[LlavaModel, Processor]:
+    """Load a transformers Llava folder (e.g. llava-1.5-hf) as (LlavaModel, Processor). Local folders only
+    unless `path` is a hub id and the user has network access. Weights are read as safetensors."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not path.exists() and (path.is_absolute() or str(path).startswith(".") or str(path).count("/") != 1):
+        raise FileNotFoundError(f"model folder '{path}': not found (nor is it a hub id like 'llava-hf/name')")
+    if path.exists():
+        config = read_json(path / "config.json", what="model config")
+        if config.get("model_type") != "llava":
+            raise ValueError(f"'{path}': config.json has model_type '{config.get('model_type')}', "
+                             "not a transformers Llava folder ('llava')")
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
+    hf = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    model = from_hf_model(hf).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    ip = _image_processor(path, model.vision_tower)
+    processor = Processor(tokenizer, ip, model.num_image_tokens, template,
+                          max_length=getattr(hf.config.text_config, "max_position_embeddings", None))
+    return model, processor
+
+
+def _image_processor(path: Path, tower: VisionTower) -> ImageProcessor:
+    """Our `ImageProcessor` from a folder's preprocessor_config.json (or the tower's size and CLIP's stats)."""
+    if (path / "preprocessor_config.json").is_file():
+        cfg = read_json(path / "preprocessor_config.json", what="image processor config")
+    elif (path / "processor_config.json").is_file():  # transformers 5 nests it in the processor's file
+        cfg = read_json(path / "processor_config.json", what="processor config").get("image_processor", {})
+    else:
+        return ImageProcessor(image_size=tower.image_size)
+    crop = cfg.get("crop_size") or {}
+    size = crop.get("height") if isinstance(crop, dict) else crop
+    size = size or tower.image_size
+    resize = cfg.get("size", {})
+    resize = resize.get("shortest_edge") if isinstance(resize, dict) else resize
+    return ImageProcessor(image_size=size, resize=resize if resize != size else None,
+                          mean=tuple(cfg.get("image_mean", CLIP_MEAN)), std=tuple(cfg.get("image_std", CLIP_STD)),
+                          aspect="pad" if cfg.get("do_pad") else "square")

@@ -1,0 +1,141 @@
+"""The processor: conversations and images in, model-ready batches out.
+
+It joins the three pieces that must agree for LLaVA to work: the chat template (what text the model sees and
+which tokens are supervised), the tokenizer (with `<image>` as a special token, expanded to one token per image
+feature), and the image preprocessing. Samples are collated with padding on the right for training and on the
+left for generation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, Template, get_template
+from .utils import read_json, write_json
+from .vision import ImageProcessor
+
+PROCESSOR_NAME = "minillava_processor.json"
+
+
+class Processor:
+    """Tokenizer + image preprocessing + chat template.
+
+    Args:
+        tokenizer: a transformers (fast) tokenizer in which `<image>` is a special token.
+        image_processor: an `ImageProcessor` (size, mean/std, pad or square).
+        num_image_tokens: tokens each image takes in the prompt (the vision tower's feature count).
+        template: a template name or `Template` (`vicuna_v1` for chat, `plain` for stage-1 captions).
+        max_length: the context length; longer samples are an error (never silently truncated).
+    """
+
+    def __init__(self, tokenizer, image_processor: ImageProcessor, num_image_tokens: int,
+                 template: str | Template = "vicuna_v1", max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.num_image_tokens = int(num_image_tokens)
+        self.template = get_template(template)
+        self.max_length = max_length
+        image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        if image_id is None or image_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer: '{IMAGE_PLACEHOLDER}' is not a token; add it with "
+                             f"tokenizer.add_special_tokens({{'additional_special_tokens': ['{IMAGE_PLACEHOLDER}']}})")
+        self.image_token_id = int(image_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        return next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
+
+    def with_template(self, template: str | Template) -> Processor:
+        """The same processor rendering with another template."""
+        return Processor(self.tokenizer, self.image_processor, self.num_image_tokens, template, self.max_length)
+
+    def encode(self, messages: list[dict], images=(), add_generation_prompt: bool = False,
+               sample_id: str | None = None) -> dict:
+        """One conversation -> {"input_ids": (T,), "labels": (T,), "images": (N, 3, S, S)}.
+
+        Every `<image>` placeholder in the messages must have exactly one image, in order.
+        """
+        images = list(images or [])
+        n_slots = sum(str(m.get("content", "")).count(IMAGE_PLACEHOLDER) for m in messages)
+        if n_slots != len(images):
+            who = f"sample '{sample_id}'" if sample_id is not None else "conversation"
+            raise ValueError(f"{who}: {n_slots} '{IMAGE_PLACEHOLDER}' placeholders but {len(images)} images")
+        ids = self.template.tokenize(messages, self.tokenizer, add_generation_prompt=add_generation_prompt,
+                                     num_image_tokens=self.num_image_tokens, max_length=self.max_length,
+                                     sample_id=sample_id)
+        return {
+            "input_ids": torch.tensor(ids["input_ids"], dtype=torch.long),
+            "labels": torch.tensor(ids["labels"], dtype=torch.long),
+            "images": self.image_processor(images) if images else None,
+        }
+
+    def collate(self, samples: list[dict], padding_side: str = "right") -> dict:
+        """Encoded samples -> a batch: input_ids, labels, attention_mask (B, T) and images (N, 3, S, S)."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side '{padding_side}': expected 'left' or 'right'")
+        T = max(len(s["input_ids"]) for s in samples)
+        B = len(samples)
+        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            cols = slice(T - n, T) if padding_side == "left" else slice(0, n)
+            input_ids[i, cols] = s["input_ids"]
+            labels[i, cols] = s["labels"]
+            attention_mask[i, cols] = 1
+        images = [s["images"] for s in samples if s.get("images") is not None]
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                "images": torch.cat(images) if images else None}
+
+    def __call__(self, conversations, images=None, add_generation_prompt: bool = False,
+                 padding_side: str | None = None) -> dict:
+        """One conversation (a list of messages) or several, with their images (a list, or a list per
+        conversation) -> a batch as `collate` returns. Pads on the left when prompting for generation."""
+        single = bool(conversations) and isinstance(conversations[0], dict)
+        if single:
+            conversations, images = [conversations], [images or []]
+        images = images if images is not None else [[] for _ in conversations]
+        if len(images) != len(conversations):
+            raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+        samples = [self.encode(c, im, add_generation_prompt, sample_id=str(i))
+                   for i, (c, im) in enumerate(zip(conversations, images))]
+        side = padding_side or ("left" if add_generation_prompt else "right")
+        return self.collate(samples, padding_side=side)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Token ids -> text."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def stop_token_ids(self) -> list[int]:
+        """Token ids at which generation ends: EOS and the template's end-of-turn token, if it is one token."""
+        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        stop = self.tokenizer.encode(self.template.stop_str, add_special_tokens=False)
+        if len(stop) == 1 and stop[0] not in ids:
+            ids.append(stop[0])
+        return ids
+
+    # ---- saving --------------------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write the tokenizer files and `minillava_processor.json` into `out_dir` (an existing folder)."""
+        self.tokenizer.save_pretrained(str(out_dir))
+        write_json(Path(out_dir) / PROCESSOR_NAME, {
+            "image_processor": self.image_processor.to_dict(),
+            "num_image_tokens": self.num_image_tokens,
+            "template": self.template.name,
+            "max_length": self.max_length,
+        })
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Processor:
+        from transformers import AutoTokenizer
+
+        cfg = read_json(Path(path) / PROCESSOR_NAME, what="processor config")
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return cls(tokenizer, ImageProcessor(**cfg["image_processor"]), cfg["num_image_tokens"],
+                   cfg["template"], cfg.get("max_length"))

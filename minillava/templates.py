@@ -1,0 +1,353 @@
+"""Conversation templates: chat messages -> prompt text -> token ids and a label mask.
+
+A language model fine-tuned on chats only works well when it is prompted with the exact text layout it was
+trained on, so the layouts here are LLaVA v1.5's, character for character: the strings follow
+`Conversation.get_prompt()` in LLaVA's `llava/conversation.py`, and what is supervised follows
+`preprocess_v1`, `preprocess_plain`, `preprocess_llama_2` and `preprocess_mpt` in `llava/train/train.py`
+(github.com/haotian-liu/LLaVA).
+
+A conversation is a list of messages `{"role": "system" | "user" | "assistant", "content": str}`: an
+optional system message first (it replaces the template's default system text), then user and assistant
+turns alternating, starting with the user. Image positions are marked by the placeholder "<image>".
+
+Three decisions differ from the reference and are worth knowing:
+
+* **The space before an answer is part of the answer.** In "ASSISTANT: A cat.</s>" the supervised text is
+  " A cat.</s>" and the generation prompt is "ASSISTANT:" (no trailing space). SentencePiece and byte-level
+  BPE both glue the space to the next word ("▁A", "ĠA"), so the first token the model must produce after
+  the prompt is exactly the first supervised token, which is what the reference supervises too.
+* **Labels come from character offsets**, not from counting tokens of re-tokenized pieces: the prompt is
+  tokenized once and a token is supervised iff its characters overlap supervised text. Every way this can
+  go wrong raises a ValueError naming the sample; nothing is masked silently ("tokenization mismatch").
+* **Images may go anywhere.** LLaVA moves its single "<image>" to the front of the first user turn as
+  "<image>\\n" + question. We do the same only when the conversation holds exactly one placeholder and it
+  sits at the start or end of the first user message (the LLaVA data case); otherwise placeholders stay
+  where the user put them, so several images can be interleaved with text.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100  # label of a position that does not count in the loss (PyTorch's cross-entropy default)
+IMAGE_PLACEHOLDER = "<image>"
+
+
+# The Jinja twin of Template.segments; each @name@ becomes a JSON literal (a string or true/false).
+_JINJA = """
+{%- set system_in_first_user = @system_in_first_user@ -%}
+{%- set caption_only = @caption_only@ -%}
+{%- set ns = namespace(system=@system@, images=0) -%}
+{%- set msgs = messages -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+  {%- set ns.system = messages[0]['content'] -%}
+  {%- set msgs = messages[1:] -%}
+{%- endif -%}
+{%- for m in msgs -%}{%- set ns.images = ns.images + m['content'].count(@image@) -%}{%- endfor -%}
+{%- set sys_block = (@system_open@ + ns.system + @system_close@) if ns.system else '' -%}
+{%- if not system_in_first_user -%}{{- sys_block -}}{%- endif -%}
+{%- for m in msgs -%}
+  {%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{- raise_exception('turns must alternate user/assistant, starting with user') -}}
+  {%- endif -%}
+  {%- set c = m['content'] -%}
+  {%- if m['role'] == 'user' -%}
+    {%- if caption_only -%}
+      {%- set c = @image@ * c.count(@image@) -%}
+    {%- elif loop.first and ns.images == 1 and (c.strip().startswith(@image@)
+                                                or c.strip().endswith(@image@)) -%}
+      {%- set c = (@image_nl@ + c.replace(@image@, '').strip()).strip() -%}
+    {%- endif -%}
+    {%- if not loop.first -%}{{- @round_sep@ -}}{%- endif -%}
+    {{- @user_open@ -}}
+    {%- if loop.first and system_in_first_user -%}{{- sys_block -}}{%- endif -%}
+    {{- c + @user_close@ -}}
+  {%- else -%}
+    {{- @answer_open@ + c + @answer_close@ -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- @tag@ -}}{%- endif -%}
+"""
+
+
+@dataclass(frozen=True)
+class Template:
+    """How one family of models lays out a conversation as text.
+
+    A conversation renders as::
+
+        system block, then per round: [round_sep] user[0] + question + user[1], assistant_tag,
+        answer[0] + answer + answer[1]
+
+    where the system block is system_wrap[0] + system + system_wrap[1] (left out when the system text is
+    empty) and goes inside the first user turn when `system_in_first_user` (Llama-2's [INST] <<SYS>>).
+    Only answer[0] + answer + answer[1] is supervised; `assistant_tag` alone is the generation prompt.
+    `caption_only` is LLaVA's stage-1 `plain` layout: one round, the user text reduced to its placeholders.
+    """
+
+    name: str
+    system: str = ""
+    system_wrap: tuple[str, str] = ("", "")
+    system_in_first_user: bool = False
+    user: tuple[str, str] = ("", "")
+    assistant_tag: str = ""
+    answer: tuple[str, str] = ("", "")
+    round_sep: str = ""
+    caption_only: bool = False
+
+    @property
+    def stop_str(self) -> str:
+        """The text that ends an assistant turn; generation stops when the model writes it."""
+        return self.answer[1].strip() or self.answer[1]
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The prompt text of `messages`; with `add_generation_prompt`, followed by the assistant tag."""
+        return "".join(text for text, _ in self.segments(messages, add_generation_prompt))
+
+    def segments(self, messages: list[dict], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+        """The rendered text cut into consecutive pieces `(text, supervised)`; joined, they give `render`.
+
+        Supervised pieces are the answers with their end separators; neighbours never share a flag.
+        """
+        system, rounds = self._parse(messages, add_generation_prompt)
+        system_block = f"{self.system_wrap[0]}{system}{self.system_wrap[1]}" if system else ""
+        pieces = [] if self.system_in_first_user else [(system_block, False)]
+        for i, (question, answer) in enumerate(rounds):
+            if i == 0 and self.system_in_first_user:
+                question = system_block + question
+            pieces.append(((self.round_sep if i else "") + self.user[0] + question + self.user[1], False))
+            if answer is not None:
+                pieces += [(self.assistant_tag, False), (self.answer[0] + answer + self.answer[1], True)]
+        if add_generation_prompt:
+            pieces.append((self.assistant_tag, False))
+        merged: list[tuple[str, bool]] = []
+        for text, supervised in pieces:
+            if merged and merged[-1][1] == supervised:
+                merged[-1] = (merged[-1][0] + text, supervised)
+            elif text:
+                merged.append((text, supervised))
+        return merged
+
+    def _parse(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[list]]:
+        """Check `messages`; return the system text and the rounds `[question, answer or None]`."""
+        for i, message in enumerate(messages):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise ValueError(f"message {i}: expected {{'role': str, 'content': str}}, got {message!r}")
+        system, start = self.system, 0
+        if messages and messages[0]["role"] == "system":
+            if self.caption_only:
+                raise ValueError(f"message 0: template {self.name!r} takes no system message")
+            system, start = messages[0]["content"], 1
+        rounds: list[list] = []
+        for i in range(start, len(messages)):
+            role, content = messages[i]["role"], messages[i]["content"]
+            expected = "user" if (i - start) % 2 == 0 else "assistant"
+            if role != expected:
+                raise ValueError(f"message {i}: expected role {expected!r}, got {role!r} (after an optional "
+                                 "system message, turns alternate user/assistant, starting with user)")
+            if role == "user":
+                rounds.append([content, None])
+            elif IMAGE_PLACEHOLDER in content:
+                raise ValueError(f"message {i}: an assistant message cannot hold {IMAGE_PLACEHOLDER!r}")
+            else:
+                rounds[-1][1] = content
+        if not rounds:
+            raise ValueError("messages: a conversation needs at least one user message")
+        if add_generation_prompt and rounds[-1][1] is not None:
+            raise ValueError(f"message {len(messages) - 1}: add_generation_prompt needs the conversation "
+                             "to end with a user message")
+        first = rounds[0][0]
+        if self.caption_only:
+            if len(rounds) > 1:
+                raise ValueError(f"message {start + 2}: template {self.name!r} is single-turn "
+                                 "(one image, one caption)")
+            if IMAGE_PLACEHOLDER not in first:
+                raise ValueError(f"message {start}: template {self.name!r} needs {IMAGE_PLACEHOLDER!r} "
+                                 "in the user message")
+            rounds[0][0] = IMAGE_PLACEHOLDER * first.count(IMAGE_PLACEHOLDER)
+        elif sum(question.count(IMAGE_PLACEHOLDER) for question, _ in rounds) == 1 and (
+                first.strip().startswith(IMAGE_PLACEHOLDER) or first.strip().endswith(IMAGE_PLACEHOLDER)):
+            # LLaVA's preprocess_multimodal: "Q\n<image>" or "<image> Q" becomes "<image>\nQ".
+            rounds[0][0] = (IMAGE_PLACEHOLDER + "\n" + first.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
+        return system, rounds
+
+    def to_jinja(self) -> str:
+        """The same layout as a Jinja chat template, for `tokenizer.chat_template` and other runtimes.
+
+        `tokenizer.apply_chat_template(messages, chat_template=t.to_jinja(), tokenize=False,
+        add_generation_prompt=g) == t.render(messages, g)` for valid messages; the Jinja checks only the
+        role order, `render` checks the rest.
+        """
+        values = {"system": self.system, "system_open": self.system_wrap[0],
+                  "system_close": self.system_wrap[1],
+                  "system_in_first_user": self.system_in_first_user, "caption_only": self.caption_only,
+                  "round_sep": self.round_sep, "user_open": self.user[0], "user_close": self.user[1],
+                  "answer_open": self.assistant_tag + self.answer[0], "answer_close": self.answer[1],
+                  "tag": self.assistant_tag, "image": IMAGE_PLACEHOLDER, "image_nl": IMAGE_PLACEHOLDER + "\n"}
+        return re.sub(r"@(\w+)@", lambda slot: json.dumps(values[slot.group(1)]), _JINJA).strip()
+
+    def tokenize(self, messages: list[dict], tokenizer, add_generation_prompt: bool = False,
+                 num_image_tokens: int = 1, max_length: int | None = None, sample_id: str | None = None,
+                 add_bos: bool | None = None) -> dict:
+        """Token ids and labels of one conversation, ready for a causal-LM loss.
+
+        In: `messages` as for `render`; a fast (tokenizers-backed) Hugging Face `tokenizer` in which "<image>"
+        is one added token; `num_image_tokens` N, the positions each image's features will fill;
+        `add_bos` (None: prepend BOS iff the tokenizer itself does).
+        Out: {"input_ids": list[int] (T,), "labels": list[int] (T,)} where each "<image>" became N copies of
+        its id and labels are the ids on supervised tokens, IGNORE_INDEX elsewhere (BOS, system, user turns,
+        role tags, images). Raises ValueError, naming `sample_id`, when the token/character alignment breaks,
+        when the tokenizer cannot return offsets or lacks the image token, and when T > `max_length`
+        (nothing is ever truncated).
+        """
+        where = "sample" if sample_id is None else f"sample {sample_id!r}"
+        try:
+            segments = self.segments(messages, add_generation_prompt)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"{where}: tokenizer {type(tokenizer).__name__} cannot return character "
+                             "offsets; load a fast (tokenizers-backed) tokenizer")
+        if num_image_tokens < 1:
+            raise ValueError(f"{where}: num_image_tokens must be at least 1, got {num_image_tokens}")
+        text = "".join(piece for piece, _ in segments)
+        num_images = text.count(IMAGE_PLACEHOLDER)
+        image_id = _image_token_id(tokenizer, where) if num_images else None
+        ids, labels = _label_by_offsets(segments, tokenizer, where)
+
+        bos_id = tokenizer.bos_token_id
+        if add_bos is None:
+            add_bos = bos_id is not None and tokenizer("a").input_ids[:1] == [bos_id]
+        if add_bos and bos_id is None:
+            raise ValueError(f"{where}: add_bos=True but the tokenizer has no BOS token")
+        input_ids = [bos_id] if add_bos else []
+        out_labels = [IGNORE_INDEX] if add_bos else []
+        for token_id, label in zip(ids, labels):
+            repeat = num_image_tokens if token_id == image_id else 1
+            input_ids += [token_id] * repeat
+            out_labels += [label] * repeat
+        if max_length is not None and len(input_ids) > max_length:
+            raise ValueError(f"{where}: {len(input_ids)} tokens exceed max_length {max_length} "
+                             f"({num_images * num_image_tokens} of them image tokens: {num_images} "
+                             f"image(s) x {num_image_tokens}); shorten or drop the sample, "
+                             "nothing is truncated")
+        return {"input_ids": input_ids, "labels": out_labels}
+
+
+def _label_by_offsets(segments: list[tuple[str, bool]], tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """Tokenize the joined `segments` once; label each token by the characters it covers.
+
+    A token is supervised iff it overlaps a supervised segment. Whitespace may ride along (" A" holds the
+    space before an answer, "\nA" a tag's newline), but a token that also covers unsupervised
+    non-whitespace, a supervised segment without tokens, or supervised tokens that decode to other text
+    raise ValueError. Returns (ids, labels) with labels = id or IGNORE_INDEX, both (T,).
+    """
+    text = "".join(piece for piece, _ in segments)
+    supervised, spans, position = [], [], 0
+    for piece, flag in segments:
+        supervised += [flag] * len(piece)
+        if flag:
+            spans.append((position, position + len(piece)))
+        position += len(piece)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+
+    labels = []
+    for token_id, (start, end) in zip(ids, offsets):
+        chars = range(start, end)
+        is_supervised = any(supervised[k] for k in chars)
+        if is_supervised and any(not supervised[k] and not text[k].isspace() for k in chars):
+            raise ValueError(f"{where}: token {tokenizer.convert_ids_to_tokens(token_id)!r} "
+                             f"({text[start:end]!r}) straddles supervised and unsupervised text")
+        labels.append(token_id if is_supervised else IGNORE_INDEX)
+    for start, end in spans:
+        inside = [ids[i] for i, (s, e) in enumerate(offsets) if s < end and e > start]
+        if not inside:
+            raise ValueError(f"{where}: supervised text {text[start:end]!r} got no token")
+        decoded = tokenizer.decode(inside, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if decoded.strip() != text[start:end].strip():
+            raise ValueError(f"{where}: supervised tokens decode to {decoded!r}, not to {text[start:end]!r}")
+    return ids, labels
+
+
+def _image_token_id(tokenizer, where: str) -> int:
+    """The id of "<image>", which must be one added (never split) token of `tokenizer`."""
+    ids = tokenizer.encode(IMAGE_PLACEHOLDER, add_special_tokens=False)
+    if len(ids) != 1 or IMAGE_PLACEHOLDER not in tokenizer.get_added_vocab():
+        raise ValueError(f"{where}: the tokenizer does not map {IMAGE_PLACEHOLDER!r} to one added token "
+                         f"(it gives ids {ids}); add it as a special token: "
+                         f"tokenizer.add_tokens([{IMAGE_PLACEHOLDER!r}], special_tokens=True), "
+                         "and resize the model's embeddings")
+    return ids[0]
+
+
+_VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. "
+                   "You are able to understand the visual content that the user provides, "
+                   "and assist the user with a variety of tasks using natural language.")
+_CHATML = dict(system_wrap=("<|im_start|>system\n", "<|im_end|>"), user=("<|im_start|>user\n", "<|im_end|>"),
+               assistant_tag="<|im_start|>assistant\n", answer=("", "<|im_end|>"))
+_LLAMA_2 = dict(system_wrap=("<<SYS>>\n", "\n<</SYS>>\n\n"), system_in_first_user=True,
+                user=("[INST] ", " [/INST]"), answer=(" ", " </s>"))
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in [
+    # Stage 1 (feature alignment): "<image>" + caption + "\n"; the instruction text is dropped.
+    Template("plain", answer=("", "\n"), caption_only=True),
+    # Stage 2 and evaluation of LLaVA-1.5 (Vicuna backbone).
+    Template("vicuna_v1", system=_VICUNA_SYSTEM, system_wrap=("", " "), user=("USER: ", " "),
+             assistant_tag="ASSISTANT:", answer=(" ", "</s>")),
+    # The reference CLI's variant: "human"/"human's" in the system text.
+    Template("llava_v1", system=_VICUNA_SYSTEM.replace("user", "human"), system_wrap=("", " "),
+             user=("USER: ", " "), assistant_tag="ASSISTANT:", answer=(" ", "</s>")),
+    Template("llava_llama_2", system=_LLAMA_2_SYSTEM, round_sep="<s>", **_LLAMA_2),
+    Template("mistral_instruct", **_LLAMA_2),
+    Template("chatml_direct", system="Answer the questions.", **_CHATML),
+    Template("mpt", system="A conversation between a user and an LLM-based AI assistant. "
+                           "The assistant gives helpful and honest answers.", **_CHATML),
+]}
+
+
+def get_template(name: str | Template) -> Template:
+    """The template called `name` (a Template passes through); unknown names raise ValueError."""
+    if isinstance(name, Template):
+        return name
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+_FROM_TO_ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
+_ROLE_TO_FROM = {role: source for source, role in _FROM_TO_ROLE.items()}
+
+
+def from_llava(conversations: list[dict]) -> list[dict]:
+    """LLaVA's `[{"from": "human" | "gpt" | "system", "value": str}]` -> `[{"role", "content"}]` messages."""
+    return [{"role": role, "content": content}
+            for role, content in _convert(conversations, "from", "value", _FROM_TO_ROLE, "turn")]
+
+
+def to_llava(messages: list[dict]) -> list[dict]:
+    """Messages `[{"role", "content"}]` -> LLaVA's `[{"from", "value"}]` turns; inverse of from_llava."""
+    return [{"from": source, "value": value}
+            for source, value in _convert(messages, "role", "content", _ROLE_TO_FROM, "message")]
+
+
+def _convert(items: list[dict], key: str, text_key: str, mapping: dict, noun: str) -> list[tuple[str, str]]:
+    """Map each item's `key` through `mapping` and keep its `text_key`; ValueError names the bad item."""
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(f"{noun} {i}: expected a dict with {key!r} and {text_key!r}, got {item!r}")
+        for k in (key, text_key):
+            if k not in item:
+                raise ValueError(f"{noun} {i}: missing key {k!r} in {item!r}")
+        if item[key] not in mapping:
+            raise ValueError(f"{noun} {i}: unknown {key!r} value {item[key]!r}; expected one of "
+                             f"{', '.join(map(repr, mapping))}")
+        if not isinstance(item[text_key], str):
+            kind = type(item[text_key]).__name__
+            raise ValueError(f"{noun} {i}: {text_key!r} must be a string, got {kind}")
+        out.append((mapping[item[key]], item[text_key]))
+    return out

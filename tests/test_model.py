@@ -1,0 +1,241 @@
+"""The projector, the multimodal merge, forward/loss, generation and checkpoints."""
+
+import pytest
+import torch
+from conftest import make_model, make_processor, random_image
+
+import minillava as ml
+from minillava import IGNORE_INDEX
+
+
+def chat(question, answer=None):
+    msgs = [{"role": "user", "content": question}]
+    return msgs + ([{"role": "assistant", "content": answer}] if answer else [])
+
+
+# ---- projector -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,n_params", [
+    ("linear", 32 * 48 + 48),
+    ("mlp2x_gelu", 32 * 48 + 48 + 48 * 48 + 48),
+    ("mlp3x_gelu", 32 * 48 + 48 + 2 * (48 * 48 + 48)),
+])
+def test_projector_shapes_and_sizes(name, n_params):
+    proj = ml.build_projector(name, 32, 48)
+    assert proj(torch.randn(2, 5, 32)).shape == (2, 5, 48)
+    assert sum(p.numel() for p in proj.parameters()) == n_params
+    assert proj.kind == name
+
+
+def test_mlp2x_gelu_is_llavas():
+    proj = ml.build_projector("mlp2x_gelu", 4, 6)
+    assert [type(m).__name__ for m in proj] == ["Linear", "GELU", "Linear"]
+    assert proj[1].approximate == "none"  # exact GELU, as nn.GELU() in LLaVA
+    assert set(proj.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}  # = mm_projector.* keys
+
+
+def test_projector_errors():
+    with pytest.raises(ValueError, match="unknown projector 'mlp2x_relu'"):
+        ml.build_projector("mlp2x_relu", 4, 4)
+    with pytest.raises(ValueError, match="identity' needs equal widths"):
+        ml.build_projector("identity", 4, 8)
+    assert isinstance(ml.build_projector("identity", 8, 8)[0], torch.nn.Identity)
+
+
+# ---- the merge and forward -------------------------------------------------------------------------------
+def test_image_features_land_at_image_tokens(model, processor):
+    img = random_image()
+    b = processor(chat("<image>\nWhat color?", "Red."), [img])
+    P = model.num_image_tokens
+    is_img = b["input_ids"][0] == model.image_token_id
+    assert int(is_img.sum()) == P
+    embeds = model.embed(b["input_ids"], b["images"])
+    expected = model.project(model.encode_images(b["images"]))[0]
+    assert torch.equal(embeds[0, is_img], expected)
+    text = model.language_model.get_input_embeddings()(b["input_ids"][0, ~is_img])
+    assert torch.equal(embeds[0, ~is_img], text)
+    assert (b["labels"][0, is_img] == IGNORE_INDEX).all()
+
+
+def test_batch_with_several_images_and_none(model, processor):
+    ims = [random_image(seed=i) for i in range(3)]
+    convs = [chat("<image> and <image>: which has more?", "The first."), chat("Hello?", "Hi."),
+             chat("<image>\nWhere?", "Top left.")]
+    b = processor(convs, [ims[:2], [], ims[2:]])
+    assert b["images"].shape[0] == 3
+    out = model(**b)
+    assert out.logits.shape[:2] == b["input_ids"].shape and torch.isfinite(out.loss)
+    # each sample alone gives the same logits at its real positions (right padding)
+    for i, (c, im) in enumerate(zip(convs, [ims[:2], [], ims[2:]])):
+        one = processor(c, im)
+        n = one["input_ids"].shape[1]
+        assert torch.allclose(model(**one).logits[0], out.logits[i, :n], atol=1e-5)
+
+
+def test_loss_only_on_supervised_tokens(model, processor):
+    b = processor(chat("<image>\nWhat color?", "Red."), [random_image()])
+    full = model(**b)
+    fast = model(**b, return_logits=False)
+    assert fast.logits is None and torch.allclose(full.loss, fast.loss, atol=1e-6)
+    keep = b["labels"][0, 1:] != IGNORE_INDEX
+    manual = torch.nn.functional.cross_entropy(full.logits[0, :-1][keep], b["labels"][0, 1:][keep])
+    assert torch.allclose(full.loss, manual, atol=1e-6) and full.num_tokens == int(keep.sum())
+    supervised = processor.decode(b["labels"][0][b["labels"][0] != IGNORE_INDEX], skip_special_tokens=False)
+    assert supervised.strip() == "Red.</s>"
+
+
+def test_loss_gradients_reach_projector_and_lm_only(tokenizer, processor):
+    model = make_model(tokenizer).train()
+    b = processor(chat("<image>\nWhat color?", "Red."), [random_image()])
+    model(**b).loss.backward()
+    assert all(p.grad is not None for p in model.projector.parameters())
+    assert model.language_model.get_input_embeddings().weight.grad is not None
+    assert all(p.grad is None for p in model.vision_tower.parameters())
+
+
+def test_left_and_right_padding_agree(model, processor):
+    convs = [chat("<image>\nWhat color is the circle?"), chat("<image>\nHi")]
+    ims = [[random_image(seed=1)], [random_image(seed=2)]]
+    right = processor(convs, ims, add_generation_prompt=True, padding_side="right")
+    left = processor(convs, ims, add_generation_prompt=True, padding_side="left")
+    lr, ll = model(**right).logits, model(**left).logits
+    for i in range(2):
+        n = int(right["attention_mask"][i].sum())
+        assert torch.allclose(lr[i, :n], ll[i, -n:], atol=1e-5)
+
+
+def test_placeholders_and_images_must_agree(model, processor):
+    with pytest.raises(ValueError, match="2 '<image>' placeholders but 1 images"):
+        processor(chat("<image> vs <image>?", "A."), [random_image()])
+    with pytest.raises(ValueError, match="0 '<image>' placeholders but 1 images"):
+        processor(chat("What?", "A."), [random_image()])
+    b = processor(chat("<image>\nWhat?", "A."), [random_image()])
+    with pytest.raises(ValueError, match="1 image placeholders .* but 2 images"):
+        model(b["input_ids"], images=torch.cat([b["images"], b["images"]]))
+    first = int((b["input_ids"][0] == model.image_token_id).nonzero()[0])
+    cut = b["input_ids"][:, first + 3:]  # a prompt that starts inside the run of image tokens
+    with pytest.raises(ValueError, match="sample 0: 13 image tokens is not a multiple of the 16"):
+        model(cut, images=b["images"])
+
+
+def test_context_length_is_enforced(model, processor, tokenizer):
+    long = " ".join(["shape"] * 300)
+    with pytest.raises(ValueError, match="256"):
+        processor(chat("<image>\n" + long, "Red."), [random_image()])
+    ids = torch.full((1, 300), 5)
+    with pytest.raises(ValueError, match="300 tokens .* context of 256"):
+        model(ids)
+
+
+# ---- generation ------------------------------------------------------------------------------------------
+def prompts(processor):
+    ims = [random_image(seed=s) for s in range(3)]
+    convs = [chat("<image>\nWhat color is the circle?"), chat("<image> and <image>: which has more shapes?"),
+             chat("Hello")]
+    return convs, [ims[:1], ims[1:], []]
+
+
+def test_cached_generation_equals_uncached(model, processor):
+    convs, ims = prompts(processor)
+    b = processor(convs, ims, add_generation_prompt=True)
+    kw = dict(max_new_tokens=12, eos_token_id=processor.stop_token_ids())
+    cached = model.generate(b["input_ids"], b["attention_mask"], b["images"], **kw)
+    uncached = model.generate(b["input_ids"], b["attention_mask"], b["images"], use_cache=False, **kw)
+    assert cached.shape[1] > 1 and torch.equal(cached, uncached)
+
+
+def test_batched_left_padded_equals_one_by_one(model, processor):
+    convs, ims = prompts(processor)
+    b = processor(convs, ims, add_generation_prompt=True)
+    assert (b["attention_mask"][:, 0] == 0).any()  # some rows really are left-padded
+    batched = model.generate(b["input_ids"], b["attention_mask"], b["images"], max_new_tokens=12)
+    for i, (c, im) in enumerate(zip(convs, ims)):
+        one = processor(c, im, add_generation_prompt=True)
+        alone = model.generate(one["input_ids"], one["attention_mask"], one["images"], max_new_tokens=12)
+        assert torch.equal(alone[0], batched[i, :alone.shape[1]])
+
+
+def test_sampling_is_seeded_and_top_p_narrows(model, processor):
+    b = processor(chat("<image>\nWhat?"), [random_image()], add_generation_prompt=True)
+
+    def sample(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return model.generate(b["input_ids"], b["attention_mask"], b["images"], max_new_tokens=10,
+                              temperature=1.0, generator=g, **kw)
+
+    assert torch.equal(sample(0), sample(0))
+    assert not torch.equal(sample(0), sample(1))
+    greedy = model.generate(b["input_ids"], b["attention_mask"], b["images"], max_new_tokens=10)
+    assert torch.equal(sample(3, top_p=1e-6), greedy)  # the nucleus of mass ~0 is the argmax alone
+
+
+def test_generation_stops_at_eos_and_pads(model, processor):
+    b = processor(prompts(processor)[0][:2], prompts(processor)[1][:2], add_generation_prompt=True)
+    free = model.generate(b["input_ids"], b["attention_mask"], b["images"], max_new_tokens=6)
+    stop = int(free[0, 1])  # pretend row 0's second token is the end of turn
+    out = model.generate(b["input_ids"], b["attention_mask"], b["images"], max_new_tokens=6,
+                         eos_token_id=stop, pad_token_id=0)
+    assert int(out[0, 1]) == stop and (out[0, 2:] == 0).all()
+
+
+def test_generation_respects_context(model):
+    with pytest.raises(ValueError, match="no room"):
+        model.generate(torch.full((1, 256), 5), max_new_tokens=4)
+    assert model.generate(torch.full((1, 250), 5), max_new_tokens=50).shape[1] <= 6
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+def test_save_and_load_roundtrip(tmp_path, model, processor):
+    model.save_pretrained(tmp_path / "ckpt", processor=processor)
+    loaded = ml.LlavaModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    proc = ml.Processor.from_pretrained(tmp_path / "ckpt")
+    b = proc(chat("<image>\nWhat?", "Red."), [random_image()])
+    assert torch.equal(loaded(**b).logits, model(**b).logits)
+    assert proc.template.name == processor.template.name and proc.num_image_tokens == processor.num_image_tokens
+    assert not any(p.name.endswith(".bin") or p.name.endswith(".pt") for p in (tmp_path / "ckpt").iterdir())
+
+
+def test_broken_checkpoints_get_clear_errors(tmp_path, tokenizer, model):
+    with pytest.raises(FileNotFoundError, match="model folder 'nowhere': not found"):
+        ml.LlavaModel.from_pretrained("nowhere")
+    model.save_pretrained(tmp_path / "ok")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "ok" / "model.safetensors")
+    state.pop("projector.0.weight")
+    save_file(state, tmp_path / "ok" / "model.safetensors")
+    with pytest.raises(ValueError, match="missing: projector.0.weight"):
+        ml.LlavaModel.from_pretrained(tmp_path / "ok")
+    other = make_model(tokenizer)
+    other.projector = ml.build_projector("mlp2x_gelu", 32, 48)
+    other.projector[2] = torch.nn.Linear(48, 48, bias=True)
+    state = {k: v for k, v in other.state_dict().items()}
+    state["projector.2.weight"] = torch.zeros(7, 48)
+    save_file(state, tmp_path / "ok" / "model.safetensors")
+    with pytest.raises(ValueError, match="wrong shape: projector.2.weight"):
+        ml.LlavaModel.from_pretrained(tmp_path / "ok")
+    (tmp_path / "ok" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot be read as safetensors"):
+        ml.LlavaModel.from_pretrained(tmp_path / "ok")
+    (tmp_path / "ok" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ml.LlavaModel.from_pretrained(tmp_path / "ok")
+
+
+def test_failed_save_leaves_nothing_half_written(tmp_path, model):
+    class Exploding:
+        def save_pretrained(self, path):
+            raise RuntimeError("disk full")
+
+    model.save_pretrained(tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="disk full"):
+        model.save_pretrained(tmp_path / "ckpt", processor=Exploding())
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_siglip_model_runs(tokenizer):
+    model = make_model(tokenizer, kind="siglip")
+    processor = make_processor(tokenizer, model)
+    b = processor(chat("<image>\nWhat?", "Red."), [random_image()])
+    assert model.num_image_tokens == 16 and torch.isfinite(model(**b).loss)

@@ -1,0 +1,198 @@
+"""Both training stages on tiny backbones: recipes, the feature cache, resume, DDP, LoRA and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import random_image, text_config, vision_config
+from safetensors.torch import load_file
+
+import minillava as ml
+import minillava.cli
+from minillava import train as mt
+from minillava.data.records import DataError
+from minillava.train import TrainConfig, train
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer):
+    """Backbones saved as transformers folders, images, and caption / instruction files in LLaVA's format."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("world")
+    torch.manual_seed(0)
+    CLIPVisionModel(vision_config()).save_pretrained(d / "vision")
+    LlamaForCausalLM(text_config(len(tokenizer))).save_pretrained(d / "lm")
+    tokenizer.save_pretrained(d / "lm")
+    (d / "images").mkdir()
+    for i in range(16):
+        random_image(32, 28, seed=i).save(d / "images" / f"{i}.png")
+    colours = ["red", "green", "blue", "yellow"]
+    captions = [{"id": f"c{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "Describe the image briefly.\n<image>"},
+        {"from": "gpt", "value": f"A {colours[i % 4]} circle."}]} for i in range(16)]
+    instruct = []
+    for i in range(16):
+        if i % 4 == 3:  # text-only
+            instruct.append({"id": f"t{i}", "conversations": [
+                {"from": "human", "value": "How many sides does a triangle have?"}, {"from": "gpt", "value": "3."}]})
+        elif i % 4 == 2:  # two images
+            instruct.append({"id": f"m{i}", "image": [f"{i}.png", f"{i - 1}.png"], "conversations": [
+                {"from": "human", "value": "Image 1: <image>\nImage 2: <image>\nWhich has more shapes?"},
+                {"from": "gpt", "value": "The first image."}]})
+        else:
+            instruct.append({"id": f"q{i}", "image": f"{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat color is the circle?"},
+                {"from": "gpt", "value": f"{colours[i % 4].capitalize()}."},
+                {"from": "human", "value": "Is it large?"}, {"from": "gpt", "value": "Yes."}]})
+    return {"dir": d, "vision": str(d / "vision"), "lm": str(d / "lm"), "images": str(d / "images"),
+            "captions": write_json(d / "captions.json", captions),
+            "instruct": write_json(d / "instruct.json", instruct)}
+
+
+def stage1(world, out, **kw):
+    kw = {"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "progress": False, "data": world["captions"],
+          "images": world["images"], "vision": world["vision"], "lm": world["lm"], **kw}
+    return train(TrainConfig(stage=1, out=str(out), **kw))
+
+
+@pytest.fixture(scope="module")
+def s1(world, tmp_path_factory):
+    return stage1(world, tmp_path_factory.mktemp("runs") / "s1", lr=1e-2)
+
+
+def test_stage1_trains_only_the_projector(world, s1):
+    files = sorted(p.name for p in s1.out.iterdir())
+    assert files == ["config.json", "projector.safetensors", "run.json"]
+    assert set(load_file(s1.out / "projector.safetensors")) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    cfg = json.loads((s1.out / "config.json").read_text())
+    assert cfg["format"] == "minillava-stage1" and cfg["lm"] == world["lm"]
+    assert s1.steps == 4 and all(torch.isfinite(torch.tensor(m["loss"])) for m in s1.metrics)
+    assert s1.metrics[0]["lr"] == 0.0  # the cosine schedule starts its 3% warmup at zero, as transformers'
+
+
+def test_stage1_recipe_report(world, tmp_path, capsys):
+    stage1(world, tmp_path / "r", max_steps=1)
+    out = capsys.readouterr().out
+    assert "vision_tower: frozen" in out and "projector: full" in out and "language_model: frozen" in out
+    assert "template plain" in out and "stage 1 done: 1 steps" in out
+
+
+def test_feature_cache_gives_the_same_losses(world, tmp_path):
+    cached = stage1(world, tmp_path / "a", feature_cache="memory", max_steps=6)
+    plain = stage1(world, tmp_path / "b", feature_cache="off", max_steps=6)
+    assert [round(m["loss"], 5) for m in cached.metrics] == [round(m["loss"], 5) for m in plain.metrics]
+    assert "32 hits / 16 misses" in cached.summary  # 3 epochs: each image encoded once, then cached
+
+
+def test_disk_cache_is_keyed_by_tower_and_layer(world, tmp_path):
+    stage1(world, tmp_path / "a", feature_cache="disk", cache_dir=str(tmp_path / "cache"), max_steps=2)
+    stage1(world, tmp_path / "b", feature_cache="disk", cache_dir=str(tmp_path / "cache"), max_steps=2,
+           feature_layer=-1)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # two towers/layers, two separate key spaces
+    again = stage1(world, tmp_path / "c", feature_cache="disk", cache_dir=str(tmp_path / "cache"), max_steps=2)
+    assert "16 hits / 0 misses" in again.summary
+
+
+def test_stage2_full_from_stage1(world, s1, tmp_path):
+    res = train(TrainConfig(stage=2, data=world["instruct"], images=world["images"], out=str(tmp_path / "s2"),
+                            init=str(s1.out), batch_size=8, micro_batch_size=4, max_steps=3, lr=1e-3,
+                            progress=False))
+    model = ml.LlavaModel.from_pretrained(res.out, device="cpu")
+    proc = ml.Processor.from_pretrained(res.out)
+    assert proc.template.name == "vicuna_v1" and proc.image_processor.aspect == "pad"
+    base, _ = ml.zoo.load_lm(world["lm"])
+    tuned = model.language_model.state_dict()
+    assert any(not torch.equal(v, tuned[k]) for k, v in base.state_dict().items())  # the LM trained
+    vision = ml.zoo.load_vision(world["vision"])[0].state_dict()
+    assert all(torch.equal(v, model.vision_tower.model.state_dict()[k]) for k, v in vision.items())  # frozen
+
+
+def test_stage2_lora_and_merge(world, s1, tmp_path):
+    res = train(TrainConfig(stage=2, data=world["instruct"], images=world["images"], out=str(tmp_path / "lora"),
+                            init=str(s1.out), lora=True, lora_r=4, lora_alpha=8, batch_size=8, micro_batch_size=4,
+                            max_steps=2, progress=False))
+    assert (res.out / "adapter" / "adapter_model.safetensors").is_file()
+    merged = ml.merge_lora(res.out, tmp_path / "merged")
+    model = ml.LlavaModel.from_pretrained(merged, device="cpu")
+    proc = ml.Processor.from_pretrained(merged)
+    b = proc([{"role": "user", "content": "<image>\nWhat color?"}], [random_image()], add_generation_prompt=True)
+    assert model.generate(b["input_ids"], b["attention_mask"], b["images"], max_new_tokens=3).shape == (1, 3)
+
+
+def test_resume_gives_the_same_losses(world, tmp_path, monkeypatch):
+    full = stage1(world, tmp_path / "full", max_steps=6, lr=1e-2)
+    original = mt._checkpoint
+
+    def checkpoint_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mt, "_checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        stage1(world, tmp_path / "cut", max_steps=6, lr=1e-2, save_every=3)
+    assert (tmp_path / "cut.partial" / "state.json").is_file() and not (tmp_path / "cut").exists()
+    monkeypatch.setattr(mt, "_checkpoint", original)
+    resumed = stage1(world, tmp_path / "cut", max_steps=6, lr=1e-2, save_every=3)
+    assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
+    assert not (tmp_path / "cut.partial").exists()
+
+
+def test_ddp_two_processes_match_one(world, tmp_path):
+    common = ["--stage", "1", "--data", world["captions"], "--images", world["images"], "--vision", world["vision"],
+              "--lm", world["lm"], "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "3",
+              "--lr", "1e-2", "--no-group-by-length", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    "29533", "-m", "minillava.cli", "train", "--out", str(tmp_path / "ddp"), *common],
+                   check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "minillava.cli", "train", "--out", str(tmp_path / "one"), *common],
+                   check=True, env=env, capture_output=True, timeout=300)
+    losses = [[m["loss"] for m in json.loads((tmp_path / r / "run.json").read_text())["metrics"]]
+              for r in ("ddp", "one")]
+    assert len(losses[0]) == 3
+    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5)
+
+
+# ---- bad input: a clear error, nothing overwritten -----------------------------------------------------------
+def test_bad_input(world, s1, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    d = world["dir"]
+    long = [{"id": "long1", "image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A red shape " * 100}]}]
+    with pytest.raises(DataError, match="record 'long1'.*256"):
+        stage1(world, out, data=write_json(d / "long.json", long))
+    with pytest.raises(DataError, match="has no records"):
+        stage1(world, out, data=write_json(d / "empty.json", []))
+    missing = [{"id": "x9", "image": "nope.png", "conversations": [
+        {"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Red."}]}]
+    with pytest.raises(DataError, match="id 'x9'.*nope.png' not found"):
+        stage1(world, out, data=write_json(d / "missing.json", missing))
+    with pytest.raises(ValueError, match="learning rate -1"):
+        stage1(world, out, lr=-1.0)
+    with pytest.raises(ValueError, match="batch size 6 is not a multiple of micro batch 4"):
+        stage1(world, out, batch_size=6)
+    with pytest.raises(ValueError, match="trained with lm"):
+        train(TrainConfig(stage=2, data=world["instruct"], images=world["images"], out=str(out), init=str(s1.out),
+                          lm=world["vision"], progress=False))
+    with pytest.raises(FileNotFoundError, match="init checkpoint"):
+        train(TrainConfig(stage=2, data=world["instruct"], images=world["images"], out=str(out),
+                          init=str(tmp_path / "nope"),
+                          progress=False))
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_cli_reports_errors_cleanly(world, tmp_path, capsys):
+    code = minillava.cli.main(["train", "--stage", "1", "--data", str(tmp_path / "none.json"),
+                               "--out", str(tmp_path / "o")])
+    assert code == 2 and "data file" in capsys.readouterr().err
