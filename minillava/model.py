@@ -173,18 +173,29 @@ class LlavaModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 images: torch.Tensor | None = None, image_features: torch.Tensor | None = None, *,
-                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 use_cache: bool = True, cache=None, generator: torch.Generator | None = None,
-                 on_tokens=None) -> torch.Tensor:
-        """Sample a continuation of each prompt. Prompts are left-padded (attention_mask 0 on the left).
+                 images: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
+        """Sample a continuation of each prompt: input_ids (B, T) -> new tokens (B, n <= max_new_tokens).
 
-        input_ids (B, T) -> new tokens (B, n <= max_new_tokens); rows that stopped early are filled with
-        `pad_token_id` (default: the first EOS id). Greedy when temperature == 0, else temperature + top-p.
+        Prompts are left-padded (attention_mask 0 on the left); rows that stop early are filled with
+        `pad_token_id`. Takes the keyword arguments of `stream`, which yields the same tokens one step at a time.
+        """
+        steps = list(self.stream(input_ids, attention_mask, images, image_features, **kwargs))
+        return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
+
+    @torch.no_grad()
+    def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               images: torch.Tensor | None = None, image_features: torch.Tensor | None = None, *,
+               max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+               use_cache: bool = True, cache=None, generator: torch.Generator | None = None):
+        """Yield the next token of every row, (B,), step by step, until all rows hit EOS or max_new_tokens.
+
+        Prefill runs the whole prompt (images spliced in) once and fills the KV cache; each decode step then
+        feeds one token. Greedy when temperature == 0, else temperature + nucleus (top-p) sampling.
         `cache`: continue from a KV cache holding earlier tokens (attention_mask then covers them too); it is
-        updated in place and ends holding everything but the last generated token.
-        `on_tokens(ids (B,))` is called after each step, for streaming.
+        updated in place and ends holding everything but the last yielded token.
+        `use_cache=False` recomputes the whole sequence each step (slow; the reference the tests compare to).
         """
         device = self.device
         input_ids = input_ids.to(device)
@@ -207,28 +218,22 @@ class LlavaModel(nn.Module):
         embeds = self.embed(input_ids, images, image_features)  # prefill input
         done = torch.zeros(B, dtype=torch.bool, device=device)
         seq = embeds  # the uncached path keeps the whole sequence's embeddings
-        out = []
-        for _ in range(max_new_tokens):
-            if use_cache:  # prefill on the first step, then decode one token at a time
-                step_pos = position_ids[:, -embeds.shape[1]:]
-                hidden = self._decode(embeds, attention_mask, step_pos, cache)
-            else:  # recompute the whole sequence every step (slow; the reference for tests)
-                seq = seq if not out else torch.cat([seq, embeds], dim=1)
+        for step in range(max_new_tokens):
+            if use_cache:  # prefill (step 0), then decode one token at a time
+                hidden = self._decode(embeds, attention_mask, position_ids[:, -embeds.shape[1]:], cache)
+            else:
+                seq = seq if step == 0 else torch.cat([seq, embeds], dim=1)
                 hidden = self._decode(seq, attention_mask, position_ids, None)
             logits = self.language_model.get_output_embeddings()(hidden[:, -1]).float()
             token = _sample(logits, temperature, top_p, generator)
             token = torch.where(done, torch.full_like(token, pad), token)
-            out.append(token)
-            if on_tokens is not None:
-                on_tokens(token)
+            yield token
             done |= torch.isin(token, eos_t)
             if bool(done.all()):
-                break
+                return
             embeds = self.language_model.get_input_embeddings()(token[:, None])
-            attention_mask = torch.cat([attention_mask, torch.ones(B, 1, dtype=attention_mask.dtype,
-                                                                   device=device)], dim=1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
             position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
-        return torch.stack(out, dim=1) if out else input_ids.new_zeros(B, 0)
 
     def _decode(self, embeds, attention_mask, position_ids, cache) -> torch.Tensor:
         """LM hidden states (B, t, H) for embeddings (B, t, H), the mask covering cache + these t tokens."""

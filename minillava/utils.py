@@ -39,6 +39,12 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     return torch.float32
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = True):
     """Yield a temporary directory that replaces `path` only when the block finishes without error."""
@@ -49,6 +55,7 @@ def atomic_dir(path: str | Path, overwrite: bool = True):
         raise FileExistsError(f"'{path}': already exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new folder
     try:
         yield tmp
     except BaseException:
@@ -72,6 +79,7 @@ def atomic_file(path: str | Path, mode: str = "w"):
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -105,6 +113,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     os.close(fd)
     try:
         save_file(_untie(tensors), tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

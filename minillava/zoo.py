@@ -32,7 +32,7 @@ def path(name: str) -> Path:
     if name not in COMPONENTS:
         raise ValueError(f"unknown zoo component '{name}'; known: {', '.join(COMPONENTS)}")
     folder = data_dir() / name
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file():  # (a clone without the weights, or a pip-installed wheel)
         raise FileNotFoundError(
             f"zoo component '{name}': no weights at '{folder}'. Use a clone of the minillava repository "
             "(pip install -e .), set MINILLAVA_DATA to its data/ folder, or rebuild with `make zoo`.")
@@ -99,4 +99,9 @@ def load(name: str, device=None, dtype=None):
     from .model import LlavaModel
     from .processor import Processor
 
+    if name == "tiny-llava-stage1":  # the projector alone, assembled with its backbones
+        from .train import load_stage1
+
+        model, processor = load_stage1(folder, template="plain", aspect="square")
+        return model.eval(), processor
     return LlavaModel.from_pretrained(folder, device=device, dtype=dtype), Processor.from_pretrained(folder)

@@ -1,0 +1,256 @@
+"""Pretraining the zoo's backbones on ShapesWorld: a tokenizer, a tiny CLIP and a tiny chat language model.
+
+LLaVA starts from two pretrained models: CLIP (trained contrastively on 400M image-text pairs) and Vicuna (a
+LLaMA fine-tuned on chats). This world has no model hub, so we make small twins of both, with the same
+transformers classes, on ShapesWorld:
+
+- a byte-level BPE tokenizer trained on the world's text, with the special tokens the templates need;
+- `CLIPModel` trained with CLIP's contrastive loss on image-caption pairs (`train_clip`);
+- `LlamaForCausalLM` trained as a language model on text-only chats in the `vicuna_v1` template, so it already
+  speaks the template before it ever sees an image (`train_lm`).
+
+Sizes are chosen so each trains in minutes on a 2-core CPU; the real ones are in comments beside them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data.records import Record
+from .templates import get_template
+from .train import lr_at
+from .vision import ImageProcessor
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"]  # </s> is not id 2: see
+# CLIPTextTransformer, which falls back to an argmax pooling hack when eos_token_id == 2
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 1024, max_length: int = 1024):
+    """A byte-level BPE tokenizer (as GPT-2/Llama-3 use) that adds BOS like Llama's, with `<image>` special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=max_length,
+                                   additional_special_tokens=["<image>", "<|im_start|>", "<|im_end|>"])
+    fast.chat_template = get_template("vicuna_v1").to_jinja()
+    return fast
+
+
+def chat_texts(records: list[Record], template: str = "vicuna_v1") -> list[str]:
+    """Records rendered as the full text a model reads (for the tokenizer and LM pretraining)."""
+    tpl = get_template(template)
+    return [tpl.render(r.messages) for r in records]
+
+
+# ---- tiny CLIP ------------------------------------------------------------------------------------------------
+@dataclass
+class ClipConfig:
+    image_size: int = 64  # CLIP ViT-L/14-336: 336
+    patch_size: int = 8  # 14
+    width: int = 128  # 1024
+    layers: int = 4  # 24
+    heads: int = 4  # 16
+    text_width: int = 128  # 768
+    text_layers: int = 3  # 12
+    text_length: int = 64  # 77
+    projection: int = 128  # 768
+    steps: int = 500
+    batch_size: int = 128  # 32,768
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def new_clip(cfg: ClipConfig, tokenizer):
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = dict(hidden_size=cfg.width, intermediate_size=4 * cfg.width, num_hidden_layers=cfg.layers,
+                  num_attention_heads=cfg.heads, image_size=cfg.image_size, patch_size=cfg.patch_size)
+    text = dict(vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads,
+                max_position_embeddings=cfg.text_length, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(cfg.seed)
+    return CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=cfg.projection))
+
+
+def clip_text(tokenizer, texts: list[str], length: int) -> dict:
+    """Captions -> CLIP text inputs: tokens + EOS (where CLIP pools), padded to the batch's longest."""
+    ids = [tokenizer.encode(t, add_special_tokens=False)[: length - 1] + [tokenizer.eos_token_id] for t in texts]
+    T = max(map(len, ids))
+    input_ids = torch.full((len(ids), T), tokenizer.pad_token_id)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def train_clip(pixels: torch.Tensor, captions: list[str], tokenizer, cfg: ClipConfig, progress: bool = True):
+    """Contrastive training (CLIP's symmetric InfoNCE) on images (N, 3, S, S) and their captions.
+
+    Returns (CLIPModel, metrics). Each step draws a random batch; caption duplicates in a batch are rare in
+    ShapesWorld, so no masking of false negatives is done (as in CLIP).
+    """
+    from tqdm.auto import tqdm
+
+    clip = new_clip(cfg, tokenizer).train()
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(cfg.seed)
+    warmup = math.ceil(0.05 * cfg.steps)
+    metrics, t0 = [], time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="tiny-clip", disable=not progress, mininterval=2.0)
+    for step in bar:
+        idx = torch.randint(len(captions), (cfg.batch_size,), generator=g)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_at(step, cfg.steps, warmup)
+        out = clip(pixel_values=pixels[idx], return_loss=True,
+                   **clip_text(tokenizer, [captions[i] for i in idx.tolist()], cfg.text_length))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        metrics.append({"step": step + 1, "loss": out.loss.item()})
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{out.loss.item():.3f}")
+    seconds = time.perf_counter() - t0
+    print(f"tiny-clip: {cfg.steps} steps in {seconds:.0f} s, final loss {metrics[-1]['loss']:.3f}")
+    return clip.eval(), {"train_seconds": seconds, "curve": metrics, "config": asdict(cfg)}
+
+
+@torch.no_grad()
+def text_embeddings(clip, tokenizer, texts: list[str], length: int = 64, batch: int = 256) -> torch.Tensor:
+    """Normalised CLIP text embeddings (N, D)."""
+    out = [clip.get_text_features(**clip_text(tokenizer, texts[i:i + batch], length)) for i in
+           range(0, len(texts), batch)]
+    return F.normalize(torch.cat([_pooled(o) for o in out]), dim=-1)
+
+
+@torch.no_grad()
+def image_embeddings(clip, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Normalised CLIP image embeddings (N, D)."""
+    out = [clip.get_image_features(pixel_values=pixels[i:i + batch]) for i in range(0, len(pixels), batch)]
+    return F.normalize(torch.cat([_pooled(o) for o in out]), dim=-1)
+
+
+def _pooled(out) -> torch.Tensor:
+    """transformers 5 returns an output object from get_*_features; older versions a tensor."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def zero_shot(clip, tokenizer, pixels: torch.Tensor, labels: list[str], prompts: dict[str, list[str]]) -> float:
+    """Zero-shot accuracy: each class is the mean embedding of its prompts (CLIP's prompt ensembling)."""
+    classes = list(prompts)
+    emb = torch.stack([text_embeddings(clip, tokenizer, prompts[c]).mean(0) for c in classes])
+    pred = (image_embeddings(clip, pixels) @ F.normalize(emb, dim=-1).T).argmax(-1)
+    return sum(classes[p] == y for p, y in zip(pred.tolist(), labels)) / len(labels)
+
+
+def retrieval_at_1(clip, tokenizer, pixels: torch.Tensor, captions: list[str]) -> float:
+    """Image-to-text retrieval R@1: how often an image's own caption is the nearest of all N captions."""
+    sims = image_embeddings(clip, pixels) @ text_embeddings(clip, tokenizer, captions).T
+    return float((sims.argmax(-1) == torch.arange(len(captions))).float().mean())
+
+
+def render_pixels(images, image_size: int) -> torch.Tensor:
+    """PIL images -> CLIP-normalised pixels (N, 3, S, S)."""
+    return ImageProcessor(image_size=image_size, aspect="square")(images)
+
+
+# ---- tiny chat LM ---------------------------------------------------------------------------------------------
+@dataclass
+class LMConfig:
+    width: int = 256  # Vicuna-7B: 4096
+    layers: int = 4  # 32
+    heads: int = 8  # 32
+    kv_heads: int = 4  # 32
+    ffn: int = 768  # 11008
+    context: int = 512  # 2048 (LLaVA-1.5) / 4096 (Vicuna v1.5)
+    steps: int = 600
+    batch_size: int = 16  # blocks of 256 tokens
+    lr: float = 2e-3
+    seed: int = 0
+
+
+def new_lm(cfg: LMConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.width, intermediate_size=cfg.ffn, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.context,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False))
+
+
+def lm_batch(tokenizer, texts: list[str], context: int) -> dict:
+    """Texts -> (input_ids, attention_mask, labels) with BOS, right padding, labels -100 on padding."""
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=context, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def pack(tokenizer, texts: list[str], block: int) -> torch.Tensor:
+    """Concatenate the tokenized texts (each with its BOS, ending in EOS) and cut the stream into blocks
+    (N, block): no padding, so no compute is wasted on it (GPT-style pretraining)."""
+    stream = [t for x in texts for t in tokenizer(x)["input_ids"] + [tokenizer.eos_token_id]]
+    n = len(stream) // block
+    return torch.tensor(stream[: n * block]).view(n, block)
+
+
+def train_lm(texts: list[str], tokenizer, cfg: LMConfig, progress: bool = True, block: int = 256):
+    """Causal language modelling on rendered chats, packed into blocks of `block` tokens;
+    returns (LlamaForCausalLM, metrics)."""
+    from tqdm.auto import tqdm
+
+    lm = new_lm(cfg, tokenizer).train()
+    blocks = pack(tokenizer, texts, block)
+    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(cfg.seed)
+    warmup = math.ceil(0.05 * cfg.steps)
+    metrics, t0 = [], time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="tiny-lm", disable=not progress, mininterval=2.0)
+    for step in bar:
+        batch = blocks[torch.randint(len(blocks), (cfg.batch_size,), generator=g)]
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_at(step, cfg.steps, warmup)
+        loss = lm(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        metrics.append({"step": step + 1, "loss": loss.item()})
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    seconds = time.perf_counter() - t0
+    print(f"tiny-lm: {cfg.steps} steps of {cfg.batch_size} x {block} tokens in {seconds:.0f} s, "
+          f"final loss {metrics[-1]['loss']:.3f}")
+    return lm.eval(), {"train_seconds": seconds, "curve": metrics, "config": asdict(cfg), "blocks": len(blocks)}
+
+
+@torch.no_grad()
+def perplexity(lm, tokenizer, texts: list[str], context: int = 512, batch: int = 32) -> float:
+    """exp(mean token negative log-likelihood) over `texts`, every token counted once."""
+    total, count = 0.0, 0
+    for i in range(0, len(texts), batch):
+        b = lm_batch(tokenizer, texts[i:i + batch], context)
+        logits = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        targets = b["labels"][:, 1:]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                       ignore_index=-100, reduction="sum"))
+        count += int((targets != -100).sum())
+    return math.exp(total / count)

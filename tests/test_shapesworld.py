@@ -1,0 +1,354 @@
+"""ShapesWorld: determinism, valid LLaVA files, scene invariants, answers that follow from scenes, pixels."""
+
+import hashlib
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minillava.data.records import load_records
+from minillava.data.shapesworld import (
+    COLORS,
+    HELD_OUT,
+    POSITIONS,
+    SHAPES,
+    SHORT_ANSWER,
+    SIZES,
+    Background,
+    Obj,
+    Scene,
+    absent_objects,
+    bbox,
+    build,
+    caption,
+    change_scene,
+    combo_frequencies,
+    describe,
+    generate_records,
+    main,
+    objects_present,
+    render,
+    render_background,
+    sample_scene,
+    text_chats,
+)
+
+MULTI = "Image 1: <image>\nImage 2: <image>\n"
+RELATIONS = {"left": (1, -1), "right": (1, 1), "above": (0, -1), "below": (0, 1)}  # grid axis, sign
+INTRO = re.compile(r"^(?:In a picture there is|A picture shows|Picture:|In an image there is) .*?\. "
+                   r"(?=[A-Z])")  # the scene told in words, before a text chat's first question
+SMALL = dict(n_train=30, n_val=8, n_test=8, n_comp=8, n_text=20, n_text_val=5)
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sw") / "data"
+    return out, build(out, seed=3, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {s: generate_records(s, 500, seed=1) for s in ("train", "val", "test", "compositional")}
+
+
+def qa_turns(records):
+    """(question without the short-answer suffix, answer, qtype, scene or [scenes]) for every answer turn."""
+    for r in records:
+        users = [m["content"] for m in r.messages if m["role"] == "user"]
+        answers = [m["content"] for m in r.messages if m["role"] == "assistant"]
+        assert len(answers) == len(r.meta["qtypes"]), r.id
+        scene = r.meta.get("scene")
+        scene = [Scene.from_dict(s) for s in scene] if isinstance(scene, list) else (
+            Scene.from_dict(scene) if scene else None)
+        for q, a, t in zip(users, answers, r.meta["qtypes"]):
+            q = q.removesuffix(SHORT_ANSWER).removeprefix("<image>\n").removeprefix(MULTI)
+            yield INTRO.sub("", q), a, t, scene
+
+
+WHERE = {p: {"center": "in the center", "left": "on the left", "right": "on the right"}.get(p, f"at the {p}")
+         for p in POSITIONS}
+REF = re.compile(rf"\bthe ((?:small |large )?(?:(?:{'|'.join(COLORS)}) )?(?:{'|'.join(SHAPES)}|object)"
+                 r"(?: (?:at|in|on) the [a-z ]+?)?)[?.]$")
+
+
+def resolve(question: str, scene: Scene) -> list[Obj]:
+    """The objects matching the referring phrase that ends the question ('the large circle at the top')."""
+    m = REF.search(re.sub(r" (?:large or small|big or small|have|located)\?$", "?", question))
+    assert m, question
+    return resolve_phrase(m.group(1), scene)
+
+
+def resolve_phrase(ref: str, scene: Scene) -> list[Obj]:
+    ref = ref.removeprefix("the ")
+    pos = next((p for p in sorted(POSITIONS, key=len, reverse=True) if ref.endswith(" " + WHERE[p])), None)
+    words = ref.removesuffix(" " + WHERE[pos]).split() if pos else ref.split()
+    return [o for o in scene.objects
+            if all(w == "object" or w in (o.size, o.color, o.shape) for w in words)
+            and (pos is None or o.position == pos)]
+
+
+def expected_count(question: str, scene: Scene) -> int:
+    words = re.findall(r"[a-z]+", question.lower())
+    return sum(all(w not in words for w in (set(COLORS) | set(SIZES)) - {o.color, o.size})
+               and all(s + "s" not in words for s in set(SHAPES) - {o.shape}) for o in scene.objects)
+
+
+def parse_box(s: str) -> list[float]:
+    assert re.fullmatch(r"\[\d\.\d\d, \d\.\d\d, \d\.\d\d, \d\.\d\d\]", s), s
+    return [float(v) for v in s[1:-1].split(", ")]
+
+
+def check_answer(q: str, a: str, t: str, scene: Scene):
+    """Recompute the answer to one question from the scene, independently of the generator."""
+    if t in ("color", "shape", "position", "size", "grounding"):
+        (o,) = resolve(q, scene)  # referent must be unique
+        want = {"color": o.color.capitalize() + ".", "position": o.position.capitalize() + ".",
+                "shape": ("An " if o.shape[0] in "aeiou" else "A ") + o.shape + ".",
+                "size": o.size.capitalize() + ".", "grounding": bbox(o, scene.size)}[t]
+        assert a == want, (q, a, want)
+    elif t == "count":
+        assert a == f"{expected_count(q, scene)}.", (q, a)
+    elif t == "exist":
+        thing = re.search(r"\ban? ([a-z ]+?)(?: in the image)?\?$", q).group(1).split()
+        present = any(all(w in (o.color, o.shape) for w in thing) for o in scene.objects)
+        assert a == ("Yes." if present else "No."), (q, a)
+    elif t == "relation":
+        rel = next(k for k in RELATIONS if f" {k} " in q)
+        axis, sign = RELATIONS[rel]
+        if q.startswith("Is "):
+            m = re.fullmatch(rf"Is (the .+?) {rel}(?: of)? (the .+)\?", q)
+            (o,), (anchor,) = resolve_phrase(m.group(1), scene), resolve_phrase(m.group(2), scene)
+            assert a == ("Yes." if sign * (o.cell[axis] - anchor.cell[axis]) > 0 else "No."), (q, a)
+        else:
+            (anchor,) = resolve(q, scene)
+            (hit,) = [o for o in scene.objects if sign * (o.cell[axis] - anchor.cell[axis]) > 0]
+            assert a.lower().rstrip(".").split()[1:] == [hit.color, hit.shape], (q, a)
+
+
+# ------------------------------------------------------------------------------------------------ files
+def test_build_is_byte_deterministic_and_seeded(built, tmp_path):
+    out, manifest = built
+    again = tmp_path / "again"
+    assert build(again, seed=3, **SMALL) == manifest
+    assert tree_hashes(out) == tree_hashes(again)
+    other = tmp_path / "other"
+    build(other, seed=4, **SMALL)
+    a, b = tree_hashes(out), tree_hashes(other)
+    assert a["images/train_000000.png"] != b["images/train_000000.png"]
+    assert all(a[f] != b[f] for f in manifest["files"])
+
+
+def test_every_file_loads_and_matches_manifest(built):
+    out, manifest = built
+    assert set(manifest["files"]) == {"captions_train.json", "captions_test.json", "text_train.json",
+                                      "text_val.json", "instruct_train.json", "instruct_val.json",
+                                      "instruct_test.json", "instruct_compositional.json"}
+    n_images = 0
+    for fname, info in manifest["files"].items():
+        assert hashlib.sha256((out / fname).read_bytes()).hexdigest() == info["sha256"]
+        records = load_records(out / fname)  # checks placeholders against images and that images exist
+        assert len(records) == info["records"]
+        for r in records:
+            if fname.startswith("text"):
+                assert not r.images and "<image>" not in str(r.messages)
+            if r.meta["kind"] == "multi_image":
+                assert len(r.images) == 2 and len(r.meta["scene"]) == 2
+                assert r.messages[0]["content"].startswith("Image 1: <image>\nImage 2: <image>\n")
+            n_images += fname.startswith("instruct") and len(r.images)
+    assert n_images == manifest["images"] == len(list((out / "images").glob("*.png")))
+
+
+def test_build_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a ShapesWorld build"):
+        build(tmp_path, **SMALL)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "cli"
+    manifest = main([str(out), "--n-train", "5", "--n-val", "2", "--n-test", "2", "--n-comp", "0", "--n-text",
+                     "3", "--n-text-val", "2", "--seed", "7", "--kinds", "conversation"])
+    assert manifest["seed"] == 7 and "instruct_compositional.json" not in manifest["files"]
+    assert {r.meta["kind"] for r in load_records(out / "instruct_train.json")} == {"conversation"}
+
+
+# ------------------------------------------------------------------------------------------------ scenes
+def test_scene_invariants_and_held_out_pairs(splits):
+    for split, data in splits.items():
+        assert all(1 <= len(s.objects) <= 4 and len({o.cell for o in s.objects}) == len(s.objects)
+                   for s in data.scenes.values())
+        combos = [set(objects_present(s)) & set(HELD_OUT) for s in data.scenes.values()]
+        if split == "compositional":
+            first = [s for name, s in data.scenes.items() if not name.endswith("_b.png")]
+            assert all(set(objects_present(s)) & set(HELD_OUT) for s in first)
+        else:
+            assert not any(combos)
+            text = str([r.messages for r in data.instruct + data.captions])
+            assert "purple star" not in text and "orange triangle" not in text
+    text = str([r.messages for r in text_chats(300, seed=1)])
+    assert "purple star" not in text and "orange triangle" not in text
+    counts = Counter(len(s.objects) for s in splits["train"].scenes.values())
+    assert set(counts) == {1, 2, 3, 4}
+
+
+def test_evaluation_scenes_are_not_training_scenes(splits):
+    def content(scene):
+        return frozenset((o.size, o.color, o.shape, o.cell) for o in scene.objects)
+
+    train = {content(s) for n, s in splits["train"].scenes.items() if not n.endswith("_b.png")}
+    for split in ("val", "test"):
+        firsts = [content(s) for n, s in splits[split].scenes.items() if not n.endswith("_b.png")]
+        assert not train & set(firsts)
+        assert Counter(len(c) for c in firsts).keys() == {1, 2, 3, 4}
+
+
+def test_scene_round_trips_through_json(splits):
+    for s in list(splits["val"].scenes.values())[:20]:
+        again = Scene.from_dict(s.to_dict())
+        assert again == s and render(again).tobytes() == render(s).tobytes()
+
+
+def test_bbox_is_the_cell_and_size():
+    assert bbox(Obj("circle", "red", "large", (0, 0))) == "[0.01, 0.01, 0.32, 0.32]"
+    for r in range(3):
+        for c in range(3):
+            for size, rad in SIZES.items():
+                o = Obj("star", "red", size, (r, c))
+                x1, y1, x2, y2 = parse_box(bbox(o))
+                assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
+                assert abs((x1 + x2) / 2 - (c + 0.5) / 3) < 0.01 and abs((y1 + y2) / 2 - (r + 0.5) / 3) < 0.01
+                assert abs((x2 - x1) - 2 * rad) < 0.011
+
+
+# ------------------------------------------------------------------------------------------------ answers
+def test_answers_follow_from_the_scene(splits):
+    seen = Counter()
+    records = [r for d in splits.values() for r in d.instruct] + text_chats(300, seed=2)
+    for q, a, t, scene in qa_turns(records):
+        seen[t] += 1
+        if t.startswith("multi") or t in ("detail", "fact") or scene is None:
+            continue
+        check_answer(q, a, t, scene)
+    assert {"color", "shape", "count", "exist", "position", "relation", "grounding", "size", "compare",
+            "detail", "multi_diff", "multi_more", "multi_count", "fact"} <= set(seen)
+
+
+def test_existence_is_balanced_and_colour_questions_unique(splits):
+    exist = [a for d in splits.values() for q, a, t, _ in qa_turns(d.instruct) if t == "exist"]
+    assert len(exist) >= 300
+    assert abs(exist.count("Yes.") / len(exist) - 0.5) <= 0.1
+    assert set(exist) == {"Yes.", "No."}
+    colour = [(q, s) for d in splits.values() for q, a, t, s in qa_turns(d.instruct) if t == "color"]
+    assert colour and all(len(resolve(q, s)) == 1 for q, s in colour)
+
+
+def test_plain_question_forms_appear(splits):
+    questions = {q for d in splits.values() for q, *_ in qa_turns(d.instruct)}
+    text = "\n".join(questions)
+    for pattern in (r"^What color is the circle\?$", r"^How many shapes are there\?$",
+                    r"^Is there a \w+ \w+\?$",
+                    r"^Where is the \w+ \w+\?$", r"^Which shape is left of the \w+\?$",
+                    r"^Give the bounding box of the \w+ \w+\.$", r"^Is the \w+ large or small\?$",
+                    r"^What is different between the two images\?$", r"^Which image has more shapes\?$"):
+        assert re.search(pattern, text, re.M), pattern
+
+
+def test_multi_image_difference_names_the_single_change(splits):
+    n = 0
+    turns = [x for d in splits.values() for x in qa_turns(d.instruct) if x[2] == "multi_diff"]
+    for _, a, _, (s1, s2) in turns:
+        before, after = set(s1.objects), set(s2.objects)
+        gone, new = before - after, after - before
+        assert len(gone) <= 1 and len(new) <= 1 and (gone or new) and s1.background == s2.background
+        for o in gone:  # "the red circle" must name one object of the first image
+            assert sum((x.color, x.shape) == (o.color, o.shape) for x in s1.objects) == 1
+        if gone and new:
+            (o,), (p,) = gone, new
+            assert sum([o.cell != p.cell, o.color != p.color, o.shape != p.shape]) == 1 and o.size == p.size
+            article = "an" if p.shape[0] in "aeiou" else "a"
+            want = (f"The {o.color} {o.shape} is {p.color} in the second image." if o.color != p.color
+                    else f"The {o.color} {o.shape} is {article} {p.shape} in the second image."
+                    if o.shape != p.shape else f"The {o.color} {o.shape} moved to the {p.position}.")
+            assert a == want, (a, want)
+        elif gone:
+            (o,) = gone
+            assert a == f"The {o.color} {o.shape} was removed."
+        else:
+            (p,) = new
+            assert a.startswith(("A ", "An ")) and a.endswith(f"{p.size} {p.color} {p.shape} was added "
+                                                              f"{WHERE[p.position]}.")
+        n += 1
+    assert n >= 20
+
+
+def test_change_scene_respects_held_out_pairs():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        changed = change_scene(sample_scene(rng), rng)
+        assert changed is not None  # a one-object scene can always get an object added
+        assert not set(objects_present(changed[0])) & set(HELD_OUT)
+
+
+def test_captions_and_descriptions_name_every_object():
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        s = sample_scene(rng)
+        cap, det = caption(s, rng), describe(s)
+        for o in s.objects:
+            assert f"{o.size} {o.color} {o.shape} {WHERE[o.position]}" in cap
+            assert f"{o.size} {o.color} {o.shape} is {WHERE[o.position]}." in det.lower()
+        assert f"{len(s.objects)} shape" in det
+
+
+def test_pope_helpers():
+    rng = np.random.default_rng(0)
+    scene = Scene((Obj("star", "red", "large", (0, 0)), Obj("circle", "blue", "small", (1, 1))),
+                  Background((240, 240, 240), (230, 230, 230), 0, 0))
+    assert objects_present(scene) == [("red", "star"), ("blue", "circle")]
+    for strategy in ("random", "adversarial"):
+        picks = absent_objects(scene, rng, 5, strategy, exclude=HELD_OUT)
+        assert len(picks) == 5 and not set(picks) & (set(objects_present(scene)) | set(HELD_OUT))
+    adversarial = absent_objects(scene, rng, 8, "adversarial")
+    assert all(s in ("star", "circle") for _, s in adversarial)  # same shape, other colour comes first
+    freq = combo_frequencies([sample_scene(rng) for _ in range(200)])
+    popular = absent_objects(scene, rng, 3, "popular", freq)
+    assert [freq[p] for p in popular] == sorted((freq[p] for p in popular), reverse=True)
+    with pytest.raises(ValueError, match="needs freq"):
+        absent_objects(scene, rng, 1, "popular")
+
+
+# ------------------------------------------------------------------------------------------------ pixels
+def object_mask(scene: Scene, obj: Obj) -> np.ndarray:
+    """Pixels that one object, drawn alone on the scene's background, changes visibly."""
+    alone = np.asarray(render(Scene((obj,), scene.background, scene.size)), dtype=int)
+    return np.abs(alone - np.asarray(render_background(scene.background, scene.size), dtype=int)).max(-1) > 40
+
+
+def test_pixels_objects_and_background():
+    rng = np.random.default_rng(11)
+    for _ in range(25):
+        scene = sample_scene(rng, n_objects=4, exclude=())
+        img = np.asarray(render(scene), dtype=int)
+        assert img.shape == (64, 64, 3)
+        masks = []
+        for o in scene.objects:
+            cx, cy = int((o.cell[1] + 0.5) * 64 / 3), int((o.cell[0] + 0.5) * 64 / 3)
+            assert np.abs(img[cy, cx] - np.array(o.rgb)).max() <= 12, (o, img[cy, cx])
+            m = object_mask(scene, o)
+            x1, y1, x2, y2 = (v * 64 for v in parse_box(bbox(o)))
+            ys, xs = np.nonzero(m)
+            assert x1 - 1.5 <= xs.min() and xs.max() <= x2 + 0.5, (o, xs.min(), xs.max(), x1, x2)
+            assert y1 - 1.5 <= ys.min() and ys.max() <= y2 + 0.5, (o, ys.min(), ys.max(), y1, y2)
+            masks.append(m)
+        assert (np.sum(masks, axis=0) <= 1).all()  # no two objects touch the same pixel
+        bg = img[~np.any(masks, axis=0)]
+        for rgb in COLORS.values():
+            assert np.abs(bg - np.array(rgb)).max(-1).min() > 60
