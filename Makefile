@@ -25,7 +25,7 @@ BOOK_SRC   := build/book
 BOOK_HTML  := _build/html
 NB_TIMEOUT ?= 600
 
-.PHONY: venv lint test book clean distclean
+.PHONY: venv lint test book check-book zoo ablations clean distclean
 
 venv: $(STAMP)
 
@@ -59,6 +59,19 @@ book: $(STAMP)
 	@# --path-output . puts the HTML in ./_build/html rather than in the scratch copy.
 	$(RUN_ENV) $(BIN)/jupyter-book build -W -n --keep-going --path-output . $(BOOK_SRC)
 	@echo "The book is at $(CURDIR)/$(BOOK_HTML)/index.html"
+
+# Look at the built book as a reader would: every chapter page in headless Chromium (figures present, no
+# tracebacks, no frozen progress bars); screenshots land in _build/screenshots/.
+check-book: $(STAMP)
+	$(RUN_ENV) MINILLAVA_BOOK_HTML=$(abspath $(BOOK_HTML)) $(BIN)/python -m pytest tests/test_book.py
+
+# Rebuild every shipped component in data/ from scratch (fixed seeds; tens of minutes on 2 cores).
+zoo: $(STAMP)
+	$(RUN_ENV) $(BIN)/python -m minillava.build_zoo --out data --work build/shapesworld
+
+# Regenerate data/results/ablations.json (each variant trains both stages at tiny scale).
+ablations: $(STAMP)
+	$(RUN_ENV) $(BIN)/python -m minillava.ablations --out data/results/ablations.json
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache *.egg-info build dist

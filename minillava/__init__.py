@@ -7,11 +7,14 @@ The public API, by chapter of the book:
 - chat templates: `get_template`, `Template`, `from_llava`, `to_llava`, `IGNORE_INDEX`
 - the model: `LlavaModel` (merge, forward, generate, save/load), `Processor` (text + images -> batches)
 - training: `TrainConfig`, `train.train(config)`, `merge_lora`
+- the chat assistant: `ChatSession`, `ChatWidget`, `transcript_html`
+- evaluation: `minillava.eval`
 - transformers interop: `export_hf`, `load_hf`
 - the shipped weights: `zoo`
 """
 
 from . import train, zoo
+from .chat import ChatSession
 from .hf import export_hf, from_hf_model, load_hf
 from .model import LlavaModel, LlavaOutput
 from .processor import Processor
@@ -28,12 +31,13 @@ from .templates import (
 from .train import TrainConfig, merge_lora
 from .utils import pick_device, pick_dtype
 from .vision import ImageProcessor, VisionTower, load_image
+from .widget import ChatWidget, transcript_html
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "IGNORE_INDEX", "IMAGE_PLACEHOLDER", "TEMPLATES", "ImageProcessor", "LlavaModel", "LlavaOutput",
-    "Processor", "Template", "TrainConfig", "VisionTower", "build_projector", "export_hf", "from_hf_model",
-    "from_llava", "get_template", "load_hf", "load_image", "merge_lora", "pick_device", "pick_dtype", "to_llava",
-    "train", "zoo",
+    "ChatSession", "ChatWidget", "IGNORE_INDEX", "IMAGE_PLACEHOLDER", "ImageProcessor", "LlavaModel", "LlavaOutput",
+    "Processor", "TEMPLATES", "Template", "TrainConfig", "VisionTower", "build_projector", "export_hf",
+    "from_hf_model", "from_llava", "get_template", "load_hf", "load_image", "merge_lora", "pick_device",
+    "pick_dtype", "to_llava", "train", "transcript_html", "zoo",
 ]

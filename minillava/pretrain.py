@@ -69,7 +69,7 @@ class ClipConfig:
     text_layers: int = 3  # 12
     text_length: int = 64  # 77
     projection: int = 128  # 768
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 128  # 32,768
     lr: float = 1e-3
     seed: int = 0

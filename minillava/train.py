@@ -63,8 +63,10 @@ class TrainConfig:
     lm: str = "tiny-lm"  # stage 1: language model
     projector: str = "mlp2x_gelu"
     feature_layer: int = -2
-    init: str | None = None  # stage 2: a stage-1 output folder (or a full minillava model folder)
-    lora: bool = False
+    template: str | None = None  # None: the recipe's (plain / vicuna_v1); e.g. chatml_direct for a Qwen LM
+    init: str | None = None  # stage 2: a stage-1 output or a full model folder (None: skip stage 1, fresh projector)
+    lora: bool = False  # stage 2: train the LM through LoRA adapters instead of fully
+    freeze_lm: bool = False  # stage 2: keep the LM frozen too (an ablation: only the projector learns)
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
@@ -94,6 +96,9 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (LORA_LR if self.lora else self.recipe.lr)
 
+    def resolved_template(self) -> str:
+        return self.template or self.recipe.template
+
     def resolved_batch_size(self) -> int:
         return self.batch_size if self.batch_size is not None else self.recipe.batch_size
 
@@ -117,8 +122,8 @@ class TrainConfig:
             raise ValueError("feature cache 'disk' needs cache_dir")
         if self.stage == 1 and self.lora:
             raise ValueError("stage 1 trains the projector only; LoRA is a stage-2 option")
-        if self.stage == 2 and not self.init:
-            raise ValueError("stage 2 needs init: the stage-1 output (or a full model folder)")
+        if self.lora and self.freeze_lm:
+            raise ValueError("lora and freeze_lm: choose one way to treat the language model")
         if not self.data:
             raise ValueError("data: a LLaVA-format JSON file is required")
 
@@ -166,11 +171,20 @@ def load_init(cfg: TrainConfig) -> tuple[LlavaModel, Processor]:
             asked = getattr(cfg, part)
             if asked != TrainConfig.__dataclass_fields__[part].default and asked != meta[part]:
                 raise ValueError(f"init checkpoint '{path}' was trained with {part} '{meta[part]}', not '{asked}'")
-        return load_stage1(path, recipe.template, recipe.aspect)
+        return load_stage1(path, cfg.resolved_template(), recipe.aspect)
     model = LlavaModel.from_pretrained(path, device="cpu")
-    processor = Processor.from_pretrained(path).with_template(recipe.template)
+    processor = Processor.from_pretrained(path).with_template(cfg.resolved_template())
     processor.image_processor.aspect = recipe.aspect
     return model, processor
+
+
+def initial_model(cfg: TrainConfig) -> tuple[LlavaModel, Processor]:
+    """Where a run starts: backbones + a fresh projector (stage 1, or stage 2 without `init`, which skips
+    feature alignment), else the `init` checkpoint."""
+    if cfg.stage == 1 or cfg.init is None:
+        return build_stage1_model(cfg.vision, cfg.lm, cfg.projector, cfg.feature_layer, cfg.recipe.aspect,
+                                  cfg.resolved_template())
+    return load_init(cfg)
 
 
 def apply_recipe(model: LlavaModel, tune: dict, cfg: TrainConfig) -> list[str]:
@@ -273,14 +287,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     rank, world = _dist()
     cfg.check(world)
     recipe = cfg.recipe
-    tune = dict(recipe.tune, language_model="lora") if cfg.lora else dict(recipe.tune)
+    tune = dict(recipe.tune)
+    if cfg.lora or cfg.freeze_lm:
+        tune["language_model"] = "lora" if cfg.lora else "frozen"
     records = load_records(cfg.data, cfg.images)
     torch.manual_seed(cfg.seed)  # the new projector's initialisation
-    if cfg.stage == 1:
-        model, processor = build_stage1_model(cfg.vision, cfg.lm, cfg.projector, cfg.feature_layer, recipe.aspect,
-                                              recipe.template)
-    else:
-        model, processor = load_init(cfg)
+    model, processor = initial_model(cfg)
     if cfg.max_length:
         processor.max_length = cfg.max_length
     examples = encode_all(records, processor, cfg.progress and rank == 0)
@@ -314,7 +326,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         start, metrics = _restore(partial, model, opt, trainable, cfg)
     if rank == 0:
         print(f"stage {cfg.stage}: {len(examples)} samples, {total} steps of {batch} "
-              f"({accum} x {cfg.micro_batch_size} x {world} processes), lr {lr:g}, template {recipe.template}")
+              f"({accum} x {cfg.micro_batch_size} x {world} processes), lr {lr:g}, template {cfg.resolved_template()}")
         print("\n".join(report))
         if start:
             print(f"resuming from step {start} ({partial})")
@@ -439,7 +451,9 @@ def _save_result(out: Path, cfg: TrainConfig, model: LlavaModel, processor: Proc
                 "feature_layer": model.vision_tower.feature_layer, "feature_select": model.vision_tower.select})
             save_tensors(model.projector.state_dict(), tmp / "projector.safetensors")
         elif cfg.lora:
-            write_json(tmp / "config.json", {"format": LORA_FORMAT, "init": str(Path(cfg.init).resolve())})
+            write_json(tmp / "config.json", {
+                "format": LORA_FORMAT, "init": str(Path(cfg.init).resolve()) if cfg.init else None,
+                "vision": cfg.vision, "lm": cfg.lm, "projector": cfg.projector, "feature_layer": cfg.feature_layer})
             save_tensors(model.projector.state_dict(), tmp / "projector.safetensors")
             model.language_model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
         else:
@@ -458,8 +472,8 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     meta = read_json(adapter_dir / "config.json", what="LoRA output config")
     if meta.get("format") != LORA_FORMAT:
         raise ValueError(f"'{adapter_dir}': not a LoRA training output")
-    cfg = TrainConfig(stage=2, init=meta["init"], data="-")
-    model, processor = load_init(cfg)
+    cfg = TrainConfig(stage=2, data="-", **{k: meta[k] for k in ("init", "vision", "lm", "projector", "feature_layer")})
+    model, processor = initial_model(cfg)
     load_state(model.projector, load_tensors(adapter_dir / "projector.safetensors"), f"projector in '{adapter_dir}'")
     model.language_model = PeftModel.from_pretrained(model.language_model, str(adapter_dir / "adapter"))
     model.language_model = model.language_model.merge_and_unload()

@@ -105,3 +105,31 @@ def load(name: str, device=None, dtype=None):
         model, processor = load_stage1(folder, template="plain", aspect="square")
         return model.eval(), processor
     return LlavaModel.from_pretrained(folder, device=device, dtype=dtype), Processor.from_pretrained(folder)
+
+
+def load_model(name_or_dir: str | Path, device=None, dtype=None):
+    """Any LLaVA -> (LlavaModel, Processor): a zoo name, a minillava model folder, a stage-1 output, or a
+    transformers Llava folder (llava-1.5-hf layout)."""
+    from .model import LlavaModel
+    from .processor import Processor
+    from .utils import read_json
+
+    if str(name_or_dir) in COMPONENTS:
+        return load(str(name_or_dir), device=device, dtype=dtype)
+    folder = Path(name_or_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model '{name_or_dir}': no such zoo component or folder "
+                                f"(zoo: {', '.join(c for c in COMPONENTS if 'llava' in c)})")
+    config = read_json(folder / "config.json", what="model config")
+    if config.get("model_type") == "llava":
+        from .hf import load_hf
+
+        return load_hf(folder, device=device, dtype=dtype)
+    if config.get("format") == "minillava-stage1":
+        from .train import load_stage1
+
+        model, processor = load_stage1(folder, template="plain", aspect="square")
+        return model.eval(), processor
+    if config.get("format") != "minillava":
+        raise ValueError(f"model folder '{folder}': not a minillava, stage-1 or transformers Llava model")
+    return LlavaModel.from_pretrained(folder, device=device, dtype=dtype), Processor.from_pretrained(folder)

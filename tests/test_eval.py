@@ -1,5 +1,7 @@
 """VQA metrics on hand-made predictions whose right scores are known."""
 
+import json
+
 import pytest
 
 from minillava import eval as ev
@@ -47,3 +49,105 @@ def test_score_per_type():
     assert "overall" in ev.format_table(s)
     with pytest.raises(ValueError, match="3 answers for 4 questions"):
         ev.score(qs, ["a", "b", "c"])
+
+
+def test_pope_metrics_on_known_answers():
+    refs = ["Yes.", "Yes.", "No.", "No."]
+    m = ev.pope_metrics(["Yes.", "No.", "Yes, there is.", "No."], refs)
+    assert m == {"n": 4, "accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5}
+    always_yes = ev.pope_metrics(["Yes."] * 4, refs)
+    assert always_yes["recall"] == 1.0 and always_yes["precision"] == 0.5 and always_yes["yes_ratio"] == 1.0
+    with pytest.raises(ValueError, match="3 answers for 4 POPE questions"):
+        ev.pope_metrics(["Yes."] * 3, refs)
+
+
+def test_pope_records_are_balanced_and_true():
+    from minillava.data import shapesworld as sw
+
+    data = sw.generate_records("test", 30, seed=3, kinds=("conversation",))
+    freq = sw.combo_frequencies(data.scenes.values())
+    for strategy in ev.POPE_STRATEGIES:
+        probes = ev.pope_records(data.instruct, strategy, freq=freq)
+        yes = [p for p in probes if p.messages[1]["content"] == "Yes."]
+        assert len(yes) * 2 == len(probes) > 0
+        for p in probes:
+            scene = sw.Scene.from_dict(p.meta["scene"])
+            color, shape = p.messages[0]["content"].split("Is there a ")[1].split()[:2]
+            assert ((color, shape) in sw.objects_present(scene)) == (p.messages[1]["content"] == "Yes.")
+    with pytest.raises(ValueError, match="POPE strategy 'weird'"):
+        ev.pope_records(data.instruct, "weird")
+
+
+def test_caption_metrics_on_known_captions():
+    from minillava.data import shapesworld as sw
+
+    bg = sw.Background((250, 250, 250), (240, 240, 240), 0, 0)
+    scene = sw.Scene((sw.Obj("circle", "red", "large", (0, 0)), sw.Obj("star", "blue", "small", (1, 1))), bg)
+    perfect = "A large red circle at the top left and a small blue star in the center."
+    m = ev.caption_metrics([perfect], [scene])
+    assert m["object_precision"] == 1.0 and m["object_recall"] == 1.0
+    assert m["size_accuracy"] == 1.0 and m["position_accuracy"] == 1.0
+    wrong = "A small red circle at the bottom and a green square."
+    m = ev.caption_metrics([wrong], [scene])
+    assert m["object_precision"] == 0.5 and m["object_recall"] == 0.5
+    assert m["size_accuracy"] == 0.0 and m["position_accuracy"] == 0.0
+
+
+# ---- the command line ------------------------------------------------------------------------------------------
+@pytest.fixture
+def eval_files(tmp_path, model, processor):
+    from conftest import random_image
+
+    from minillava.data import shapesworld as sw
+    from minillava.data.records import save_records
+
+    data = sw.generate_records("test", 6, seed=1, kinds=("conversation",), image_dir=tmp_path)
+    for name in data.scenes:
+        random_image(32, 32).save(tmp_path / name)  # the tiny model's 32 px tower; content is irrelevant here
+    for r in data.instruct:  # one short question each: the test tokenizer is far less compact than the zoo's
+        r.messages[:] = r.messages[:2]
+        r.meta["qtypes"] = r.meta["qtypes"][:1]
+    save_records(data.instruct, tmp_path / "q.json", image_dir=tmp_path)
+    model.save_pretrained(tmp_path / "model", processor=processor)
+    return tmp_path, data
+
+
+def test_eval_cli_vqa_and_pope(eval_files, capsys):
+    from minillava.cli import main
+
+    d, _ = eval_files
+    assert main(["eval", "--model", str(d / "model"), "--data", str(d / "q.json"), "--out", str(d / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "overall" in out and (d / "r.json").is_file()
+    assert main(["eval", "--model", str(d / "model"), "--data", str(d / "q.json"), "--kind", "pope"]) == 0
+    assert "adversarial" in capsys.readouterr().out
+
+
+def test_eval_cli_scores_an_answer_file(eval_files, capsys):
+    from minillava.cli import main
+
+    d, data = eval_files
+    qs = ev.questions(data.instruct)
+    (d / "a.json").write_text(json.dumps([{"id": q["id"], "turn": q["turn"], "answer": q["reference"]} for q in qs]))
+    assert main(["eval", "--data", str(d / "q.json"), "--answers", str(d / "a.json")]) == 0
+    assert "100.0%" in capsys.readouterr().out.splitlines()[-1]
+    (d / "bad.json").write_text(json.dumps([{"id": "nope", "turn": 0, "answer": "Red."}]))
+    assert main(["eval", "--data", str(d / "q.json"), "--answers", str(d / "bad.json")]) == 2
+    assert "does not match the questions" in capsys.readouterr().err
+
+
+def test_eval_cli_bad_input(eval_files, capsys):
+    from minillava.cli import main
+
+    d, _ = eval_files
+    (d / "noref.json").write_text(json.dumps([{"id": "x", "image": "test_000000.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color?"}]}]))
+    assert main(["eval", "--model", str(d / "model"), "--data", str(d / "noref.json")]) == 2
+    assert "no answer" in capsys.readouterr().err
+    (d / "empty_model").mkdir()
+    assert main(["eval", "--model", str(d / "empty_model"), "--data", str(d / "q.json")]) == 2
+    assert "model config" in capsys.readouterr().err
+    (d / "notmodel").mkdir()
+    (d / "notmodel" / "config.json").write_text('{"model_type": "bert"}')
+    assert main(["eval", "--model", str(d / "notmodel"), "--data", str(d / "q.json")]) == 2
+    assert "not a minillava" in capsys.readouterr().err

@@ -51,7 +51,8 @@ def parse_record(raw, image_dir: Path | None, where: str, check_files: bool = Tr
     except (ValueError, TypeError, KeyError) as e:
         raise DataError(f"{where}: {e}") from None
     if not any(m["role"] == "assistant" and str(m["content"]).strip() for m in messages):
-        raise DataError(f"{where}: no non-empty answer to learn from")
+        raise DataError(f"{where}: no answer (training needs one to learn from; evaluation needs the "
+                        "reference answer)")
     image = raw.get("image")
     paths = [] if image is None else [image] if isinstance(image, str) else image
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):

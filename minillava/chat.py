@@ -1,0 +1,366 @@
+"""Chatting with LLaVA: many turns, images at any turn, and a KV cache that carries over from turn to turn.
+
+The reference CLI (`llava/serve/cli.py`) allows one image per chat and, at every turn, re-tokenizes the whole
+conversation and runs all of it through the model again, image included. A `ChatSession` keeps the KV cache of
+the conversation so far and prefills only what a turn adds:
+
+1. tokenize the whole conversation with the template (cheap), ending with the generation prompt: ids (T,);
+2. compare it with the tokens in the cache, image tokens compared by *which* image they hold (two pictures at
+   the same place never match), and keep the longest common prefix, never cut inside an image;
+3. crop the cache to that prefix and prefill the rest, passing the vision features of exactly the images whose
+   tokens are in the rest. Each image is encoded once, when it joins the chat, and its features are kept.
+
+Step 1 reads the conversation exactly as the template renders it, so the answer is token for token what
+re-prefilling the whole conversation gives (greedy), whatever the tokenizer does with earlier answers; the
+cache only decides how much work is skipped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .templates import IMAGE_PLACEHOLDER, Template, to_llava
+from .vision import load_image
+
+CONTEXT_POLICIES = ("error", "drop_oldest")
+_image_keys = itertools.count()  # identifies each image of every session, so the cache can tell images apart
+
+
+@dataclass
+class ChatImage:
+    """An image of a chat: the picture, the file it came from (if any), a unique key, its vision features."""
+
+    image: Image.Image
+    path: str | None
+    key: int
+    features: torch.Tensor | None = None  # (P, C_v), computed once by `LlavaModel.encode_images`
+
+    @property
+    def name(self) -> str:
+        """Its path, or `image-KEY.png` for an image given in memory."""
+        return self.path or f"image-{self.key}.png"
+
+
+@dataclass
+class Turn:
+    question: str  # the user message as the template sees it: one "<image>" per image
+    images: list[ChatImage]
+    answer: str | None = None  # None while it is being generated
+
+
+class ChatSession:
+    """A conversation with a `LlavaModel` about any number of images, added at any turn.
+
+    Args:
+        model, processor: a `LlavaModel` and its `Processor`.
+        template: the chat template, a name or a `Template` (None: the processor's own).
+        max_new_tokens, temperature, top_p: decoding of each answer (greedy when temperature == 0).
+        system: the system prompt (None: the template's default; "": none).
+        seed: seeds sampling; `reset()` re-seeds, so a replayed chat gives the same answers.
+        reuse_cache: keep the KV cache and image features between turns (False: prefill the whole conversation
+            and re-encode every image at each turn, as the reference CLI does).
+        context_policy: what to do when a turn does not fit the model's context (`model.max_length`).
+            "error": raise a ValueError saying how many tokens the prompt needs and how many are left.
+            "drop_oldest": forget the oldest whole turns, their images with them (the system prompt stays),
+            until the prompt leaves room for `max_new_tokens`, or only the new question is left.
+
+    After each turn `stats` says what it cost: prompt_tokens (T), reused_tokens (read from the cache),
+    prefilled_tokens (T - reused), images_encoded, dropped_turns, new_token_ids (what the model generated,
+    the stop token included) and ttft_s (seconds from the question to the first token).
+    """
+
+    def __init__(self, model, processor, template: str | Template | None = "vicuna_v1", max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, system: str | None = None, seed: int = 0,
+                 reuse_cache: bool = True, context_policy: str = "error"):
+        if context_policy not in CONTEXT_POLICIES:
+            raise ValueError(f"context_policy {context_policy!r}: expected one of {', '.join(CONTEXT_POLICIES)}")
+        self.model = model
+        self.processor = processor if template is None else processor.with_template(template)
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.system, self.seed, self.reuse_cache, self.context_policy = system, seed, reuse_cache, context_policy
+        self.stop_ids = self.processor.stop_token_ids()
+        self.stats: dict = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation, its images and the KV cache; re-seed sampling."""
+        self._turns: list[Turn] = []
+        self._cache, self._cache_keys = None, []  # the KV cache and the keys (see `_tokenize`) of what it holds
+        self._generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
+
+    # ---- the conversation -----------------------------------------------------------------------------------
+    @property
+    def history(self) -> list[dict]:
+        """The conversation, oldest first: {"role": "user", "content", "images": [PIL images]} and
+        {"role": "assistant", "content"} messages (copies: changing them changes nothing)."""
+        out = []
+        for t in self._turns:
+            out += [{"role": "user", "content": t.question, "images": [im.image for im in t.images]},
+                    {"role": "assistant", "content": t.answer}]
+        return out
+
+    @property
+    def messages(self) -> list[dict]:
+        """The conversation as template messages {"role", "content"}, the system prompt first when set."""
+        return self._messages(self._turns)
+
+    def _messages(self, turns: list[Turn]) -> list[dict]:
+        system = [] if self.system is None else [{"role": "system", "content": self.system}]
+        return system + [{"role": role, "content": text} for t in turns
+                         for role, text in (("user", t.question), ("assistant", t.answer)) if text is not None]
+
+    def to_llava_json(self, id: str = "chat", image_dir: str | Path | None = None) -> dict:
+        """The conversation as a LLaVA data record {"id", "image", "conversations": [{"from", "value"}]}.
+
+        "image" is one name or a list (absent without images): each image's path, or `image-N.png` for images
+        given in memory. With `image_dir`, those are written there as PNG and paths are made relative to it
+        (absolute when outside it), so the record loads with that folder as its image folder.
+        """
+        if not any(t.answer for t in self._turns):
+            raise ValueError("to_llava_json: no answered turn to export yet")
+        images = [im for t in self._turns for im in t.images]
+        names = [im.name for im in images]
+        if image_dir is not None:
+            folder = Path(image_dir).resolve()
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, im in enumerate(images):
+                if im.path is None:
+                    im.image.save(folder / im.name)
+                elif Path(im.path).resolve().is_relative_to(folder):
+                    names[i] = str(Path(im.path).resolve().relative_to(folder))
+                else:
+                    names[i] = str(Path(im.path).resolve())
+        record: dict = {"id": id}
+        if images:
+            record["image"] = names[0] if len(names) == 1 else names
+        record["conversations"] = to_llava(self.messages)
+        return record
+
+    # ---- asking -----------------------------------------------------------------------------------------------
+    def ask(self, question: str, images=()) -> str:
+        """Ask `question` about `images` (PIL images, paths or bytes) -> the answer (see `stream`)."""
+        return "".join(self.stream(question, images))
+
+    def stream(self, question: str, images=()):
+        """Ask `question` about `images` and get the answer as an iterator of text pieces, as they are generated.
+
+        A question without "<image>" gets its images before it ("<image>\\n" each, in order, as LLaVA does); a
+        question with placeholders needs exactly one image per placeholder. Everything is checked here, before
+        the iterator exists: a bad question or image raises (ValueError, FileNotFoundError) and changes nothing.
+        The turn joins `history` when its answer is complete (or the iterator is closed early).
+        """
+        start = time.perf_counter()
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question: empty; ask something (images go with a question)")
+        if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
+            images = [images]
+        new = []
+        for source in images:
+            path = str(source) if isinstance(source, (str, Path)) else None
+            new.append(ChatImage(load_image(source, name=path), path, next(_image_keys)))
+        question, n_slots = question.strip(), question.count(IMAGE_PLACEHOLDER)
+        if n_slots and n_slots != len(new):
+            raise ValueError(f"question: {n_slots} '{IMAGE_PLACEHOLDER}' placeholders but {len(new)} images; give "
+                             "one image per placeholder, or no placeholder to put the images before the question")
+        if not n_slots:
+            question = f"{IMAGE_PLACEHOLDER}\n" * len(new) + question
+        turns, ids, keys = self._fit(self._turns + [Turn(question, new)])
+        return self._answer(turns, ids, keys, start)
+
+    def _tokenize(self, turns: list[Turn], generation_prompt: bool = True) -> tuple[list[int], list[int]]:
+        """The prompt of `turns` -> token ids (T,) and cache keys (T,): the ids, except that each image token
+        becomes -1 - (its image's key), so that tokens of different images never compare equal."""
+        p = self.processor
+        ids = p.template.tokenize(self._messages(turns), p.tokenizer, add_generation_prompt=generation_prompt,
+                                  num_image_tokens=p.num_image_tokens)["input_ids"]
+        owners = iter([im.key for t in turns for im in t.images for _ in range(p.num_image_tokens)])
+        return ids, [-1 - next(owners) if i == p.image_token_id else i for i in ids]
+
+    def _fit(self, turns: list[Turn]) -> tuple[list[Turn], list[int], list[int]]:
+        """Apply the context policy: the turns to keep and their prompt (ids, keys), or a ValueError."""
+        limit = self.model.max_length
+        ids, keys = self._tokenize(turns)
+        while self.context_policy == "drop_oldest" and limit and len(turns) > 1 \
+                and limit - len(ids) < self.max_new_tokens:
+            turns = turns[1:]
+            ids, keys = self._tokenize(turns)
+        if limit and len(ids) >= limit:
+            used = len(self._tokenize(turns[:-1], generation_prompt=False)[0]) if len(turns) > 1 else 0
+            n_images = len(turns[-1].images)
+            hint = ("even with all older turns dropped" if self.context_policy == "drop_oldest" else
+                    "reset() the chat, or use context_policy='drop_oldest' to forget the oldest turns")
+            raise ValueError(f"context: the prompt needs {len(ids)} tokens ({len(ids) - used} for this question "
+                             f"and its {n_images} image(s) of {self.model.num_image_tokens} tokens each), but only "
+                             f"{limit - used} of the model's {limit} are left; {hint}")
+        return turns, ids, keys
+
+    def _answer(self, turns: list[Turn], ids: list[int], keys: list[int], start: float):
+        """Prefill what the cache lacks of the prompt `ids`, then decode; yields the answer's text pieces."""
+        if not self.reuse_cache or self._cache is None:
+            self._cache, self._cache_keys = self.model.new_cache(), []
+        reused = _common_prefix(self._cache_keys, keys)
+        _crop(self._cache, reused)
+        self._cache_keys = self._cache_keys[:reused]
+        by_key = {im.key: im for t in turns for im in t.images}
+        rest = [by_key[-1 - k] for k in dict.fromkeys(k for k in keys[reused:] if k < 0)]
+        features, encoded = self._features(rest)
+        self.stats = {"prompt_tokens": len(ids), "reused_tokens": reused, "prefilled_tokens": len(ids) - reused,
+                      "images_encoded": encoded, "dropped_turns": len(self._turns) + 1 - len(turns),
+                      "new_token_ids": [], "ttft_s": None}
+        steps = self.model.stream(torch.tensor([ids[reused:]]), image_features=features, cache=self._cache,
+                                  max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                  top_p=self.top_p, eos_token_id=self.stop_ids, generator=self._generator)
+        new, shown, done, stop_str = self.stats["new_token_ids"], "", False, self.processor.template.stop_str
+        try:
+            for token in steps:
+                new.append(int(token[0]))
+                if len(new) == 1:
+                    self.stats["ttft_s"] = time.perf_counter() - start
+                if new[-1] in self.stop_ids:
+                    break
+                text = self.processor.decode(new)
+                stopped = bool(stop_str) and stop_str in text
+                visible = self._visible(text, final=stopped)
+                if visible.startswith(shown) and len(visible) > len(shown):
+                    shown, piece = visible, visible[len(shown):]
+                    yield piece
+                if stopped:
+                    break
+            visible = self._visible(self.processor.decode([t for t in new if t not in self.stop_ids]), final=True)
+            if visible.startswith(shown) and len(visible) > len(shown):
+                shown, piece = visible, visible[len(shown):]
+                yield piece
+            done = True
+        except GeneratorExit:  # closed early: the turn keeps what was said so far
+            done = True
+            raise
+        finally:
+            steps.close()
+            if done:  # the cache holds the prompt and every generated token but the last
+                self._cache_keys = (keys + new)[:self._cache.get_seq_length()]
+                self._turns = turns[:-1] + [Turn(turns[-1].question, turns[-1].images, shown)]
+            else:  # an error mid-step may leave the cache half-updated: start the next turn afresh
+                self._cache, self._cache_keys = None, []
+
+    def _features(self, images: list[ChatImage]) -> tuple[torch.Tensor | None, int]:
+        """Vision features (N, P, C_v) of `images` and how many had to be encoded: only new ones, unless the
+        session does not reuse its cache (then all, every turn)."""
+        todo = [im for im in images if im.features is None or not self.reuse_cache]
+        encoded = {}
+        if todo:
+            pixels = self.processor.image_processor([im.image for im in todo])  # (n, 3, S, S)
+            encoded = dict(zip([im.key for im in todo], self.model.encode_images(pixels)))
+            if self.reuse_cache:
+                for im in todo:
+                    im.features = encoded[im.key]
+        if not images:
+            return None, 0
+        return torch.stack([encoded[im.key] if im.key in encoded else im.features for im in images]), len(todo)
+
+    def _visible(self, text: str, final: bool) -> str:
+        """The part of the decoded answer `text` to show: cut at the stop string, without "<image>", stripped.
+        Unless `final`, also hold back what may still change: the start of a stop string or of "<image>", an
+        unfinished UTF-8 character (decoded as U+FFFD), trailing spaces."""
+        stop = self.processor.template.stop_str
+        if stop and stop in text:
+            text = text[:text.index(stop)]
+        text = text.replace(IMAGE_PLACEHOLDER, "").lstrip()
+        if not final:
+            text = text[:len(text) - max(_partial_suffix(text, m) for m in (stop, IMAGE_PLACEHOLDER))]
+            text = text.rstrip("\ufffd")
+        return text.rstrip()
+
+
+def _common_prefix(cached: list[int], keys: list[int]) -> int:
+    """How many leading `keys` the cache already holds: the longest common prefix, backed off to the start of an
+    image it would cut, and leaving at least one token to prefill (its logits give the first new token)."""
+    n, most = 0, min(len(cached), len(keys) - 1)
+    while n < most and cached[n] == keys[n]:
+        n += 1
+    while 0 < n and keys[n - 1] < 0 and keys[n] == keys[n - 1]:
+        n -= 1
+    return n
+
+
+def _crop(cache, n: int) -> None:
+    """Keep the first `n` positions of a DynamicCache (its `crop` takes minus the number to remove)."""
+    extra = cache.get_seq_length() - n
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that is a proper start of `marker` (0 if none)."""
+    return next((k for k in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:k])), 0)
+
+
+# ---- the command line: `minillava chat` ----------------------------------------------------------------------
+COMMANDS = "/image PATH attaches an image to the next question, /reset starts over, /quit exits"
+
+
+def run_cli(model: str = "tiny-llava", images=(), max_new_tokens: int = 128, temperature: float = 0.0) -> int:
+    """Chat on stdin/stdout, a line per question, answers streamed; works through a pipe. Returns the exit code.
+
+    `model`: a zoo name or a folder, as `zoo.load_model` takes (minillava or transformers Llava folders)."""
+    from .zoo import load_model
+
+    chat = ChatSession(*load_model(model), template=None, max_new_tokens=max_new_tokens, temperature=temperature)
+    pending: list[str] = []
+
+    def attach(path: str) -> None:
+        if not path:
+            raise ValueError("usage: /image PATH")
+        load_image(path)
+        pending.append(path)
+        print(f"(image '{path}' attached to the next question)", flush=True)
+
+    print(f"minillava chat with '{model}' ({chat.processor.template.name} template). {COMMANDS}.", flush=True)
+    for path in images:
+        _or_report(attach, path)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):  # end of input, or Ctrl-C at the prompt
+            print()
+            return 0
+        command, _, arg = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return 0
+        if command == "/reset":
+            chat.reset()
+            pending.clear()
+            print("(conversation cleared)", flush=True)
+        elif command == "/image":
+            _or_report(attach, arg.strip())
+        elif command.startswith("/"):
+            print(f"error: unknown command '{command}'; {COMMANDS}", file=sys.stderr, flush=True)
+        elif line and _or_report(_answer_cli, chat, line, pending):
+            pending.clear()
+
+
+def _answer_cli(chat: ChatSession, question: str, images: list[str]) -> bool:
+    pieces = chat.stream(question, images)  # checks the question first: nothing printed if it is refused
+    print("assistant> ", end="", flush=True)
+    try:
+        for piece in pieces:
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C stops this answer (the turn is dropped), not the chat
+        print(" [interrupted]", end="")
+    print(flush=True)
+    return True
+
+
+def _or_report(fn, *args):
+    """Call `fn`; a bad input is reported on stderr and the chat goes on."""
+    try:
+        return fn(*args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return None

@@ -1,0 +1,78 @@
+"""The book: every chapter listed, committed without outputs, opening with the Colab badge and install cell;
+and, once built (`make book`), every rendered chapter page checked in headless Chromium."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+HTML = os.environ.get("MINILLAVA_BOOK_HTML")  # set by `make check-book` after a build
+
+
+def toc_files() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    return [c["file"] for part in toc["parts"] for c in part["chapters"]]
+
+
+def repository_url() -> str:
+    return yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+
+
+def test_every_notebook_is_in_the_toc_and_every_entry_exists():
+    listed = toc_files()
+    for nb in NOTEBOOKS:
+        assert f"notebooks/{nb.stem}" in listed, f"{nb.name} is not in _toc.yml"
+    for entry in listed:
+        assert list(ROOT.glob(entry + ".*")), f"_toc.yml lists {entry}, which does not exist"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_opens_with_badge_and_colab_install(nb):
+    cells = json.loads(nb.read_text())["cells"]
+    first, second = "".join(cells[0]["source"]), "".join(cells[1]["source"])
+    url = repository_url().replace("https://github.com/", "https://colab.research.google.com/github/")
+    assert re.match(r"# \d+\. ", first), "the first cell starts with '# N. Title'"
+    assert f"{url}/blob/main/notebooks/{nb.name}" in first, "Colab badge must point at _config.yml's repository"
+    assert '"google.colab" in sys.modules' in second and repository_url() in second
+    assert any("import minillava" in "".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_committed_without_outputs(nb):
+    for cell in json.loads(nb.read_text())["cells"]:
+        if cell["cell_type"] == "code":
+            assert not cell.get("outputs") and cell.get("execution_count") is None, "clear the outputs"
+
+
+def chapter_pages() -> list[Path]:
+    return [Path(HTML) / "notebooks" / f"{nb.stem}.html" for nb in NOTEBOOKS]
+
+
+@pytest.mark.skipif(not HTML, reason="set MINILLAVA_BOOK_HTML to a built book (make check-book does)")
+@pytest.mark.parametrize("page", chapter_pages() if HTML else [], ids=lambda p: p.stem)
+def test_rendered_chapter_in_chromium(page, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "headless Chromium is needed (apt-get install chromium)"
+    assert page.is_file(), f"{page} was not built"
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path}",
+             "--virtual-time-budget=5000", "--window-size=1280,2000"]
+    dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    outputs = re.findall(r'<div class="cell_output.*?</div>\s*</div>\s*</div>', dom, flags=re.S) or [dom]
+    text = "\n".join(outputs)
+    assert len(re.findall(r"<img[^>]+(?:image/png|\.png|\.svg)", dom)) >= 1, "a chapter shows figures"
+    assert "Traceback (most recent call last)" not in text, "an error output was rendered"
+    assert not re.search(r"\b0%\|", text), "a progress bar froze at 0%"
+    shots = Path(HTML).parent / "screenshots"
+    shots.mkdir(exist_ok=True)
+    subprocess.run(flags + [f"--screenshot={shots / (page.stem + '.png')}", page.as_uri()], capture_output=True,
+                   timeout=120, check=True)
+    assert (shots / f"{page.stem}.png").stat().st_size > 10_000

@@ -1,0 +1,303 @@
+"""The chat assistant: multi-turn, multi-image chats with KV-cache reuse, stopping, context policies, bad input,
+export, the notebook widget, the command line and the benchmark's report (never its timings)."""
+
+import dataclasses
+import datetime
+import html
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, random_image
+
+import minillava as ml
+from minillava.chat import ChatSession, _common_prefix
+from minillava.data.records import parse_record
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def chat_of(model, processor, **kw):
+    kw = {"system": "", "max_new_tokens": 10, **kw}  # no system prompt: 4 turns fit the tiny 256-token context
+    return ChatSession(model, processor, **kw)
+
+
+def scripted_model(tokenizer, text: str, end: list[int] = ()):
+    """A tiny LLaVA that answers `text` (then the ids `end`) to any prompt ending in ":", as vicuna_v1's does.
+
+    Its layers add nothing to the residual stream, so each next token depends on the current token only, and its
+    LM head maps each token of the script to the next one. The script's tokens must all differ.
+    """
+    script = [tokenizer.convert_tokens_to_ids(":"), *tokenizer.encode(text, add_special_tokens=False), *end]
+    assert len(set(script)) == len(script), tokenizer.convert_ids_to_tokens(script)
+    model = make_model(tokenizer, seed=1)
+    lm = model.language_model
+    emb, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
+    assert emb.data_ptr() != head.data_ptr()
+    with torch.no_grad():
+        for layer in lm.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head.zero_()
+        for a, b in zip(script, script[1:]):
+            head[b] = emb[a] / emb[a].norm() * 50
+    return model
+
+
+# ---- the conversation and its cache --------------------------------------------------------------------------
+def test_cached_turns_match_full_reprefill(model, processor):
+    """Greedy answers are token for token those of re-prefilling everything, across turns that add images."""
+    imgs = [random_image(40, 30, 0), random_image(24, 50, 1), random_image(32, 32, 2)]
+    script = [("What color is the circle?", imgs[:1]), ("Where is it?", []),
+              ("Which image has more shapes?", imgs[1:]), ("How many shapes are there?", [])]
+    runs = {}
+    for reuse in (True, False):
+        chat = chat_of(model, processor, reuse_cache=reuse)
+        runs[reuse] = [(chat.ask(q, images=im), dict(chat.stats)) for q, im in script]
+    for (a_cached, s_cached), (a_full, s_full) in zip(runs[True], runs[False]):
+        assert a_cached == a_full
+        assert s_cached["new_token_ids"] == s_full["new_token_ids"]
+        assert s_cached["prompt_tokens"] == s_full["prompt_tokens"] == s_full["prefilled_tokens"]
+    stats = [s for _, s in runs[True]]
+    assert [s["images_encoded"] for s in stats] == [1, 0, 2, 0]  # old images are never encoded again
+    assert stats[0]["reused_tokens"] == 0
+    for before, now in zip(stats, stats[1:]):  # each turn prefills only what the last one did not hold
+        assert now["reused_tokens"] >= before["prompt_tokens"] and now["prefilled_tokens"] < now["prompt_tokens"]
+
+    # and both equal a plain generate over the full prompt, written out by hand
+    history = chat.history
+    msgs = [{"role": m["role"], "content": m["content"]} for m in history[:-1]]
+    ids = ml.get_template("vicuna_v1").tokenize([{"role": "system", "content": ""}] + msgs, processor.tokenizer,
+                                                add_generation_prompt=True, num_image_tokens=16)["input_ids"]
+    pixels = processor.image_processor([im for m in history for im in m.get("images", [])])
+    out = model.generate(torch.tensor([ids]), images=pixels, max_new_tokens=10,
+                         eos_token_id=processor.stop_token_ids())
+    assert out[0].tolist() == stats[-1]["new_token_ids"]
+
+
+def test_history_and_placeholders(model, processor, tmp_path):
+    a, b = random_image(40, 30, 0), random_image(24, 50, 1)
+    path = tmp_path / "b.png"
+    b.save(path)
+    chat = chat_of(model, processor, max_new_tokens=3)
+    chat.ask("What is this?", images=[a])
+    chat.ask("Compare <image> with <image>.", images=[path.read_bytes(), str(path)])
+    h = chat.history
+    assert [m["role"] for m in h] == ["user", "assistant"] * 2
+    assert h[0]["content"] == "<image>\nWhat is this?" and h[0]["images"] == [a]
+    assert h[2]["content"] == "Compare <image> with <image>." and len(h[2]["images"]) == 2
+    assert chat.messages[0] == {"role": "system", "content": ""}
+    chat.reset()
+    assert chat.history == [] and chat.ask("Hello?")  # text-only chats work too
+
+
+def test_streaming_joins_to_the_answer(model, processor):
+    img = random_image()
+    asked = chat_of(model, processor).ask("What color is the circle?", images=[img])
+    pieces = list(chat_of(model, processor).stream("What color is the circle?", images=[img]))
+    assert "".join(pieces) == asked and len(pieces) > 1
+    answers = []
+    for reuse in (True, False):  # an iterator closed early keeps what it said, and the chat goes on from there
+        chat = chat_of(model, processor, reuse_cache=reuse)
+        pieces = chat.stream("What color is the circle?", images=[img])
+        first = next(pieces)
+        pieces.close()
+        assert chat.history[1]["content"] == first.strip()
+        answers.append(chat.ask("Where is it?"))
+    assert answers[0] == answers[1]
+
+
+def test_streaming_decodes_characters_split_across_tokens(tokenizer, processor):
+    model = scripted_model(tokenizer, "Red\U0001F534.", end=[tokenizer.eos_token_id])  # 🔴 is 4 byte tokens
+    chat = chat_of(model, processor)
+    pieces = list(chat.stream("What color?"))
+    assert "".join(pieces) == "Red\U0001F534." and not any("\ufffd" in p for p in pieces)
+    assert chat.stats["new_token_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_stop_token_and_cache_accounting(tokenizer, processor):
+    model = scripted_model(tokenizer, "The circle.", end=[tokenizer.eos_token_id])  # vicuna's "</s>" is EOS
+    chat = chat_of(model, processor)
+    assert chat.ask("What is it?") == "The circle."
+    first = chat.stats["prompt_tokens"]
+    assert chat.ask("And now?") == "The circle."
+    assert chat.stats["reused_tokens"] == first  # the answer re-tokenizes as " The", not "The": cut there
+    assert "</s>" not in chat.history[1]["content"]
+
+
+def test_multi_token_stop_string_never_leaks(tokenizer, processor):
+    """A template whose separator "[END]" is five tokens: the model writes it, and more after it."""
+    model = scripted_model(tokenizer, "The circle.[END]USER")
+    template = dataclasses.replace(ml.get_template("vicuna_v1"), name="vicuna_end", answer=(" ", "[END]"))
+    chat = chat_of(model, processor, template=template)
+    pieces = list(chat.stream("What is it?"))
+    assert "".join(pieces) == "The circle." and not any("[" in p for p in pieces)
+    assert tokenizer.decode(chat.stats["new_token_ids"]).endswith("[END]")  # it stopped right there
+    assert chat.ask("Again?") == "The circle."
+
+
+def test_common_prefix_never_cuts_an_image():
+    image = [-7] * 4
+    assert _common_prefix([1, 2, *image[:2]], [1, 2, *image, 3]) == 2
+    assert _common_prefix([1, 2, *image, 9], [1, 2, *image, 3]) == 6
+    assert _common_prefix([1, 2, 3], [1, 2, 3]) == 2  # one token is always prefilled
+
+
+# ---- context ---------------------------------------------------------------------------------------------------
+def test_context_error_says_what_is_needed_and_left(model, processor):
+    chat = chat_of(model, processor, max_new_tokens=4)
+    img = random_image()
+    chat.ask("Describe them.", images=[img] * 8)
+    before = chat.history
+    with pytest.raises(ValueError, match="context_policy='drop_oldest'") as err:
+        chat.ask("And these?", images=[img] * 6)
+    needed, new, left = map(int, re.search(r"needs (\d+) tokens \((\d+) for this question.* only (\d+) of the "
+                                           r"model's 256 are left", str(err.value)).groups())
+    msgs = chat.messages + [{"role": "user", "content": "<image>\n" * 6 + "And these?"}]
+    full = ml.get_template("vicuna_v1").tokenize(msgs, processor.tokenizer, add_generation_prompt=True,
+                                                 num_image_tokens=16)["input_ids"]
+    assert needed == len(full) > 256 and left == 256 - (needed - new)
+    assert chat.history == before and chat.ask("What now?")
+
+
+def test_drop_oldest_forgets_whole_turns_and_their_images(model, processor):
+    imgs = [random_image(32, 32, i) for i in range(12)]
+    runs = {}
+    for reuse in (True, False):
+        chat = chat_of(model, processor, system="Be brief.", max_new_tokens=8, context_policy="drop_oldest",
+                       reuse_cache=reuse)
+        answers, dropped = [], 0
+        for i in range(4):
+            answers.append(chat.ask(f"Scene {i}?", images=imgs[3 * i:3 * i + 3]))
+            dropped += chat.stats["dropped_turns"]
+            assert chat.stats["prompt_tokens"] + 8 <= 256
+        runs[reuse] = answers, chat.history
+    (answers, history), (full_answers, _) = runs[True], runs[False]
+    assert answers == full_answers  # the shifted conversation is re-read correctly from the cache
+    assert dropped >= 1 and history[0]["content"].endswith(f"Scene {dropped}?")
+    assert [im for m in history[::2] for im in m["images"]] == imgs[3 * dropped:]
+    assert chat.messages[0] == {"role": "system", "content": "Be brief."}
+    with pytest.raises(ValueError, match="even with all older turns dropped"):
+        chat.ask("Too many?", images=imgs * 2)
+    assert chat.history == history
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+def test_bad_input_leaves_the_session_usable(model, processor, tmp_path):
+    img = random_image()
+    reference = chat_of(model, processor)
+    expected = [reference.ask("What is it?", images=[img]), reference.ask("Where?")]
+    chat = chat_of(model, processor)
+    assert chat.ask("What is it?", images=[img]) == expected[0]
+    before, stats = chat.history, dict(chat.stats)
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="bad.png': cannot be decoded"):
+        chat.ask("And this?", images=[tmp_path / "bad.png"])
+    with pytest.raises(FileNotFoundError, match="missing.png': file not found"):
+        chat.ask("And this?", images=[str(tmp_path / "missing.png")])
+    with pytest.raises(ValueError, match="2 '<image>' placeholders but 1 images"):
+        chat.stream("Compare <image> and <image>.", images=[img])
+    with pytest.raises(ValueError, match="question: empty"):
+        chat.ask("   ", images=[img])
+    with pytest.raises(ValueError, match="context_policy"):
+        ChatSession(model, processor, context_policy="truncate")
+    assert chat.history == before and chat.stats == stats
+    assert chat.ask("Where?") == expected[1]  # as if the bad questions had never been asked
+
+
+def test_to_llava_json_is_a_valid_record(model, processor, tmp_path):
+    path = tmp_path / "a.png"
+    random_image(40, 30, 0).save(path)
+    chat = chat_of(model, processor, max_new_tokens=4)
+    with pytest.raises(ValueError, match="no answered turn"):
+        chat.to_llava_json()
+    chat.ask("What is it?", images=[str(path)])
+    chat.ask("Which has more shapes?", images=[random_image(24, 50, 1)])
+    record = chat.to_llava_json(id="c1", image_dir=tmp_path)
+    assert record["image"][0] == "a.png" and re.fullmatch(r"image-\d+\.png", record["image"][1])
+    parsed = parse_record(record, tmp_path, "chat")  # checks the in-memory image was written there
+    assert parsed.id == "c1" and parsed.messages == chat.messages and len(parsed.images) == 2
+
+
+# ---- the notebook widget -----------------------------------------------------------------------------------
+def test_widget_handlers(model, processor):
+    pytest.importorskip("ipywidgets")
+    from minillava.widget import ChatWidget, transcript_html
+
+    example = random_image(32, 32, 3)
+    widget = ChatWidget(chat_of(model, processor, max_new_tokens=4), examples={"noise": example})
+    png = io.BytesIO()
+    random_image().save(png, format="PNG")
+
+    def upload(name, data):  # one file as ipywidgets 8's FileUpload holds it
+        return {"name": name, "type": "", "size": len(data), "content": memoryview(data),
+                "last_modified": datetime.datetime.now(datetime.timezone.utc)}
+
+    widget.upload.value = (upload("notes.txt", b"hello"),)  # through the observer, as in a browser
+    assert "cannot be decoded" in widget.status.value and widget.pending == []
+    widget.on_upload({"new": (upload("shape.png", png.getvalue()),)})
+    widget.picker.value = "noise"
+    assert [name for name, _ in widget.pending] == ["shape.png", "noise"]
+    widget.question.value = "Which image has more shapes?"
+    widget.on_send()
+    history = widget.session.history
+    assert len(history) == 2 and len(history[0]["images"]) == 2 and widget.pending == []
+    assert widget.history.value == transcript_html(widget.session)
+    assert widget.history.value.count("data:image/png;base64,") == 2
+    assert html.escape(history[1]["content"]) in widget.history.value
+    widget.on_send()  # an empty question: a message, nothing asked
+    assert "question: empty" in widget.status.value and len(widget.session.history) == 2
+    widget.on_reset()
+    assert widget.session.history == [] and "no conversation yet" in widget.history.value
+
+
+# ---- the command line --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_model(model, processor, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat") / "tiny"
+    model.save_pretrained(folder, processor=processor)
+    random_image().save(folder.parent / "a.png")
+    (folder.parent / "bad.png").write_bytes(b"garbage")
+    return folder
+
+
+def test_cli_through_a_pipe(saved_model):
+    d = saved_model.parent
+    lines = ["What color is the circle?", f"/image {d / 'missing.png'}", f"/image {d / 'bad.png'}",
+             f"/image {d / 'a.png'}", "Where is it?", "/reset", "Compare <image> and <image>.", "Describe it.",
+             "/bogus", ""]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "minillava", "chat", "--model", str(saved_model), "--image",
+                           str(d / "a.png"), "--max-new-tokens", "4"], input="\n".join(lines), text=True,
+                          capture_output=True, timeout=120, env=env, cwd=d)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("assistant> ") == 3 and "(conversation cleared)" in done.stdout
+    for message in ["missing.png': file not found", "bad.png': cannot be decoded",
+                    "2 '<image>' placeholders but 0 images", "unknown command '/bogus'"]:
+        assert message in done.stderr
+
+
+def test_cli_quit_and_bad_model(saved_model, monkeypatch, capsys):
+    from minillava.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi?\n/quit\nNever read?\n"))
+    assert main(["chat", "--model", str(saved_model), "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.count("assistant> ") == 1
+    assert main(["chat", "--model", str(saved_model.parent / "nope")]) == 2
+    assert "nope': no such zoo component or folder" in capsys.readouterr().err
+
+
+# ---- the benchmark's report ------------------------------------------------------------------------------------
+def test_chat_ttft_reports_both_ways(model, processor):
+    from minillava.bench import BENCHMARKS, chat_ttft
+
+    result = chat_ttft(model, processor, random_image(), turns=2, repeats=1, max_new_tokens=3)
+    for key in ["session_turn_1_s", "session_turn_2_s", "reprefill_turn_1_s", "reprefill_turn_2_s", "ratio_turn_2"]:
+        assert result[key] > 0
+    assert result["prefilled_tokens_turn_2"] < result["prompt_tokens_turn_2"]
+    assert "chat_ttft" in BENCHMARKS
