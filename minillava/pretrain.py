@@ -106,30 +106,41 @@ def train_clip(pixels: torch.Tensor, captions: list[str], tokenizer, cfg: ClipCo
     Returns (CLIPModel, metrics). Each step draws a random batch; caption duplicates in a batch are rare in
     ShapesWorld, so no masking of false negatives is done (as in CLIP).
     """
+    clip = new_clip(cfg, tokenizer).train()
+
+    def loss(g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(captions), (cfg.batch_size,), generator=g)
+        return clip(pixel_values=pixels[idx], return_loss=True,
+                    **clip_text(tokenizer, [captions[i] for i in idx.tolist()], cfg.text_length)).loss
+
+    run = fit(clip, loss, cfg.steps, cfg.lr, (0.9, 0.98), cfg.seed, "tiny-clip", progress)
+    return clip.eval(), {**run, "config": asdict(cfg)}
+
+
+def fit(model, loss_fn, steps: int, lr: float, betas: tuple, seed: int, name: str, progress: bool = True) -> dict:
+    """The pretraining loop both backbones share: AdamW (weight decay 0.1), 5% warmup then cosine, gradient
+    clipping at 1. `loss_fn(generator)` draws a batch and returns its loss. Ends with a one-line summary."""
     from tqdm.auto import tqdm
 
-    clip = new_clip(cfg, tokenizer).train()
-    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.98))
-    g = torch.Generator().manual_seed(cfg.seed)
-    warmup = math.ceil(0.05 * cfg.steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=betas)
+    g = torch.Generator().manual_seed(seed)
+    warmup = math.ceil(0.05 * steps)
     metrics, t0 = [], time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="tiny-clip", disable=not progress, mininterval=2.0)
+    bar = tqdm(range(steps), desc=name, disable=not progress, mininterval=2.0)
     for step in bar:
-        idx = torch.randint(len(captions), (cfg.batch_size,), generator=g)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_at(step, cfg.steps, warmup)
-        out = clip(pixel_values=pixels[idx], return_loss=True,
-                   **clip_text(tokenizer, [captions[i] for i in idx.tolist()], cfg.text_length))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+            group["lr"] = lr * lr_at(step, steps, warmup)
+        loss = loss_fn(g)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        metrics.append({"step": step + 1, "loss": out.loss.item()})
+        metrics.append({"step": step + 1, "loss": loss.item()})
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{out.loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     seconds = time.perf_counter() - t0
-    print(f"tiny-clip: {cfg.steps} steps in {seconds:.0f} s, final loss {metrics[-1]['loss']:.3f}")
-    return clip.eval(), {"train_seconds": seconds, "curve": metrics, "config": asdict(cfg)}
+    print(f"{name}: {steps} steps in {seconds:.0f} s, final loss {metrics[-1]['loss']:.3f}")
+    return {"train_seconds": seconds, "curve": metrics}
 
 
 @torch.no_grad()
@@ -215,31 +226,15 @@ def pack(tokenizer, texts: list[str], block: int) -> torch.Tensor:
 def train_lm(texts: list[str], tokenizer, cfg: LMConfig, progress: bool = True, block: int = 256):
     """Causal language modelling on rendered chats, packed into blocks of `block` tokens;
     returns (LlamaForCausalLM, metrics)."""
-    from tqdm.auto import tqdm
-
     lm = new_lm(cfg, tokenizer).train()
     blocks = pack(tokenizer, texts, block)
-    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(cfg.seed)
-    warmup = math.ceil(0.05 * cfg.steps)
-    metrics, t0 = [], time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="tiny-lm", disable=not progress, mininterval=2.0)
-    for step in bar:
+
+    def loss(g: torch.Generator) -> torch.Tensor:
         batch = blocks[torch.randint(len(blocks), (cfg.batch_size,), generator=g)]
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_at(step, cfg.steps, warmup)
-        loss = lm(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        metrics.append({"step": step + 1, "loss": loss.item()})
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    seconds = time.perf_counter() - t0
-    print(f"tiny-lm: {cfg.steps} steps of {cfg.batch_size} x {block} tokens in {seconds:.0f} s, "
-          f"final loss {metrics[-1]['loss']:.3f}")
-    return lm.eval(), {"train_seconds": seconds, "curve": metrics, "config": asdict(cfg), "blocks": len(blocks)}
+        return lm(input_ids=batch, labels=batch).loss
+
+    run = fit(lm, loss, cfg.steps, cfg.lr, (0.9, 0.95), cfg.seed, "tiny-lm", progress)
+    return lm.eval(), {**run, "config": asdict(cfg), "blocks": len(blocks), "block": block}
 
 
 @torch.no_grad()

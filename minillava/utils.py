@@ -71,20 +71,27 @@ def atomic_dir(path: str | Path, overwrite: bool = True):
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "w"):
-    """Open a temporary file beside `path`; it is renamed onto `path` only if the block succeeds."""
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; it is renamed onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
+        yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w"):
+    """Open a temporary file beside `path`; it is renamed onto `path` only if the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -108,17 +115,8 @@ def read_json(path: str | Path, what: str = "file") -> dict:
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
     """Save tensors as safetensors (never pickle). Shared storage is cloned so tied weights save cleanly."""
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(_untie(tensors), tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(_untie(tensors), str(tmp), metadata=metadata)
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
