@@ -151,7 +151,7 @@ class BenchConfig:
     lm_kv_heads: int = 4
     lm_ffn: int = 768
     context: int = 512
-    vocab: int | None = None  # None: the tokenizer's (about 1000 for ShapesWorld)
+    vocab: int | None = None  # None: the tokenizer's (about 700 tokens on ShapesWorld's text)
     tie: bool = False  # tie the LM head to the input embeddings (SmolLM2 does)
     batch: int = 16  # training samples per step
     seq: int = 160  # tokens per training sample in the step benchmarks (image tokens included)
@@ -164,14 +164,15 @@ class BenchConfig:
                           f"/ {self.vision_layers} layers",
                 "lm": f"Llama width {self.lm_width} / {self.lm_layers} layers / {self.lm_heads} heads "
                       f"({self.lm_kv_heads} kv) / ffn {self.lm_ffn}" + (" / tied head" if self.tie else ""),
-                **asdict(self)}
+                "weights": "random (seed 0), the same on both sides", **asdict(self)}
 
 
 CONFIGS = {
-    # The zoo's tiny-llava (ClipConfig() + LMConfig() of pretrain.py); batch 16 x 160 tokens as toolchain.md.
-    "tiny": BenchConfig("tiny"),
+    # The zoo's tiny-llava shapes (ClipConfig() + LMConfig() of pretrain.py), a 1024-row vocabulary;
+    # batches of 16 x 160 tokens (64 image + 96 text), as the project's CPU speed notes measure.
+    "tiny": BenchConfig("tiny", vocab=1024),
     # In between: 144 image tokens, a 512-wide 8-layer LM with an 8k vocabulary.
-    "small": BenchConfig("small", image_size=96, patch_size=8, vision_width=384, vision_layers=6, vision_heads=6,
+    "small": BenchConfig("small", image_size=96, patch_size=8, vision_width=384, vision_layers=6, vision_heads=8,
                          lm_width=512, lm_layers=8, lm_heads=8, lm_kv_heads=4, lm_ffn=1536, context=1024,
                          vocab=8192, seq=256),
     # CLIP ViT-B/16 at 224 px (86 M) + a SmolLM2-135M-shaped Llama: the GPU reference figures' shapes.
@@ -210,12 +211,12 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn, device: torch.device) -> float:
-    """Wall seconds of fn() (the device synchronised around it); fn may return its own seconds instead."""
+    """Wall seconds of fn(), the device synchronised before and after."""
     _sync(device)
     start = time.perf_counter()
-    own = fn()
+    fn()
     _sync(device)
-    return float(own) if isinstance(own, float) else time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 def interleaved(ml_fn, hf_fn, device, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
@@ -345,7 +346,8 @@ def build_pair(cfg: BenchConfig, device: torch.device, workdir: Path, compile_hf
     tokenizer = train_tokenizer(chat_texts(captions, "plain") + chat_texts(instruct) + QUESTIONS,
                                 vocab_size=1024, max_length=cfg.context)
     clip = new_clip(ClipConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
-                               layers=cfg.vision_layers, heads=cfg.vision_heads, seed=seed), tokenizer)
+                               layers=cfg.vision_layers, heads=cfg.vision_heads, text_width=cfg.vision_width,
+                               seed=seed), tokenizer)  # (the text tower is never used; its width must divide)
     lm = _lm(cfg, tokenizer, seed)
     torch.manual_seed(seed)  # the projector
     model = LlavaModel(VisionTower(clip), "mlp2x_gelu", lm, tokenizer.convert_tokens_to_ids("<image>"))
@@ -438,11 +440,11 @@ def _optimizer_step(loss: torch.Tensor, params: list, opt) -> None:
 def _guard_compiled(pair: Pair, hf_fn) -> None:
     """Run one extra untimed transformers step; if the compiled model fails there, note it and go on eagerly
     (torch.compile reports most failures at the first call, not when it wraps the model)."""
+    if pair.hf_train is pair.hf:
+        return
     try:
         hf_fn()
     except Exception as e:  # noqa: BLE001 -- any compile failure: report it, measure eager transformers
-        if pair.hf_train is pair.hf:
-            raise
         pair.notes.append(f"torch.compile failed, transformers ran eagerly: {type(e).__name__}: {str(e)[:300]}")
         pair.hf_train = pair.hf
         hf_fn()
@@ -726,6 +728,14 @@ def device_name(device: torch.device) -> str:
     return f"CPU {name} ({os.cpu_count()} cores)"
 
 
+def _load() -> float | None:
+    """The 1-minute load average (other processes competing for the CPU make timings noisy)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def peak_tflops(device: torch.device, override: float | None) -> float | None:
     """The device's dense bf16 peak (TFLOP/s): `override`, else looked up by GPU name (None on CPUs)."""
     if override:
@@ -756,10 +766,11 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
               "attention": "sdpa", "transformers_compiled": compile_hf,
               "repeats": {"warmup": warmup, "timed": repeats},
               "memory_method": MEMORY_CUDA if device.type == "cuda" else MEMORY_CPU,
-              "flops_formula": FLOPS_FORMULA, "peak_bf16_tflops": peak}
+              "flops_formula": FLOPS_FORMULA, "peak_bf16_tflops": peak, "load_average": {"start": _load()}}
     with tempfile.TemporaryDirectory(prefix="minillava-bench-") as tmp:
         pair = build_pair(cfg, device, Path(tmp), compile_hf)
         result["params"] = pair.counts()
+        result["config"]["lm"] += f" / vocabulary {pair.model.language_model.get_output_embeddings().weight.shape[0]}"
         result["parity_max_abs_logit_diff"] = parity(pair)
         out = {}
         if "train_stage1_epoch" in phases:
@@ -779,20 +790,23 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
         if "chat_ttft_turn5" in phases:
             out["chat_ttft_turn5"] = phase_chat(pair, warmup, repeats)
         result["notes"] = pair.notes
+    judged = cfg.name == "tiny" and device.type == "cpu"
+    result["targets_judged"] = judged
     for name, phase in out.items():
         for side in ("minillava", "transformers"):
             tf = phase[side].get("model_tflop_per_s")
             phase[side]["mfu"] = spread([v / peak for v in tf.values()]) if tf and peak else None
-        if name in TARGETS:
+        if name in TARGETS:  # the targets were set for the tiny config on a CPU: judged there only
             op, bound = TARGETS[name]
             value = phase["ratio"]["median"]
             phase["target"] = f"{op} {bound}"
-            phase["met"] = bool(value <= bound if op == "<=" else value >= bound)
+            phase["met"] = bool(value <= bound if op == "<=" else value >= bound) if judged else None
     if "train_stage2_step" in out:
         peak_mb = out["train_stage2_step"]["minillava"]["memory"]["peak_mb"]
         out["train_stage2_step"]["memory_target"] = f"minillava peak < {STAGE2_PEAK_RSS_TARGET_MB} MB"
-        out["train_stage2_step"]["memory_met"] = (peak_mb is not None and device.type == "cpu"
-                                                  and peak_mb < STAGE2_PEAK_RSS_TARGET_MB)
+        out["train_stage2_step"]["memory_met"] = (
+            bool(peak_mb is not None and peak_mb < STAGE2_PEAK_RSS_TARGET_MB) if judged else None)
+    result["load_average"]["end"] = _load()
     result["phases"] = out
     ratio = {name: out[name]["ratio"] for name in out}
     for name in ("train_stage1_epoch", "train_stage1_step", "train_stage2_step"):
@@ -826,12 +840,19 @@ def _cell(s: dict | None) -> str:
     return f"{_num(s['median'])} [{_num(s['min'])}–{_num(s['max'])}]"
 
 
+def _load_text(result: dict) -> str:
+    load = result.get("load_average") or {}
+    if load.get("start") is None or result["device_type"] != "cpu":
+        return ""
+    return f", load average {load['start']:.1f} at the start and {load.get('end', 0):.1f} at the end"
+
+
 def markdown(result: dict) -> str:
     """The tables of a `compare` result as Markdown: the ratios and targets, then absolute figures and memory."""
     cfg, reps, phases = result["config"], result["repeats"], result["phases"]
     v = result["versions"]
     lines = [f"Measured {result['date'][:10]} on {result['device']}, {result['threads']} threads, "
-             f"{result['dtype']}; torch {v['torch']}, transformers {v['transformers']}"
+             f"{result['dtype']}{_load_text(result)}; torch {v['torch']}, transformers {v['transformers']}"
              f"{', transformers compiled' if result['transformers_compiled'] else ''}. Config `{cfg['name']}`: "
              f"{cfg['vision']} + {cfg['lm']}. {reps['warmup']} warm-up + {reps['timed']} timed repetitions per "
              "figure, each side in turn; cells give the median [min–max]. Same weights on both sides (largest "
@@ -844,23 +865,25 @@ def markdown(result: dict) -> str:
         p = phases[key]
         field_ = "time_s" if unit == "s" else "tokens_per_s"
         met = {True: "yes", False: "**no**"}.get(p.get("met"), "")
+        target = p.get("target", "").replace("<=", "≤").replace(">=", "≥")
         lines.append(f"| {label} | {unit} | {_cell(p['minillava'][field_])} | {_cell(p['transformers'][field_])} "
-                     f"| {_cell(p['ratio'])} | {p.get('target', '')} | {met} |")
+                     f"| {_cell(p['ratio'])} | {target} | {met} |")
     if "train_stage2_step" in phases:
         p = phases["train_stage2_step"]
-        met = {True: "yes", False: "**no**"}[p["memory_met"]] if result["device_type"] == "cpu" else ""
+        met = {True: "yes", False: "**no**"}.get(p["memory_met"], "")
         lines.append(f"| stage-2 step, peak memory | MB | {_num(p['minillava']['memory']['peak_mb'])} | "
                      f"{_num(p['transformers']['memory']['peak_mb'])} | | < {STAGE2_PEAK_RSS_TARGET_MB} | {met} |")
-    lines += ["", "| figure | side | samples/s | tokens/s | model TFLOP/s | MFU | peak memory, MB | growth, MB |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    mfu = any(p[side].get("mfu") for p in phases.values() for side in ("minillava", "transformers"))
+    lines += ["", "| figure | side | samples/s | tokens/s | model TFLOP/s |" + (" MFU |" if mfu else "")
+              + " peak memory, MB | growth, MB |", "| --- " * (7 + mfu) + "|"]
     for key, label, _ in ROWS:
         if key not in phases:
             continue
         for side in ("minillava", "transformers"):
             s = phases[key][side]
             lines.append(f"| {label} | {side} | {_cell(s.get('samples_per_s'))} | {_cell(s.get('tokens_per_s'))} "
-                         f"| {_cell(s.get('model_tflop_per_s'))} | {_cell(s.get('mfu'))} "
-                         f"| {_num(s['memory']['peak_mb'])} | {_num(s['memory']['growth_mb'])} |")
+                         f"| {_cell(s.get('model_tflop_per_s'))} |" + (f" {_cell(s.get('mfu'))} |" if mfu else "")
+                         + f" {_num(s['memory']['peak_mb'])} | {_num(s['memory']['growth_mb'])} |")
     if result.get("notes"):
         lines += ["", "Notes: " + "; ".join(result["notes"]) + "."]
     return "\n".join(lines)

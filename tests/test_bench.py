@@ -1,0 +1,96 @@
+"""The minillava-versus-transformers benchmark: it runs at the tiny config and reports every figure the issue
+asks for (never asserting a timing), and the book's performance page shows the table of the saved result."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from minillava import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+SAVED = ROOT / "data" / "results" / "bench_cpu_tiny.json"
+PAGE = ROOT / "book" / "performance.md"
+SPREAD = {"min", "median", "max"}
+
+
+@pytest.fixture(scope="module")
+def result():
+    """One quick run: tiny shapes, 1 warm-up + 1 timed repetition, 16 images, 4 new tokens, batch 8; one thread,
+    which keeps it quick on a busy machine (nothing here looks at the timings)."""
+    import contextlib
+    import io
+
+    import torch
+
+    out, threads = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out):
+            assert bench.main(["--config", "tiny", "--json", "--warmup", "1", "--repeats", "1", "--images", "16",
+                               "--new-tokens", "4", "--batch", "8"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads(out.getvalue())
+
+
+def test_reports_every_ratio_with_its_spread(result):
+    for name in ["train_stage1_epoch_ratio", "train_stage1_step_ratio", "train_stage2_step_ratio",
+                 "chat_ttft_turn5_ratio"]:
+        assert set(result[name]) == SPREAD, name
+    assert set(result["decode_tokens_per_s_ratio"]) == {"batch_1", "batch_8"}
+    for value in result["decode_tokens_per_s_ratio"].values():
+        assert set(value) == SPREAD
+
+
+def test_reports_the_setting(result):
+    assert result["device_type"] == "cpu" and result["device"] and result["threads"] >= 1
+    assert {"python", "torch", "transformers", "minillava"} <= set(result["versions"])
+    assert result["config"]["name"] == "tiny" and result["config"]["batch"] == 8
+    assert result["repeats"] == {"warmup": 1, "timed": 1}
+    assert "N(LM, non-embedding)" in result["flops_formula"] and result["memory_method"]
+    assert result["parity_max_abs_logit_diff"] < 1e-4  # both sides hold the same weights
+
+
+def test_every_phase_reports_both_sides(result):
+    phases = result["phases"]
+    assert set(phases) == {"train_stage1_epoch", "train_stage1_step", "train_stage2_step", "decode_batch_1",
+                           "decode_batch_8", "chat_ttft_turn5"}
+    for name, phase in phases.items():
+        assert set(phase["ratio"]) == SPREAD and "target" in phase and isinstance(phase["met"], bool), name
+        for side in ("minillava", "transformers"):
+            s = phase[side]
+            assert set(s["time_s"]) == SPREAD and s["memory"]["peak_mb"] > 0, (name, side)
+            assert "mfu" in s, (name, side)  # None without a GPU peak
+            if name.startswith("train"):
+                assert s["samples_per_s"]["median"] > 0 and s["tokens_per_s"]["median"] > 0
+            if name.startswith("decode"):
+                assert s["tokens_per_s"]["median"] > 0
+    assert phases["train_stage1_epoch"]["same_batches"]  # same tokens, labels and pixels on both sides
+    assert phases["train_stage1_epoch"]["feature_cache"]["misses"] == 16  # each image encoded once
+    assert phases["decode_batch_8"]["same_tokens"]  # same weights, greedy: same tokens
+    assert phases["chat_ttft_turn5"]["same_prompt_tokens"]
+    assert phases["chat_ttft_turn5"]["prefilled_tokens"] < phases["chat_ttft_turn5"]["prompt_tokens"]
+    assert isinstance(phases["train_stage2_step"]["memory_met"], bool)
+
+
+def test_markdown_has_a_row_per_figure(result):
+    table = bench.markdown(result)
+    for label in ["stage-1 epoch", "stage-1 step", "stage-2 step", "decode, batch 1", "decode, batch 8",
+                  "chat TTFT at turn 5", "peak memory"]:
+        assert f"| {label}" in table
+
+
+def test_performance_page_shows_the_saved_table(capsys):
+    """The page's table is exactly what `python -m minillava.bench --markdown` prints from the saved JSON:
+    after re-running the benchmark, paste its output between the markers."""
+    page = PAGE.read_text()
+    found = re.search(r"<!-- bench:cpu:start -->\n(.*?)\n<!-- bench:cpu:end -->", page, re.S)
+    assert found, "book/performance.md lacks the <!-- bench:cpu:start/end --> markers"
+    assert bench.main(["--markdown", str(SAVED)]) == 0
+    assert found.group(1).strip() == capsys.readouterr().out.strip(), (
+        f"the table in {PAGE.name} is stale: paste `python -m minillava.bench --markdown "
+        f"data/results/{SAVED.name}` between the markers")
+    saved = json.loads(SAVED.read_text())
+    assert saved["config"]["name"] == "tiny" and saved["device_type"] == "cpu"
