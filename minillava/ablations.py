@@ -4,7 +4,9 @@ Each variant changes one thing from the baseline (stage 1 then stage 2, `mlp2x_g
 fine-tune of the LM, single- and multi-image data), trains both stages from the zoo's tiny-clip and tiny-lm with
 identical data, steps and seeds, and is scored on the same held-out questions:
 
-    python -m minillava.ablations --out data/results/ablations.json
+    python -m minillava.ablations --out data/results/ablations.json [--device cuda] [--jobs 7]
+
+The shipped results were run on one GPU, the variants side by side (`--jobs`); on 2 CPU cores it takes hours.
 
 The limitations chapter reads the JSON and tabulates it beside the paper's findings, agreeing or not.
 """
@@ -45,31 +47,46 @@ PAPER = {
 
 @dataclass
 class AblationScale:
-    n_train: int = 2000
+    """A third of the shipped model's data and half its stage-2 epochs: enough to tell the variants apart."""
+
+    n_train: int = 10000
     n_test: int = 300
-    stage1: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, max_steps=60, lr=1e-3))
-    stage2: dict = field(default_factory=lambda: dict(batch_size=16, micro_batch_size=16, max_steps=250, lr=1e-3))
+    stage1: dict = field(default_factory=lambda: dict(batch_size=64, micro_batch_size=64, epochs=1.0, lr=1e-3))
+    stage2: dict = field(default_factory=lambda: dict(batch_size=64, micro_batch_size=64, epochs=2.0, lr=1e-3))
 
 
-def run_variant(name: str, change: dict, work: Path, scale: AblationScale, seed: int = 0) -> dict:
-    """Train one variant (both stages) in `work` and score it on the test and multi-image questions."""
-    kinds = change.get("kinds", sw.KINDS)
+SCALES = {"full": AblationScale(),
+          "toy": AblationScale(n_train=24, n_test=8, stage1=dict(batch_size=8, micro_batch_size=8, max_steps=2),
+                               stage2=dict(batch_size=8, micro_batch_size=8, max_steps=2))}
+
+
+def _data(work: Path, kinds: tuple, scale: AblationScale, seed: int) -> Path:
+    """The ShapesWorld data of the instruction `kinds` (built once in `work`); every variant is scored on the
+    test split of the full-kinds data."""
     data = work / f"data-{'-'.join(kinds)}"
     if not (data / "manifest.json").is_file():
         sw.build(data, n_train=scale.n_train, n_val=0, n_test=scale.n_test, n_comp=0, n_text=500, n_text_val=0,
                  seed=seed, kinds=tuple(kinds))
+    return data
+
+
+def run_variant(name: str, change: dict, work: Path, scale: AblationScale, seed: int = 0,
+                device: str | None = None) -> dict:
+    """Train one variant (both stages) in `work` and score it on the test and multi-image questions."""
+    data = _data(work, change.get("kinds", sw.KINDS), scale, seed)
     common = {k: v for k, v in change.items() if k in ("projector", "feature_layer")}
     t0 = time.perf_counter()
     init = None
     if not change.get("skip_stage1"):
         s1 = train(TrainConfig(stage=1, data=str(data / "captions_train.json"), out=str(work / name / "stage1"),
-                               seed=seed, progress=False, **common, **scale.stage1))
+                               seed=seed, progress=False, device=device, **common, **scale.stage1))
         init = str(s1.out)
     tune = {k: v for k, v in change.items() if k in ("lora", "freeze_lm")}
     if tune.get("lora"):
         tune.update(lora_r=16, lora_alpha=32, lr=1e-3)
     s2 = train(TrainConfig(stage=2, data=str(data / "instruct_train.json"), out=str(work / name / "stage2"),
-                           init=init, seed=seed, progress=False, **common, **{**scale.stage2, **tune}))
+                           init=init, seed=seed, progress=False, device=device, **common,
+                           **{**scale.stage2, **tune}))
     seconds = time.perf_counter() - t0
     out = s2.out
     if tune.get("lora"):
@@ -78,18 +95,27 @@ def run_variant(name: str, change: dict, work: Path, scale: AblationScale, seed:
         out = merge_lora(s2.out, work / name / "merged")
     from .zoo import load_model
 
-    model, processor = load_model(out, device="cpu")
+    model, processor = load_model(out, device=device)
     # every variant is scored on the same questions: the full-kinds test split
-    test = load_records(work / f"data-{'-'.join(sw.KINDS)}" / "instruct_test.json")
+    test = load_records(_data(work, sw.KINDS, scale, seed) / "instruct_test.json")
     result = ev.evaluate_vqa(model, processor, test, progress=False)
     return {"change": {k: list(v) if isinstance(v, tuple) else v for k, v in change.items()},
             "overall": result["overall"], "by_type": result["by_type"], "train_seconds": seconds,
             "final_loss": s2.final_loss, "paper": PAPER.get(name, "")}
 
 
+def _outcome(fn, name: str) -> dict:
+    """A variant's result, or {"error": ...} when it failed: one broken variant must not lose the others."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 -- reported in the results file and on the console
+        return {"change": VARIANTS[name], "error": f"{type(e).__name__}: {e}", "paper": PAPER.get(name, "")}
+
+
 def run(out: str | Path, variants: list[str] | None = None, scale: AblationScale | None = None,
-        work: str | Path | None = None, seed: int = 0) -> dict:
-    """Run the variants (default: all) and write their results to `out` (JSON)."""
+        work: str | Path | None = None, seed: int = 0, device: str | None = None, jobs: int = 1) -> dict:
+    """Run the variants (default: all), `jobs` at a time in separate processes, and write their results to
+    `out` (JSON)."""
     scale = scale or AblationScale()
     names = variants or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -97,18 +123,29 @@ def run(out: str | Path, variants: list[str] | None = None, scale: AblationScale
         raise ValueError(f"unknown ablation(s) {unknown}; known: {', '.join(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work or tmp)
-        base = work / f"data-{'-'.join(sw.KINDS)}"
-        if not (base / "manifest.json").is_file():  # the shared test set, built first
-            sw.build(base, n_train=scale.n_train, n_val=0, n_test=scale.n_test, n_comp=0, n_text=500,
-                      n_text_val=0, seed=seed)
-        results = {}
-        for name in names:
-            results[name] = run_variant(name, VARIANTS[name], work, scale, seed)
-            r = results[name]["overall"]
-            print(f"{name:<20} exact {r['exact']:.1%}  contains {r['contains']:.1%}  "
-                  f"({results[name]['train_seconds']:.0f} s)")
+        for kinds in {sw.KINDS} | {VARIANTS[n].get("kinds", sw.KINDS) for n in names}:  # before any worker
+            _data(work, kinds, scale, seed)
+        args = {n: (n, VARIANTS[n], work, scale, seed, device) for n in names}
+        if jobs > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+                futures = {n: pool.submit(run_variant, *a) for n, a in args.items()}
+                results = {n: _outcome(f.result, n) for n, f in futures.items()}
+        else:
+            results = {n: _outcome(lambda a=a: run_variant(*a), n) for n, a in args.items()}
+        for name, r in results.items():
+            if "error" in r:
+                print(f"{name:<20} failed: {r['error']}")
+                continue
+            print(f"{name:<20} exact {r['overall']['exact']:.1%}  contains {r['overall']['contains']:.1%}  "
+                  f"({r['train_seconds']:.0f} s)")
+    import torch
+
+    hw = torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else "cpu"
     summary = {"scale": {"n_train": scale.n_train, "n_test": scale.n_test, "stage1": scale.stage1,
-                         "stage2": scale.stage2}, "seed": seed, "results": results}
+                         "stage2": scale.stage2}, "seed": seed, "hardware": hw, "results": results}
     write_json(out, summary)
     return summary
 
@@ -118,8 +155,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="data/results/ablations.json")
     p.add_argument("--only", nargs="+", choices=list(VARIANTS))
     p.add_argument("--work", default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
+    p.add_argument("--jobs", type=int, default=1, help="variants trained side by side, each in its own process")
+    p.add_argument("--scale", choices=sorted(SCALES), default="full", help="toy: checks the pipeline in seconds")
     a = p.parse_args(argv)
-    return run(a.out, a.only, work=a.work)
+    return run(a.out, a.only, SCALES[a.scale], a.work, device=a.device, jobs=a.jobs)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 1. ShapesWorld datasets (images + LLaVA JSON) in a work folder;
 2. the tokenizer, the tiny CLIP and the tiny chat LM (`pretrain.py`), each evaluated;
 3. LLaVA's two stages with `train.py`: `tiny-llava-stage1` (projector only) and `tiny-llava`;
-4. evaluation of the tiny LLaVA, and a model card (README.md + metrics.json) per component.
+4. evaluation of both LLaVA stages (`evaluate`), and a model card (README.md + metrics.json) per component.
 
-`--scale toy` runs the same pipeline at toy size in seconds (the test suite does).
+The shipped zoo was built on one GPU (`--device cuda`, minutes); the same command runs on a CPU, in hours.
+`--eval-only` re-runs step 4 on the weights in `--out` (it rebuilds the ShapesWorld data first if the work
+folder lacks it: the data is deterministic). `--scale toy` runs the whole pipeline at toy size in seconds (the
+test suite does).
 """
 
 from __future__ import annotations
@@ -27,25 +30,26 @@ from . import pretrain as pt
 from .data import shapesworld as sw
 from .data.records import load_records, save_records
 from .train import TrainConfig, load_stage1, train
-from .utils import atomic_dir, write_json
+from .utils import atomic_dir, load_tensors, pick_device, read_json, save_tensors, write_json
 
 
 @dataclass
 class Scale:
     """How big everything is. FULL is what ships; TOY checks the pipeline in seconds."""
 
-    n_train: int = 8000
+    n_train: int = 30000
     n_val: int = 500
     n_test: int = 1000
     n_comp: int = 500
-    n_text: int = 20000
+    n_text: int = 40000
     n_text_val: int = 1000
     vocab: int = 1024
-    clip: pt.ClipConfig = field(default_factory=pt.ClipConfig)
-    lm: pt.LMConfig = field(default_factory=pt.LMConfig)
-    stage1: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=1.0, lr=1e-3))
-    stage2: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=16, epochs=2.0, lr=1e-3))
-    text_in_stage2: int = 2000  # text-only chats mixed into stage 2, as llava_v1_5_mix665k has
+    clip: pt.ClipConfig = field(default_factory=lambda: pt.ClipConfig(steps=3000, batch_size=256))
+    lm: pt.LMConfig = field(default_factory=lambda: pt.LMConfig(steps=2000, batch_size=32))
+    stage1: dict = field(default_factory=lambda: dict(batch_size=64, micro_batch_size=64, epochs=2.0, lr=1e-3))
+    stage2: dict = field(default_factory=lambda: dict(batch_size=64, micro_batch_size=64, epochs=4.0, lr=1e-3))
+    text_in_stage2: int = 4000  # text-only chats mixed into stage 2, as llava_v1_5_mix665k has
+    caption_docs: int = 4000  # documents of captions, one a line, in the LM's pretraining text (see `lm_corpus`)
     n_eval: int | None = None  # evaluate on this many test records (None: all)
 
 
@@ -55,7 +59,8 @@ TOY = Scale(n_train=24, n_val=4, n_test=8, n_comp=4, n_text=64, n_text_val=8, vo
                                batch_size=8),
             lm=pt.LMConfig(width=32, layers=1, heads=2, kv_heads=1, ffn=64, steps=2, batch_size=4),
             stage1=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3),
-            stage2=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3), text_in_stage2=4, n_eval=4)
+            stage2=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3), text_in_stage2=4, caption_docs=4,
+            n_eval=4)
 SCALES = {"full": FULL, "toy": TOY}
 
 
@@ -73,19 +78,52 @@ def zoo_at(folder: Path):
             os.environ["MINILLAVA_DATA"] = old
 
 
-def hardware() -> str:
+def hardware(device: torch.device | None = None) -> str:
+    if device is not None and device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def write_card(folder: Path, title: str, summary: str, facts: dict, metrics: dict) -> None:
-    """README.md (a model card) + metrics.json in `folder`. Every number comes from this build."""
+    """README.md (a model card) + metrics.json + card.json (what `update_card` needs to rewrite it) in `folder`.
+    Every number comes from this build."""
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
-    mrows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in
-                      _flatten(metrics).items())
-    text = (f"# {title}\n\n{summary}\n\n| | |\n|---|---|\n{rows}\n\n## Metrics\n\n| metric | value |\n|---|---|\n"
-            f"{mrows}\n\nRebuild: `python -m minillava.build_zoo --out data` (fixed seeds).\n")
+    text = (f"# {title}\n\n{summary}\n\n| | |\n|---|---|\n{rows}\n\n## Metrics\n\n{_metrics_md(metrics)}\n\n"
+            "Rebuild: `python -m minillava.build_zoo --out data` (fixed seeds); measure again: "
+            "`python -m minillava.build_zoo --out data --eval-only`.\n")
     (folder / "README.md").write_text(text)
     write_json(folder / "metrics.json", metrics)
+    write_json(folder / "card.json", {"title": title, "summary": summary, "facts": facts})
+
+
+def _metrics_md(metrics: dict) -> str:
+    """Metrics as Markdown: plain numbers in one table, then one table per evaluation (VQA by question type,
+    POPE by strategy, or its flattened fields)."""
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    plain = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
+    out = ["| metric | value |", "|---|---|", *(f"| {k} | {fmt(v)} |" for k, v in plain.items())]
+    for name, v in metrics.items():
+        if not isinstance(v, dict):
+            continue
+        out += ["", f"### {name}", ""]
+        if "by_type" in v:
+            out += ["| question type | n | exact | contains |", "|---|---|---|---|"]
+            out += [f"| {t} | {r['n']} | {r['exact']:.1%} | {r['contains']:.1%} |"
+                    for t, r in {**v["by_type"], "**overall**": v["overall"]}.items()]
+        elif "pope" in v:
+            out += ["| negatives | n | accuracy | precision | recall | F1 | yes-ratio |", "|---" * 7 + "|"]
+            out += [f"| {k} | {r['n']} | {r['accuracy']:.1%} | {r['precision']:.1%} | {r['recall']:.1%} | "
+                    f"{r['f1']:.1%} | {r['yes_ratio']:.1%} |" for k, r in v["pope"].items()]
+        else:
+            out += ["| metric | value |", "|---|---|", *(f"| {k} | {fmt(x)} |" for k, x in _flatten(v).items())]
+    return "\n".join(out)
+
+
+def update_card(folder: Path, metrics: dict) -> None:
+    """Merge `metrics` into a card written by `write_card` and render it again."""
+    card = read_json(folder / "card.json", what="model card")
+    old = read_json(folder / "metrics.json", what="model metrics")
+    write_card(folder, card["title"], card["summary"], card["facts"], {**old, **metrics})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -118,17 +156,28 @@ def clip_metrics(clip, tokenizer, image_size: int, n: int = 600, seed: int = 123
     return {"zero_shot_color_acc": colour, "zero_shot_shape_acc": shape, "n_single_object_images": n}
 
 
+def lm_corpus(text_chats: list, captions: list, n_docs: int, per_doc: int = 8) -> list[str]:
+    """The LM's pretraining text: the text-only chats in `vicuna_v1`, plus `n_docs` documents of captions, one
+    a line. The captions teach nothing new about the world; they are there because a real LM has read text in
+    many forms, and LLaVA's stage 1 (the `plain` template: image, caption, newline) needs an LM that ends a
+    caption with a newline on its own."""
+    lines = [r.messages[1]["content"] for r in captions]
+    docs = ["".join(f"{c}\n" for c in lines[i:i + per_doc]) for i in range(0, min(len(lines), n_docs * per_doc),
+                                                                       per_doc)]
+    return pt.chat_texts(text_chats) + docs
+
+
 def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "build/shapesworld", seed: int = 0,
-          progress: bool = True) -> dict:
-    """Build all four components into `out`; returns every metric. Takes minutes at FULL scale on 2 cores."""
-    out, work = Path(out), Path(work)
+          progress: bool = True, device: str | None = None, evaluate_after: bool = True) -> dict:
+    """Build all four components into `out`, then (unless `evaluate_after` is False) evaluate them; returns
+    every metric. Minutes on one GPU at FULL scale, hours on 2 CPU cores."""
+    out, work, dev = Path(out), Path(work), pick_device(device)
     t_all = time.perf_counter()
     times = {}
     torch.manual_seed(seed)
 
     t = time.perf_counter()
-    manifest = sw.build(work, scale.n_train, scale.n_val, scale.n_test, scale.n_comp, scale.n_text,
-                        scale.n_text_val, seed=seed, image_size=scale.clip.image_size)
+    manifest = build_data(work, scale, seed)
     times["data"] = time.perf_counter() - t
     captions = load_records(work / "captions_train.json")
     text_train = load_records(work / "text_train.json", check_files=False)
@@ -137,98 +186,163 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
 
     # ---- tokenizer and tiny CLIP
     t = time.perf_counter()
-    corpus = pt.chat_texts(text_train) + pt.chat_texts(instruct) + [r.messages[1]["content"] for r in captions]
-    tokenizer = pt.train_tokenizer(corpus, scale.vocab, max_length=scale.lm.context)
+    corpus = lm_corpus(text_train, captions, scale.caption_docs)
+    tokenizer = pt.train_tokenizer(corpus + pt.chat_texts(instruct), scale.vocab, max_length=scale.lm.context)
     pixels = pt.render_pixels([p for r in captions for p in r.images], scale.clip.image_size)
     clip, clip_run = pt.train_clip(pixels, [r.messages[1]["content"] for r in captions], tokenizer, scale.clip,
-                                   progress)
+                                   progress, dev)
+    del pixels
     test_caps = load_records(work / "captions_test.json")
     clip_eval = clip_metrics(clip, tokenizer, scale.clip.image_size, n=600 if scale is FULL else 12)
     clip_eval["retrieval_r1_test"] = pt.retrieval_at_1(
         clip, tokenizer, pt.render_pixels([r.images[0] for r in test_caps], scale.clip.image_size),
         [r.messages[1]["content"] for r in test_caps])
+    print(f"tiny-clip: {clip_eval}")
     with atomic_dir(out / "tiny-clip") as tmp:
         clip.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         write_card(tmp, "tiny-clip", "A transformers `CLIPModel` (vision + text towers) trained contrastively on "
-                   "ShapesWorld image-caption pairs; minillava's stand-in for CLIP ViT-L/14-336.",
+                   "ShapesWorld image-caption pairs, with one hard negative caption per image (NegCLIP); "
+                   "minillava's stand-in for CLIP ViT-L/14-336.",
                    {"parameters": f"{sum(p.numel() for p in clip.parameters()):,}",
                     "vision": f"{scale.clip.image_size} px, patch {scale.clip.patch_size}, width {scale.clip.width}, "
                               f"{scale.clip.layers} layers", "training pairs": len(captions),
                     "steps x batch": f"{scale.clip.steps} x {scale.clip.batch_size}",
-                    "train time": f"{clip_run['train_seconds']:.0f} s", "hardware": hardware()},
+                    "train time": f"{clip_run['train_seconds']:.0f} s", "hardware": hardware(dev)},
                    clip_eval)
     times["tiny-clip"] = time.perf_counter() - t
 
     # ---- tiny chat LM
     t = time.perf_counter()
-    lm, lm_run = pt.train_lm(pt.chat_texts(text_train), tokenizer, scale.lm, progress)
+    lm, lm_run = pt.train_lm(corpus, tokenizer, scale.lm, progress, device=dev)
     lm_eval = {"perplexity_text_val": pt.perplexity(lm, tokenizer, pt.chat_texts(text_val), scale.lm.context)}
+    print(f"tiny-lm: {lm_eval}")
     with atomic_dir(out / "tiny-lm") as tmp:
         lm.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         write_card(tmp, "tiny-lm", "A transformers `LlamaForCausalLM` pretrained on ShapesWorld's text-only chats in "
-                   "the `vicuna_v1` template, with its byte-level BPE tokenizer; minillava's stand-in for Vicuna.",
+                   "the `vicuna_v1` template (and some plain captions, one a line), with its byte-level BPE "
+                   "tokenizer; minillava's stand-in for Vicuna.",
                    {"parameters": f"{sum(p.numel() for p in lm.parameters()):,}",
                     "shape": f"width {scale.lm.width}, {scale.lm.layers} layers, {scale.lm.heads} heads "
                              f"({scale.lm.kv_heads} kv), context {scale.lm.context}",
-                    "vocabulary": len(tokenizer), "training chats": len(text_train),
+                    "vocabulary": len(tokenizer), "training documents": len(corpus),
                     "steps x batch": f"{scale.lm.steps} x {scale.lm.batch_size}",
-                    "train time": f"{lm_run['train_seconds']:.0f} s", "hardware": hardware()}, lm_eval)
+                    "train time": f"{lm_run['train_seconds']:.0f} s", "hardware": hardware(dev)}, lm_eval)
     times["tiny-lm"] = time.perf_counter() - t
 
     with zoo_at(out):
         # ---- stage 1: feature alignment
         t = time.perf_counter()
         s1 = train(TrainConfig(stage=1, data=str(work / "captions_train.json"), out=str(out / "tiny-llava-stage1"),
-                               vision="tiny-clip", lm="tiny-lm", seed=seed, progress=progress, **scale.stage1))
+                               vision="tiny-clip", lm="tiny-lm", seed=seed, progress=progress, device=device,
+                               **scale.stage1))
         times["stage1"] = time.perf_counter() - t
-        model1, proc1 = load_stage1(s1.out, template="plain", aspect="square")
-        cap_recs = load_records(work / "captions_test.json")[: scale.n_eval or 200]
-        cap_eval = ev.evaluate_vqa(model1, proc1, cap_recs, progress=progress)
-        s1_metrics = {"final_train_loss": s1.final_loss, "caption_exact_match_test": cap_eval["overall"]["exact"],
-                      "examples": [{"reference": p["reference"], "caption": p["answer"]}
-                                   for p in cap_eval["predictions"][:5]]}
+        model1, _ = load_stage1(s1.out, template="plain", aspect="square")
         write_card(s1.out, "tiny-llava-stage1", "The projector after LLaVA's stage 1 (feature alignment): trained "
                    "on ShapesWorld captions with the `plain` template, vision tower and LM frozen. Holds the "
                    "projector alone; its backbones are the zoo's `tiny-clip` and `tiny-lm`.",
                    {"projector": model1.projector.kind, "steps": s1.steps, "train time": f"{s1.seconds:.0f} s",
-                    "hardware": hardware(), **{k: v for k, v in scale.stage1.items()}}, s1_metrics)
+                    "hardware": hardware(dev), **{k: v for k, v in scale.stage1.items()}},
+                   {"final_train_loss": s1.final_loss})
 
         # ---- stage 2: visual instruction tuning, with some text-only chats mixed in
         t = time.perf_counter()
         mix = instruct + text_train[: scale.text_in_stage2]
         save_records(mix, work / "mix_train.json", image_dir=work)
         s2 = train(TrainConfig(stage=2, data=str(work / "mix_train.json"), out=str(out / "tiny-llava"),
-                               init=str(s1.out), seed=seed, progress=progress, **scale.stage2))
+                               init=str(s1.out), seed=seed, progress=progress, device=device, **scale.stage2))
         times["stage2"] = time.perf_counter() - t
+    store_half(s2.out)
+    write_card(s2.out, "tiny-llava", "The tiny LLaVA after stage 2 (visual instruction tuning, `vicuna_v1`): "
+               "tiny-clip's tower (frozen), the stage-1 projector and tiny-lm, projector and LM trained on "
+               "ShapesWorld instructions plus some text-only chats; weights stored in float16 (`store_half`). "
+               "Accuracy is measured with `minillava.eval` on held-out test scenes (greedy decoding, "
+               "teacher-forced history, float32 compute).",
+               {"steps": s2.steps, "train time": f"{s2.seconds:.0f} s", "training records": len(mix),
+                "hardware": hardware(dev), **{k: v for k, v in scale.stage2.items()}},
+               {"final_train_loss": s2.final_loss})
+    times["total"] = time.perf_counter() - t_all
+    summary = {"seconds": times, "hardware": hardware(dev), "tiny-clip": clip_eval, "tiny-lm": lm_eval,
+               "data": manifest["splits"], "scale": asdict(scale)}
+    write_json(out / "zoo_build.json", summary)
+    print("zoo built in " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f" -> {out}")
+    if evaluate_after:
+        summary.update(evaluate(out, scale, work, seed, progress, device))
+    return summary
 
+
+def store_half(folder: Path) -> None:
+    """Rewrite a minillava model's weights in float16, as LLaVA's own checkpoints are stored: half the bytes
+    (the zoo stays near 30 MB); `LlavaModel.from_pretrained` casts them back to the compute dtype (float32 on a
+    CPU). The model is measured after this, so its card describes the weights as shipped."""
+    path = folder / "model.safetensors"
+    tensors = load_tensors(path)
+    save_tensors({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, path,
+                 metadata={"format": "pt"})
+
+
+def build_data(work: Path, scale: Scale, seed: int) -> dict:
+    """The ShapesWorld datasets of `scale` in `work` (reused when `work` already holds exactly them)."""
+    args = dict(n_train=scale.n_train, n_val=scale.n_val, n_test=scale.n_test, n_comp=scale.n_comp,
+                n_text=scale.n_text, n_text_val=scale.n_text_val, seed=seed, image_size=scale.clip.image_size)
+    splits = {"train": scale.n_train, "val": scale.n_val, "test": scale.n_test, "compositional": scale.n_comp}
+    if (work / "manifest.json").is_file():
+        old = read_json(work / "manifest.json", what="ShapesWorld manifest")
+        texts = {f: old.get("files", {}).get(f, {}).get("records", 0) for f in ("text_train.json", "text_val.json")}
+        if (old.get("splits"), old.get("seed"), old.get("image_size"), texts) == (
+                splits, seed, args["image_size"], {"text_train.json": scale.n_text, "text_val.json": scale.n_text_val}):
+            return old
+    return sw.build(work, **args)
+
+
+EVALUATIONS = ("stage1_caption_test", "vqa_test", "vqa_test_short", "vqa_compositional", "multi_image_test",
+               "pope_test", "caption_test")
+
+
+def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "build/shapesworld", seed: int = 0,
+             progress: bool = True, device: str | None = None, only: list[str] | None = None) -> dict:
+    """Measure the built tiny LLaVA (both stages) on the held-out splits and write the numbers into their model
+    cards and `zoo_build.json`: stage-1 captions; VQA exact match per question type (test, with and without
+    LLaVA's short-answer suffix; compositional), multi-image accuracy, POPE (random/popular/adversarial) and
+    caption precision/recall of the stage-2 model. `only`: some of `EVALUATIONS` (the others are kept)."""
     from .model import LlavaModel
     from .processor import Processor
 
-    model = LlavaModel.from_pretrained(s2.out, device="cpu")
-    processor = Processor.from_pretrained(s2.out)
+    out, work, only = Path(out), Path(work), list(only or EVALUATIONS)
+    unknown = [k for k in only if k not in EVALUATIONS]
+    if unknown:
+        raise ValueError(f"unknown evaluation(s) {unknown}; known: {', '.join(EVALUATIONS)}")
+    build_data(work, scale, seed)
     t = time.perf_counter()
-    results = {}
-    for split in ("test", "compositional"):
-        recs = load_records(work / f"instruct_{split}.json")[: scale.n_eval]
-        r = ev.evaluate_vqa(model, processor, recs, progress=progress)
-        results[split] = {"overall": r["overall"], "by_type": r["by_type"]}
-        print(f"tiny-llava on {split}:\n{ev.format_table(r)}")
-    times["eval"] = time.perf_counter() - t
-    s2_metrics = {"final_train_loss": s2.final_loss, "vqa": results}
-    write_card(s2.out, "tiny-llava", "The tiny LLaVA after stage 2 (visual instruction tuning, `vicuna_v1`): "
-               "tiny-clip's tower (frozen), the stage-1 projector and tiny-lm, projector and LM trained on "
-               "ShapesWorld instructions plus some text-only chats. Exact match is measured with "
-               "`minillava.eval` on held-out test scenes (greedy decoding, teacher-forced history).",
-               {"steps": s2.steps, "train time": f"{s2.seconds:.0f} s", "training records": len(mix),
-                "hardware": hardware(), **{k: v for k, v in scale.stage2.items()}}, s2_metrics)
-    times["total"] = time.perf_counter() - t_all
-    summary = {"seconds": times, "tiny-clip": clip_eval, "tiny-lm": lm_eval, "tiny-llava-stage1": s1_metrics,
-               "tiny-llava": s2_metrics, "data": manifest["splits"], "scale": asdict(scale)}
+    summary = read_json(out / "zoo_build.json", what="zoo build summary")
+    if "stage1_caption_test" in only:
+        with zoo_at(out):
+            model1, proc1 = load_stage1(out / "tiny-llava-stage1", template="plain", aspect="square")
+        caps = load_records(work / "captions_test.json")[: scale.n_eval or 300]
+        cap = ev.run_eval(model1.to(pick_device(device)), proc1, caps, "caption", progress=progress)
+        update_card(out / "tiny-llava-stage1", {"caption_test": cap["caption"], "examples": cap["examples"][:5]})
+        summary["tiny-llava-stage1"] = {"caption_test": cap["caption"]}
+        print(f"tiny-llava-stage1 captions:\n{cap['table']}")
+
+    model = LlavaModel.from_pretrained(out / "tiny-llava", device=device, dtype=torch.float32)  # as on a CPU
+    processor = Processor.from_pretrained(out / "tiny-llava")
+    test = load_records(work / "instruct_test.json")[: scale.n_eval]
+    comp = load_records(work / "instruct_compositional.json")[: scale.n_eval]
+    runs = {"vqa_test": (test, "vqa", ""), "vqa_test_short": (test, "vqa", sw.SHORT_ANSWER),
+            "vqa_compositional": (comp, "vqa", ""), "multi_image_test": (test, "multi-image", ""),
+            "pope_test": (test[:300], "pope", ""), "caption_test": (test, "caption", "")}
+    metrics = {}
+    for name, (recs, kind, suffix) in runs.items():
+        if name in only:
+            r = ev.run_eval(model, processor, recs, kind, suffix, progress=progress, seed=seed)
+            print(f"tiny-llava, {name}:\n{r['table']}")
+            metrics[name] = {k: r[k] for k in ("overall", "by_type", "pope", "caption") if k in r}
+    update_card(out / "tiny-llava", metrics)
+    summary["tiny-llava"] = {**summary.get("tiny-llava", {}), **metrics}
+    summary["eval_seconds"] = time.perf_counter() - t  # of the last measurement run
     write_json(out / "zoo_build.json", summary)
-    print("zoo built in " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f" -> {out}")
-    return summary
+    return {k: summary[k] for k in ("tiny-llava-stage1", "tiny-llava", "eval_seconds") if k in summary}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -237,11 +351,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", default="build/shapesworld")
     p.add_argument("--scale", choices=sorted(SCALES), default="full")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
+    p.add_argument("--no-eval", action="store_true", help="train only; measure later with --eval-only")
+    p.add_argument("--eval-only", action="store_true", help="measure the weights already in --out")
+    p.add_argument("--only", nargs="+", choices=EVALUATIONS, help="with --eval-only: these measurements only")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    return build(a.out, SCALES[a.scale], a.work, a.seed, progress=not a.no_progress)
+    if a.eval_only:
+        return evaluate(a.out, SCALES[a.scale], a.work, a.seed, not a.no_progress, a.device, a.only)
+    return build(a.out, SCALES[a.scale], a.work, a.seed, not a.no_progress, a.device, not a.no_eval)
 
 
 if __name__ == "__main__":
     summary = main()
-    print(json.dumps(summary["seconds"], indent=1))
+    print(json.dumps(summary.get("seconds") or {"eval": summary.get("eval_seconds")}, indent=1))

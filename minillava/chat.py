@@ -67,7 +67,8 @@ class ChatSession:
         reuse_cache: keep the KV cache and image features between turns (False: prefill the whole conversation
             and re-encode every image at each turn, as the reference CLI does).
         context_policy: what to do when a turn does not fit the model's context (`model.max_length`).
-            "error": raise a ValueError saying how many tokens the prompt needs and how many are left.
+            "error": raise a ValueError saying how many tokens the turn needs (its question, images and
+            `max_new_tokens` for the answer) and how many are left; the session stays as it was.
             "drop_oldest": forget the oldest whole turns, their images with them (the system prompt stays),
             until the prompt leaves room for `max_new_tokens`, or only the new question is left.
 
@@ -184,21 +185,23 @@ class ChatSession:
         return ids, [-1 - next(owners) if i == p.image_token_id else i for i in ids]
 
     def _fit(self, turns: list[Turn]) -> tuple[list[Turn], list[int], list[int]]:
-        """Apply the context policy: the turns to keep and their prompt (ids, keys), or a ValueError."""
-        limit = self.model.max_length
+        """Apply the context policy: the turns to keep and their prompt (ids, keys), or a ValueError.
+
+        A turn fits when its prompt (T,) leaves room for the answer: T + max_new_tokens <= model.max_length."""
+        limit, room = self.model.max_length, self.max_new_tokens
         ids, keys = self._tokenize(turns)
-        while self.context_policy == "drop_oldest" and limit and len(turns) > 1 \
-                and limit - len(ids) < self.max_new_tokens:
+        while self.context_policy == "drop_oldest" and limit and len(turns) > 1 and len(ids) + room > limit:
             turns = turns[1:]
             ids, keys = self._tokenize(turns)
-        if limit and len(ids) >= limit:
+        if limit and len(ids) + room > limit:
             used = len(self._tokenize(turns[:-1], generation_prompt=False)[0]) if len(turns) > 1 else 0
             n_images = len(turns[-1].images)
             hint = ("even with all older turns dropped" if self.context_policy == "drop_oldest" else
                     "reset() the chat, or use context_policy='drop_oldest' to forget the oldest turns")
-            raise ValueError(f"context: the prompt needs {len(ids)} tokens ({len(ids) - used} for this question "
-                             f"and its {n_images} image(s) of {self.model.num_image_tokens} tokens each), but only "
-                             f"{limit - used} of the model's {limit} are left; {hint}")
+            raise ValueError(f"context: this turn needs {len(ids) - used + room} tokens ({len(ids) - used} for the "
+                             f"question and its {n_images} image(s) of {self.model.num_image_tokens} tokens each, "
+                             f"{room} for the answer), but only {max(limit - used, 0)} of the model's {limit} are "
+                             f"left after the {used} of the conversation so far; {hint}")
         return turns, ids, keys
 
     def _answer(self, turns: list[Turn], ids: list[int], keys: list[int], start: float):

@@ -63,8 +63,9 @@ def questions(records: list[Record], suffix: str = "") -> list[dict]:
 
 @torch.no_grad()
 def answer(model: LlavaModel, processor: Processor, qs: list[dict], batch_size: int = 32,
-           max_new_tokens: int = 48, progress: bool = True) -> list[str]:
-    """Greedy answers to `questions`, batched with left padding; the end-of-turn separator is stripped."""
+           max_new_tokens: int = 96, progress: bool = True) -> list[str]:
+    """Greedy answers to `questions`, batched with left padding; the end-of-turn separator is stripped.
+    96 new tokens hold the longest ShapesWorld answer (a detailed description of 4 objects: 73 tokens)."""
     from tqdm.auto import tqdm
 
     stop = processor.stop_token_ids()
@@ -99,7 +100,7 @@ def score(qs: list[dict], answers: list[str]) -> dict:
 
 
 def evaluate_vqa(model: LlavaModel, processor: Processor, records: list[Record], suffix: str = "",
-                 batch_size: int = 32, max_new_tokens: int = 48, progress: bool = True) -> dict:
+                 batch_size: int = 32, max_new_tokens: int = 96, progress: bool = True) -> dict:
     """Answer every question of `records` and score it; returns the scores plus the per-question rows."""
     qs = questions(records, suffix)
     if not qs:
@@ -177,13 +178,14 @@ def pope_metrics(answers: list[str], references: list[str]) -> dict:
 
 # ---- captions: which objects does a caption mention, and are they there? -------------------------------------
 def caption_mentions(caption: str) -> list[dict]:
-    """Objects a ShapesWorld-style caption mentions: [{"size", "color", "shape", "position"}] (None if unsaid)."""
+    """Objects a ShapesWorld-style caption or description mentions: [{"size", "color", "shape", "position"}]
+    (None if unsaid). Counts such as "2 circles" are not mentions of an object."""
     from .data import shapesworld as sw
 
     sizes, colors, shapes = "|".join(sw.SIZES), "|".join(sw.COLORS), "|".join(sw.SHAPES)
     positions = "|".join(sorted(sw.POSITIONS, key=len, reverse=True))
-    pattern = (rf"\b(?:({sizes}) )?(?:({colors}) )?({shapes})s?\b"
-               rf"(?: (?:at|in|on) the ({positions})\b)?")
+    pattern = (rf"\b(?<!\d )(?:({sizes}) )?(?:({colors}) )?({shapes})s?\b"  # not counts ("2 circles")
+               rf"(?: (?:is )?(?:at|in|on) the ({positions})\b)?")  # "... circle (is) at the top left"
     return [{"size": m[0] or None, "color": m[1] or None, "shape": m[2], "position": m[3] or None}
             for m in re.findall(pattern, caption.lower())]
 
@@ -258,10 +260,12 @@ def run_eval(model: LlavaModel, processor: Processor, records: list[Record], kin
     qs = [{"messages": [{"role": "user", "content": "<image>\nDescribe the image briefly."}], "images": r.images}
           for r in recs]
     captions = answer(model, processor, qs, batch_size, max_new_tokens=64, progress=progress)
-    metrics = caption_metrics(captions, [sw.Scene.from_dict(r.meta["scene"]) for r in recs])
+    scenes = [sw.Scene.from_dict(r.meta["scene"]) for r in recs]
+    metrics = caption_metrics(captions, scenes)
     table = "\n".join(f"{k:<24}{v:>8.1%}" if isinstance(v, float) and k != "mentions_per_caption"
                       else f"{k:<24}{v:>8}" for k, v in metrics.items())
-    return {"caption": metrics, "examples": [{"id": r.id, "caption": c} for r, c in zip(recs[:10], captions)],
+    return {"caption": metrics, "examples": [{"id": r.id, "objects": "; ".join(o.phrase() for o in scene.objects),
+                                              "caption": c} for r, c, scene in zip(recs[:10], captions, scenes)],
             "table": table}
 
 

@@ -72,6 +72,7 @@ class ClipConfig:
     steps: int = 400
     batch_size: int = 128  # 32,768
     lr: float = 1e-3
+    hard_negatives: bool = True
     seed: int = 0
 
 
@@ -90,7 +91,7 @@ def new_clip(cfg: ClipConfig, tokenizer):
 
 def clip_text(tokenizer, texts: list[str], length: int) -> dict:
     """Captions -> CLIP text inputs: tokens + EOS (where CLIP pools), padded to the batch's longest."""
-    ids = [tokenizer.encode(t, add_special_tokens=False)[: length - 1] + [tokenizer.eos_token_id] for t in texts]
+    ids = [x[: length - 1] + [tokenizer.eos_token_id] for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     T = max(map(len, ids))
     input_ids = torch.full((len(ids), T), tokenizer.pad_token_id)
     mask = torch.zeros((len(ids), T), dtype=torch.long)
@@ -100,21 +101,35 @@ def clip_text(tokenizer, texts: list[str], length: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
-def train_clip(pixels: torch.Tensor, captions: list[str], tokenizer, cfg: ClipConfig, progress: bool = True):
+def train_clip(pixels: torch.Tensor, captions: list[str], tokenizer, cfg: ClipConfig, progress: bool = True,
+               device: str | torch.device = "cpu"):
     """Contrastive training (CLIP's symmetric InfoNCE) on images (N, 3, S, S) and their captions.
 
-    Returns (CLIPModel, metrics). Each step draws a random batch; caption duplicates in a batch are rare in
-    ShapesWorld, so no masking of false negatives is done (as in CLIP).
+    With `cfg.hard_negatives`, each image also meets a false twin of its caption (one object changed, see
+    `shapesworld.hard_negative`) among the texts it must reject, as NegCLIP does: the image-to-text logits are
+    (B, 2B), the text-to-image ones (B, B). Returns (CLIPModel on the CPU, metrics). Each step draws a random
+    batch; caption duplicates in a batch are rare in ShapesWorld, so no masking of false negatives is done.
     """
-    clip = new_clip(cfg, tokenizer).train()
+    import numpy as np
+
+    from .data.shapesworld import hard_negative
+
+    clip = new_clip(cfg, tokenizer).to(device).train()
+    pixels, rng = pixels.to(device), np.random.default_rng(cfg.seed)
 
     def loss(g: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(len(captions), (cfg.batch_size,), generator=g)
-        return clip(pixel_values=pixels[idx], return_loss=True,
-                    **clip_text(tokenizer, [captions[i] for i in idx.tolist()], cfg.text_length)).loss
+        idx = torch.randint(len(captions), (cfg.batch_size,), generator=g).tolist()
+        texts = [captions[i] for i in idx]
+        negatives = [hard_negative(t, rng) for t in texts] if cfg.hard_negatives else []
+        texts += [n for n in negatives if n is not None]
+        text = {k: v.to(device) for k, v in clip_text(tokenizer, texts, cfg.text_length).items()}
+        out = clip(pixel_values=pixels[idx], **text)
+        target = torch.arange(len(idx), device=device)
+        return (F.cross_entropy(out.logits_per_image, target) +
+                F.cross_entropy(out.logits_per_text[: len(idx)], target)) / 2
 
     run = fit(clip, loss, cfg.steps, cfg.lr, (0.9, 0.98), cfg.seed, "tiny-clip", progress)
-    return clip.eval(), {**run, "config": asdict(cfg)}
+    return clip.cpu().eval(), {**run, "config": asdict(cfg)}
 
 
 def fit(model, loss_fn, steps: int, lr: float, betas: tuple, seed: int, name: str, progress: bool = True) -> dict:
@@ -135,9 +150,10 @@ def fit(model, loss_fn, steps: int, lr: float, betas: tuple, seed: int, name: st
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        metrics.append({"step": step + 1, "loss": loss.item()})
+        metrics.append({"step": step + 1, "loss": loss.detach()})
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    metrics = [{**m, "loss": float(m["loss"])} for m in metrics]
     seconds = time.perf_counter() - t0
     print(f"{name}: {steps} steps in {seconds:.0f} s, final loss {metrics[-1]['loss']:.3f}")
     return {"train_seconds": seconds, "curve": metrics}
@@ -223,18 +239,19 @@ def pack(tokenizer, texts: list[str], block: int) -> torch.Tensor:
     return torch.tensor(stream[: n * block]).view(n, block)
 
 
-def train_lm(texts: list[str], tokenizer, cfg: LMConfig, progress: bool = True, block: int = 256):
+def train_lm(texts: list[str], tokenizer, cfg: LMConfig, progress: bool = True, block: int = 256,
+             device: str | torch.device = "cpu"):
     """Causal language modelling on rendered chats, packed into blocks of `block` tokens;
-    returns (LlamaForCausalLM, metrics)."""
-    lm = new_lm(cfg, tokenizer).train()
-    blocks = pack(tokenizer, texts, block)
+    returns (LlamaForCausalLM on the CPU, metrics)."""
+    lm = new_lm(cfg, tokenizer).to(device).train()
+    blocks = pack(tokenizer, texts, block).to(device)
 
     def loss(g: torch.Generator) -> torch.Tensor:
-        batch = blocks[torch.randint(len(blocks), (cfg.batch_size,), generator=g)]
+        batch = blocks[torch.randint(len(blocks), (cfg.batch_size,), generator=g).to(device)]
         return lm(input_ids=batch, labels=batch).loss
 
     run = fit(lm, loss, cfg.steps, cfg.lr, (0.9, 0.95), cfg.seed, "tiny-lm", progress)
-    return lm.eval(), {**run, "config": asdict(cfg), "blocks": len(blocks), "block": block}
+    return lm.cpu().eval(), {**run, "config": asdict(cfg), "blocks": len(blocks), "block": block}
 
 
 @torch.no_grad()

@@ -31,6 +31,8 @@ from .utils import atomic_dir, load_tensors, pick_device, read_json, save_tensor
 PARTS = ("vision_tower", "projector", "language_model")
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for `TrainConfig.compile` (the tests use "aot_eager")
+
 @dataclass(frozen=True)
 class Recipe:
     """One training stage of LLaVA-1.5: what trains, with which template, learning rate and global batch."""
@@ -86,6 +88,7 @@ class TrainConfig:
     save_every: int = 0  # steps between resumable checkpoints (0: none)
     resume: bool = True  # continue from `<out>.partial` if an interrupted run left one
     device: str | None = None
+    compile: bool = False  # torch.compile the model's forward (pays off on GPUs for long runs; shapes vary)
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes saved with the run
 
@@ -319,6 +322,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net, dynamic=True, backend=COMPILE_BACKEND)  # padded batches vary in length
 
     partial = Path(f"{cfg.out}.partial")
     start, metrics = 0, []

@@ -55,7 +55,9 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS) ->
                 image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ValueError(f"image '{name}': too large to decode safely (decompression bomb?)") from None
-        except (OSError, SyntaxError, Image.UnidentifiedImageError) as e:
+        except Image.UnidentifiedImageError:
+            raise ValueError(f"image '{name}': not an image file (no image format recognised)") from None
+        except (OSError, SyntaxError) as e:
             raise ValueError(f"image '{name}': cannot be decoded ({e})") from None
     _check_size(image, name, max_pixels)
     return to_rgb(ImageOps.exif_transpose(image))

@@ -49,6 +49,11 @@ def transcript_html(session, size: int = 96) -> str:
     return f'<div style="{_STYLE}">{"".join(rows) or "<i>(no conversation yet)</i>"}</div>'
 
 
+def _problem(error: ValueError, name: str) -> str:
+    """What `load_image`'s error says is wrong with image `name`, without its "image 'NAME': " prefix."""
+    return str(error).removeprefix(f"image '{name}': ")
+
+
 class ChatWidget:
     """ipywidgets around a `ChatSession`. Display it as the last expression of a cell.
 
@@ -86,11 +91,12 @@ class ChatWidget:
         self.status.value = f'<span style="color:{colour}">{html.escape(text)}</span>' + "".join(
             thumbnail_html(im, 48) for _, im in self.pending)
 
-    def _attach(self, name: str, source) -> None:
+    def _attach(self, name: str, source, what: str = "image") -> None:
+        """Load `source` (bytes or PIL image) for the next question, or say what is wrong with `what` 'name'."""
         try:
             self.pending.append((name, load_image(source, name=name)))
         except ValueError as e:
-            self._say(f"{e} -- not attached; upload a PNG or JPEG image", error=True)
+            self._say(f"{what} '{name}': {_problem(e, name)} -- not attached; upload a PNG or JPEG image", error=True)
             return
         self._say("attached for the next question: " + ", ".join(n for n, _ in self.pending))
 
@@ -101,7 +107,7 @@ class ChatWidget:
         value = change["new"] if change else self.upload.value
         files = [{"name": k, **v} for k, v in value.items()] if isinstance(value, dict) else list(value)
         for f in files:
-            self._attach(f["name"], bytes(f["content"]))
+            self._attach(f["name"], bytes(f["content"]), what="upload")
         if files and not isinstance(value, dict):
             self.upload.value = ()  # so that the same file can be uploaded again
 

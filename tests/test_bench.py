@@ -94,3 +94,17 @@ def test_performance_page_shows_the_saved_table(capsys):
         f"data/results/{SAVED.name}` between the markers")
     saved = json.loads(SAVED.read_text())
     assert saved["config"]["name"] == "tiny" and saved["device_type"] == "cpu"
+
+
+def test_performance_page_shows_the_saved_gpu_table(capsys):
+    """The GPU run (made on a lent H200, since CI has no GPU) is shown exactly as its saved JSON prints."""
+    saved_gpu = SAVED.parent / "bench_cuda_base.json"
+    found = re.search(r"<!-- bench:gpu:start -->\n(.*?)\n<!-- bench:gpu:end -->", PAGE.read_text(), re.S)
+    assert found, "book/performance.md lacks the <!-- bench:gpu:start/end --> markers"
+    assert bench.main(["--markdown", str(saved_gpu)]) == 0
+    assert found.group(1).strip() == capsys.readouterr().out.strip()
+    saved = json.loads(saved_gpu.read_text())
+    assert saved["device_type"] == "cuda" and saved["config"]["name"] == "base"
+    assert saved["transformers_compiled"] and saved["minillava_compiled"]
+    mfu = saved["phases"]["train_stage2_step"]["minillava"]["mfu"]["median"]
+    assert f"measured {mfu:.1%}" in found.group(1)

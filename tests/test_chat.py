@@ -149,6 +149,21 @@ def test_common_prefix_never_cuts_an_image():
 
 
 # ---- context ---------------------------------------------------------------------------------------------------
+def prompt_length(processor, messages: list[dict], generation_prompt: bool = True) -> int:
+    """Tokens of `messages` as `chat_of`'s sessions render them (vicuna_v1, 16 tokens an image)."""
+    return len(ml.get_template("vicuna_v1").tokenize(messages, processor.tokenizer, num_image_tokens=16,
+                                                     add_generation_prompt=generation_prompt)["input_ids"])
+
+
+def context_numbers(error: Exception) -> tuple[int, ...]:
+    """A context error -> (needed by the turn, for its question, for its answer, left, used so far)."""
+    found = re.search(r"this turn needs (\d+) tokens \((\d+) for the question and its \d+ image\(s\) of 16 tokens "
+                      r"each, (\d+) for the answer\), but only (\d+) of the model's 256 are left after the (\d+) of "
+                      r"the conversation so far", str(error))
+    assert found, str(error)
+    return tuple(map(int, found.groups()))
+
+
 def test_context_error_says_what_is_needed_and_left(model, processor):
     chat = chat_of(model, processor, max_new_tokens=4)
     img = random_image()
@@ -156,13 +171,47 @@ def test_context_error_says_what_is_needed_and_left(model, processor):
     before = chat.history
     with pytest.raises(ValueError, match="context_policy='drop_oldest'") as err:
         chat.ask("And these?", images=[img] * 6)
-    needed, new, left = map(int, re.search(r"needs (\d+) tokens \((\d+) for this question.* only (\d+) of the "
-                                           r"model's 256 are left", str(err.value)).groups())
-    msgs = chat.messages + [{"role": "user", "content": "<image>\n" * 6 + "And these?"}]
-    full = ml.get_template("vicuna_v1").tokenize(msgs, processor.tokenizer, add_generation_prompt=True,
-                                                 num_image_tokens=16)["input_ids"]
-    assert needed == len(full) > 256 and left == 256 - (needed - new)
+    need, question, room, left, used = context_numbers(err.value)
+    full = prompt_length(processor, chat.messages + [{"role": "user", "content": "<image>\n" * 6 + "And these?"}])
+    assert used == prompt_length(processor, chat.messages, generation_prompt=False)
+    assert question == full - used and room == 4 and need == question + room
+    assert full > 256 and left == 256 - used < need
     assert chat.history == before and chat.ask("What now?")
+
+
+def test_context_fits_the_prompt_and_the_answer(model, processor):
+    """A turn fits when its prompt T and max_new_tokens fill at most the context: exactly full is asked, one token
+    more is refused and changes nothing (the next turn answers as a fresh re-prefill does); "left" is never negative,
+    even once the conversation so far re-tokenizes longer than the context."""
+    img = random_image()
+    chat, fresh = (chat_of(model, processor, reuse_cache=reuse) for reuse in (True, False))
+    for c in (chat, fresh):
+        c.ask("Describe them.", images=[img] * 8)
+    T = prompt_length(processor, chat.messages + [{"role": "user", "content": "And now?"}])
+    before, stats = chat.history, dict(chat.stats)
+    chat.max_new_tokens = 256 - T + 1
+    with pytest.raises(ValueError, match=r"reset\(\) the chat") as err:
+        chat.ask("And now?")
+    need, question, room, left, used = context_numbers(err.value)
+    assert question + used == T and room == 256 - T + 1 and need == left + 1 == room + question
+    assert chat.history == before and chat.stats == stats
+
+    chat.max_new_tokens = fresh.max_new_tokens = 256 - T  # exactly full: T + max_new_tokens == 256
+    answer = chat.ask("And now?")
+    assert chat.stats["prompt_tokens"] == T and chat.stats["reused_tokens"] > 0
+    assert len(chat.stats["new_token_ids"]) == 256 - T  # the answer ran to the last position of the context
+    assert answer == fresh.ask("And now?") and chat.stats["new_token_ids"] == fresh.stats["new_token_ids"]
+
+    before, stats = chat.history, dict(chat.stats)
+    chat.max_new_tokens = 1
+    with pytest.raises(ValueError) as err:  # the answer's U+FFFD pieces re-tokenize as more tokens than it took
+        chat.ask("More?")
+    *_, left, used = context_numbers(err.value)
+    assert used == prompt_length(processor, chat.messages, generation_prompt=False) > 256 and left == 0
+    assert chat.history == before and chat.stats == stats
+    chat.reset()
+    chat.ask("More?")
+    assert len(chat.history) == 2 and chat.stats["prompt_tokens"] + 1 <= 256
 
 
 def test_drop_oldest_forgets_whole_turns_and_their_images(model, processor):
@@ -196,7 +245,7 @@ def test_bad_input_leaves_the_session_usable(model, processor, tmp_path):
     assert chat.ask("What is it?", images=[img]) == expected[0]
     before, stats = chat.history, dict(chat.stats)
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
-    with pytest.raises(ValueError, match="bad.png': cannot be decoded"):
+    with pytest.raises(ValueError, match="bad.png': not an image file"):
         chat.ask("And this?", images=[tmp_path / "bad.png"])
     with pytest.raises(FileNotFoundError, match="missing.png': file not found"):
         chat.ask("And this?", images=[str(tmp_path / "missing.png")])
@@ -239,7 +288,12 @@ def test_widget_handlers(model, processor):
                 "last_modified": datetime.datetime.now(datetime.timezone.utc)}
 
     widget.upload.value = (upload("notes.txt", b"hello"),)  # through the observer, as in a browser
-    assert "cannot be decoded" in widget.status.value and widget.pending == []
+    status = html.unescape(widget.status.value)
+    assert "upload 'notes.txt': not an image file" in status and widget.pending == []
+    assert "BytesIO" not in status and widget.upload.value == ()
+    widget.on_upload({"new": {"scan.pdf": {"metadata": {"type": "application/pdf"}, "content": b"%PDF-1.4"}}})  # 7.x
+    status = html.unescape(widget.status.value)
+    assert "upload 'scan.pdf': not an image" in status and "BytesIO" not in status and widget.pending == []
     widget.on_upload({"new": (upload("shape.png", png.getvalue()),)})
     widget.picker.value = "noise"
     assert [name for name, _ in widget.pending] == ["shape.png", "noise"]
@@ -277,7 +331,7 @@ def test_cli_through_a_pipe(saved_model):
                           capture_output=True, timeout=120, env=env, cwd=d)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("assistant> ") == 3 and "(conversation cleared)" in done.stdout
-    for message in ["missing.png': file not found", "bad.png': cannot be decoded",
+    for message in ["missing.png': file not found", "bad.png': not an image file",
                     "2 '<image>' placeholders but 0 images", "unknown command '/bogus'"]:
         assert message in done.stderr
 

@@ -91,6 +91,11 @@ def test_caption_metrics_on_known_captions():
     m = ev.caption_metrics([wrong], [scene])
     assert m["object_precision"] == 0.5 and m["object_recall"] == 0.5
     assert m["size_accuracy"] == 0.0 and m["position_accuracy"] == 0.0
+    m = ev.caption_metrics([sw.describe(scene)], [scene])  # the detailed-description form: counts are no mentions
+    assert m["mentions_per_caption"] == 2 and m["object_precision"] == 1.0 and m["position_accuracy"] == 1.0
+    moved = sw.describe(sw.Scene((sw.Obj("circle", "red", "large", (2, 2)),), bg))
+    m = ev.caption_metrics([moved], [scene])
+    assert m["object_precision"] == 1.0 and m["object_recall"] == 0.5 and m["position_accuracy"] == 0.0
 
 
 # ---- the command line ------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from minillava.data import shapesworld as sw
 from minillava.data.records import load_records
 from minillava.data.shapesworld import (
     COLORS,
@@ -352,3 +353,27 @@ def test_pixels_objects_and_background():
         bg = img[~np.any(masks, axis=0)]
         for rgb in COLORS.values():
             assert np.abs(bg - np.array(rgb)).max(-1).min() > 60
+
+
+def test_hard_negatives_change_one_thing_and_never_a_held_out_pair():
+    rng = np.random.default_rng(0)
+    kinds = Counter()
+    for _ in range(300):
+        scene = sw.sample_scene(rng)
+        text = sw.caption(scene, rng)
+        neg = sw.hard_negative(text, rng)
+        assert neg is not None and neg != text
+        before = [m.groups() for m in sw._PHRASE.finditer(text)]
+        after = [m.groups() for m in sw._PHRASE.finditer(neg)]
+        assert len(before) == len(after) == len(scene.objects)  # the same objects, in the same places
+        diff = [(a, b) for a, b in zip(before, after) if a != b]
+        slots = {i for a, b in diff for i in range(4) if a[i] != b[i]}
+        if len(diff) == 2:  # two objects' colours swapped
+            assert slots == {1} and diff[0][0][1] == diff[1][1][1] and diff[1][0][1] == diff[0][1][1]
+            kinds["swap"] += 1
+        else:
+            assert len(diff) == 1 and len(slots) == 1
+            kinds[("size", "color", "shape", "position")[slots.pop()]] += 1
+        assert all((c, s) not in sw.HELD_OUT for _, c, s, _ in after)
+    assert set(kinds) == {"swap", "size", "color", "shape", "position"}
+    assert sw.hard_negative("A picture of nothing.", rng) is None

@@ -23,10 +23,72 @@ def test_toy_build_writes_every_component_with_a_card(toy_zoo):
         assert card.startswith(f"# {name}") and "## Metrics" in card
         assert json.loads((data / name / "metrics.json").read_text())
         assert not list((data / name).glob("*.bin")) and not list((data / name).glob("*.pt"))
-    assert set(summary["seconds"]) >= {"data", "tiny-clip", "tiny-lm", "stage1", "stage2", "eval", "total"}
+    assert set(summary["seconds"]) >= {"data", "tiny-clip", "tiny-lm", "stage1", "stage2", "total"}
     assert 0 <= summary["tiny-clip"]["zero_shot_color_acc"] <= 1
     assert summary["tiny-lm"]["perplexity_text_val"] > 1
-    assert set(summary["tiny-llava"]["vqa"]) == {"test", "compositional"}
+    kinds = {"vqa_test", "vqa_test_short", "vqa_compositional", "multi_image_test", "pope_test", "caption_test"}
+    assert set(summary["tiny-llava"]) == kinds
+    assert set(summary["tiny-llava"]["pope_test"]["pope"]) == {"random", "popular", "adversarial"}
+    metrics = json.loads((data / "tiny-llava" / "metrics.json").read_text())
+    assert kinds < set(metrics) and "final_train_loss" in metrics  # training facts kept, measurements added
+    card = (data / "tiny-llava" / "README.md").read_text()
+    assert "### vqa_test" in card and "| **overall** |" in card and "final_train_loss" in card
+    assert "### pope_test" in card and "| adversarial |" in card
+    assert "caption_test" in json.loads((data / "tiny-llava-stage1" / "metrics.json").read_text())
+
+
+def test_eval_only_measures_again_and_reuses_the_data(toy_zoo, tmp_path):
+    data, summary = toy_zoo
+    work = data.parent / "work"
+    stamp = (work / "manifest.json").stat().st_mtime_ns
+    again = build_zoo.main(["--scale", "toy", "--out", str(data), "--work", str(work), "--eval-only",
+                            "--no-progress"])
+    assert (work / "manifest.json").stat().st_mtime_ns == stamp  # same scale and seed: the data is reused
+    assert again["tiny-llava"]["vqa_test"]["overall"] == summary["tiny-llava"]["vqa_test"]["overall"]
+    card = json.loads((data / "tiny-llava" / "metrics.json").read_text())
+    card["pope_test"] = "stale"  # --only measures what it names and keeps the rest
+    (data / "tiny-llava" / "metrics.json").write_text(json.dumps(card))
+    build_zoo.main(["--scale", "toy", "--out", str(data), "--work", str(work), "--eval-only", "--only", "vqa_test",
+                    "--no-progress"])
+    assert json.loads((data / "tiny-llava" / "metrics.json").read_text())["pope_test"] == "stale"
+    build_zoo.main(["--scale", "toy", "--out", str(data), "--work", str(work), "--eval-only", "--only", "pope_test",
+                    "--no-progress"])
+    assert json.loads((data / "tiny-llava" / "metrics.json").read_text())["pope_test"] == card_pope(summary)
+    with pytest.raises(FileNotFoundError, match="model card"):
+        build_zoo.update_card(tmp_path, {"x": 1})
+
+
+def card_pope(summary):
+    return {"pope": summary["tiny-llava"]["pope_test"]["pope"]}
+
+
+def test_lm_corpus_has_chats_and_caption_lines():
+    from minillava.data import shapesworld as sw
+
+    data = sw.generate_records("train", 20, seed=3)
+    chats = sw.text_chats(5, seed=3)
+    corpus = build_zoo.lm_corpus(chats, data.captions, n_docs=2, per_doc=4)
+    assert len(corpus) == 5 + 2 and corpus[0].startswith(ml.get_template("vicuna_v1").render(chats[0].messages)[:20])
+    doc = corpus[-1].splitlines()
+    assert doc == [r.messages[1]["content"] for r in data.captions[4:8]] and corpus[-1].endswith("\n")
+
+
+def test_ablations_run_side_by_side_and_report_failures(toy_zoo, tmp_path, monkeypatch):
+    from minillava import ablations
+
+    data, _ = toy_zoo
+    monkeypatch.setenv("MINILLAVA_DATA", str(data))
+    out = tmp_path / "abl.json"
+    summary = ablations.run(out, ["baseline", "linear_projector"], ablations.SCALES["toy"], tmp_path / "w", jobs=2)
+    saved = json.loads(out.read_text())
+    assert saved["results"].keys() == {"baseline", "linear_projector"} == summary["results"].keys()
+    for name, r in saved["results"].items():
+        assert 0 <= r["overall"]["exact"] <= 1 and r["by_type"] and bool(r["paper"]) == (name != "baseline")
+    monkeypatch.setenv("MINILLAVA_DATA", str(tmp_path / "empty"))  # no backbones: each variant fails, reported
+    broken = ablations.run(tmp_path / "b.json", ["baseline"], ablations.SCALES["toy"], tmp_path / "w")
+    assert "zoo component 'tiny-clip'" in broken["results"]["baseline"]["error"]
+    with pytest.raises(ValueError, match="unknown ablation"):
+        ablations.run(tmp_path / "c.json", ["bigger_model"])
 
 
 def test_zoo_loads_offline_from_the_build(toy_zoo, monkeypatch):
@@ -76,4 +138,7 @@ def test_rebuild_is_deterministic(tmp_path):
         wa = ml.utils.load_tensors(tmp_path / "a" / name / "model.safetensors")
         wb = ml.utils.load_tensors(tmp_path / "b" / name / "model.safetensors")
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert a["tiny-llava"]["final_train_loss"] == b["tiny-llava"]["final_train_loss"]
+    assert a["tiny-llava"] == b["tiny-llava"]  # the same measurements
+    runs = [json.loads((tmp_path / x / "tiny-llava" / "run.json").read_text()) for x in "ab"]
+    losses = [[m["loss"] for m in r["metrics"]] for r in runs]
+    assert losses[0] == losses[1] and len(losses[0]) == 2

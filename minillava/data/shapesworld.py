@@ -24,6 +24,8 @@ import argparse
 import colorsys
 import hashlib
 import io
+import os
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -248,6 +250,41 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     body = _join([o.phrase() for o in scene.objects])
     form = _pick(rng, ("{B}.", "There is {b}.", "The image shows {b}.", "A picture of {b}."))
     return form.format(B=_cap(body), b=body)
+
+
+_PHRASE = re.compile(r"\b(small|large) (\w+) (circle|square|triangle|star) "
+                     r"((?:at the|on the|in the) [a-z]+(?: left| right)?)")
+
+
+def hard_negative(text: str, rng: np.random.Generator, exclude=HELD_OUT) -> str | None:
+    """A caption that is false for the image by ONE change to the objects it names (NegCLIP's hard negatives):
+    another shape, colour, size or position for one object, or two objects' colours swapped. Without such
+    negatives a small CLIP learns colours (which in-batch captions tell apart) and barely learns shapes.
+    Never names an `exclude` pair; None when `text` names no object."""
+    found = list(_PHRASE.finditer(text))
+    if not found:
+        return None
+    objs = [list(m.groups()) for m in found]  # [size, color, shape, where]
+    wheres = [_where(p) for p in POSITIONS]
+    colors = [o[1] for o in objs]
+    kinds = ["shape", "shape", "color", "size", "position"] + (["swap"] if len(set(colors)) > 1 else [])
+    for _ in range(8):
+        kind, new = _pick(rng, kinds), [list(o) for o in objs]
+        if kind == "swap":
+            i, j = rng.choice([(i, j) for i in range(len(objs)) for j in range(len(objs)) if colors[i] < colors[j]])
+            new[i][1], new[j][1] = colors[j], colors[i]
+        else:
+            o = new[int(rng.integers(len(new)))]
+            slot, values = {"size": (0, tuple(SIZES)), "color": (1, tuple(COLORS)), "shape": (2, SHAPES),
+                            "position": (3, tuple(wheres))}[kind]
+            o[slot] = _pick(rng, [v for v in values if v != o[slot]])
+        if all((o[1], o[2]) not in exclude for o in new):
+            parts, last = [], 0
+            for m, o in zip(found, new):
+                parts += [text[last:m.start()], " ".join(o)]
+                last = m.end()
+            return "".join(parts) + text[last:]
+    return None
 
 
 def describe(scene: Scene) -> str:
@@ -671,6 +708,23 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _png(scene: Scene) -> bytes:
+    buf = io.BytesIO()
+    render(scene).save(buf, format="PNG", compress_level=1)  # no metadata: byte-deterministic
+    return buf.getvalue()
+
+
+def _render_all(scenes: list[Scene]) -> list[bytes]:
+    """PNG bytes of every scene, in order; on all cores when there are many (rendering is pure)."""
+    workers = min(os.cpu_count() or 1, len(scenes) // 2000)
+    if workers < 2:
+        return [_png(s) for s in scenes]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_png, scenes, chunksize=500))
+
+
 def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: int = 1000, n_comp: int = 500,
           n_text: int = 20000, n_text_val: int = 1000, seed: int = 0, image_size: int = 64,
           kinds=KINDS) -> dict:
@@ -699,12 +753,10 @@ def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: in
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         images_sha = hashlib.sha256()
-        for d in data.values():
-            for name, scene in d.scenes.items():
-                buf = io.BytesIO()
-                render(scene).save(buf, format="PNG", compress_level=1)  # no metadata: byte-deterministic
-                (tmp / "images" / name).write_bytes(buf.getvalue())
-                images_sha.update(name.encode() + buf.getvalue())
+        named = [(name, scene) for d in data.values() for name, scene in d.scenes.items()]
+        for name, png in zip((n for n, _ in named), _render_all([s for _, s in named])):
+            (tmp / "images" / name).write_bytes(png)
+            images_sha.update(name.encode() + png)
         manifest["images_sha256"] = images_sha.hexdigest()  # over (name, bytes) of every image, in order
         for fname, records in files.items():
             if records:
