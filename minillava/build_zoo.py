@@ -31,6 +31,7 @@ from .data import shapesworld as sw
 from .data.records import load_records, save_records
 from .train import TrainConfig, load_stage1, train
 from .utils import atomic_dir, load_tensors, pick_device, read_json, save_tensors, write_json
+from .zoo import COMPONENTS
 
 
 @dataclass
@@ -167,37 +168,67 @@ def lm_corpus(text_chats: list, captions: list, n_docs: int, per_doc: int = 8) -
     return pt.chat_texts(text_chats) + docs
 
 
+STEPS = COMPONENTS  # tiny-clip, tiny-lm, tiny-llava-stage1, tiny-llava: the build order
+
+
 def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "build/shapesworld", seed: int = 0,
-          progress: bool = True, device: str | None = None, evaluate_after: bool = True) -> dict:
-    """Build all four components into `out`, then (unless `evaluate_after` is False) evaluate them; returns
-    every metric. Minutes on one GPU at FULL scale, hours on 2 CPU cores."""
+          progress: bool = True, device: str | None = None, evaluate_after: bool = True,
+          start: str = "tiny-clip") -> dict:
+    """Build the components into `out`, from `start` on (the earlier ones are kept: "tiny-llava" retrains stage 2
+    alone), then (unless `evaluate_after` is False) evaluate them; returns every metric. Minutes on one GPU at
+    FULL scale, hours on 2 CPU cores."""
+    if start not in STEPS:
+        raise ValueError(f"start '{start}': expected one of {', '.join(STEPS)}")
     out, work, dev = Path(out), Path(work), pick_device(device)
+    steps = STEPS[STEPS.index(start):]
+    summary = read_json(out / "zoo_build.json", what="zoo build summary") if start != STEPS[0] else {}
+    times = summary.setdefault("seconds", {})
     t_all = time.perf_counter()
-    times = {}
     torch.manual_seed(seed)
-
-    t = time.perf_counter()
     manifest = build_data(work, scale, seed)
-    times["data"] = time.perf_counter() - t
-    captions = load_records(work / "captions_train.json")
-    text_train = load_records(work / "text_train.json", check_files=False)
-    text_val = load_records(work / "text_val.json", check_files=False)
-    instruct = load_records(work / "instruct_train.json")
+    times["data"] = time.perf_counter() - t_all
+    data = {name: load_records(work / f"{name}.json", check_files=not name.startswith("text"))
+            for name in ("captions_train", "captions_test", "text_train", "text_val", "instruct_train")}
+    corpus = lm_corpus(data["text_train"], data["captions_train"], scale.caption_docs)
+    if "tiny-clip" in steps:  # the tokenizer is made with tiny-clip and shared by tiny-lm
+        tokenizer = pt.train_tokenizer(corpus + pt.chat_texts(data["instruct_train"]), scale.vocab,
+                                       max_length=scale.lm.context)
+    else:
+        from transformers import AutoTokenizer
 
-    # ---- tokenizer and tiny CLIP
-    t = time.perf_counter()
-    corpus = lm_corpus(text_train, captions, scale.caption_docs)
-    tokenizer = pt.train_tokenizer(corpus + pt.chat_texts(instruct), scale.vocab, max_length=scale.lm.context)
+        tokenizer = AutoTokenizer.from_pretrained(str(out / "tiny-clip"))
+    jobs = {"tiny-clip": lambda: build_clip(out, scale, data, tokenizer, dev, progress),
+            "tiny-lm": lambda: build_lm(out, scale, data, corpus, tokenizer, dev, progress),
+            "tiny-llava-stage1": lambda: build_stage1(out, scale, work, seed, dev, progress),
+            "tiny-llava": lambda: build_stage2(out, scale, work, data, seed, dev, progress)}
+    with zoo_at(out):  # stage 1 names its backbones by zoo name
+        for name in steps:
+            t = time.perf_counter()
+            summary[name] = jobs[name]()
+            times[name] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t_all
+    summary.update(hardware=hardware(dev), data=manifest["splits"], scale=asdict(scale))
+    write_json(out / "zoo_build.json", summary)
+    print(f"zoo built ({', '.join(steps)}) in " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+          + f" -> {out}")
+    if evaluate_after:
+        summary.update(evaluate(out, scale, work, seed, progress, device))
+    return summary
+
+
+def build_clip(out: Path, scale: Scale, data: dict, tokenizer, dev: torch.device, progress: bool) -> dict:
+    """Train, measure and save tiny-clip (with the tokenizer); returns its metrics."""
+    captions = data["captions_train"]
     pixels = pt.render_pixels([p for r in captions for p in r.images], scale.clip.image_size)
-    clip, clip_run = pt.train_clip(pixels, [r.messages[1]["content"] for r in captions], tokenizer, scale.clip,
-                                   progress, dev)
+    clip, run = pt.train_clip(pixels, [r.messages[1]["content"] for r in captions], tokenizer, scale.clip,
+                              progress, dev)
     del pixels
-    test_caps = load_records(work / "captions_test.json")
-    clip_eval = clip_metrics(clip, tokenizer, scale.clip.image_size, n=600 if scale is FULL else 12)
-    clip_eval["retrieval_r1_test"] = pt.retrieval_at_1(
+    test_caps = data["captions_test"]
+    metrics = clip_metrics(clip, tokenizer, scale.clip.image_size, n=600 if scale is FULL else 12)
+    metrics["retrieval_r1_test"] = pt.retrieval_at_1(
         clip, tokenizer, pt.render_pixels([r.images[0] for r in test_caps], scale.clip.image_size),
         [r.messages[1]["content"] for r in test_caps])
-    print(f"tiny-clip: {clip_eval}")
+    print(f"tiny-clip: {metrics}")
     with atomic_dir(out / "tiny-clip") as tmp:
         clip.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -208,15 +239,17 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
                     "vision": f"{scale.clip.image_size} px, patch {scale.clip.patch_size}, width {scale.clip.width}, "
                               f"{scale.clip.layers} layers", "training pairs": len(captions),
                     "steps x batch": f"{scale.clip.steps} x {scale.clip.batch_size}",
-                    "train time": f"{clip_run['train_seconds']:.0f} s", "hardware": hardware(dev)},
-                   clip_eval)
-    times["tiny-clip"] = time.perf_counter() - t
+                    "train time": f"{run['train_seconds']:.0f} s", "hardware": hardware(dev)}, metrics)
+    return metrics
 
-    # ---- tiny chat LM
-    t = time.perf_counter()
-    lm, lm_run = pt.train_lm(corpus, tokenizer, scale.lm, progress, device=dev)
-    lm_eval = {"perplexity_text_val": pt.perplexity(lm, tokenizer, pt.chat_texts(text_val), scale.lm.context)}
-    print(f"tiny-lm: {lm_eval}")
+
+def build_lm(out: Path, scale: Scale, data: dict, corpus: list[str], tokenizer, dev: torch.device,
+             progress: bool) -> dict:
+    """Train, measure and save tiny-lm; returns its metrics."""
+    lm, run = pt.train_lm(corpus, tokenizer, scale.lm, progress, device=dev)
+    metrics = {"perplexity_text_val": pt.perplexity(lm, tokenizer, pt.chat_texts(data["text_val"]),
+                                                    scale.lm.context)}
+    print(f"tiny-lm: {metrics}")
     with atomic_dir(out / "tiny-lm") as tmp:
         lm.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -228,31 +261,33 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
                              f"({scale.lm.kv_heads} kv), context {scale.lm.context}",
                     "vocabulary": len(tokenizer), "training documents": len(corpus),
                     "steps x batch": f"{scale.lm.steps} x {scale.lm.batch_size}",
-                    "train time": f"{lm_run['train_seconds']:.0f} s", "hardware": hardware(dev)}, lm_eval)
-    times["tiny-lm"] = time.perf_counter() - t
+                    "train time": f"{run['train_seconds']:.0f} s", "hardware": hardware(dev)}, metrics)
+    return metrics
 
-    with zoo_at(out):
-        # ---- stage 1: feature alignment
-        t = time.perf_counter()
-        s1 = train(TrainConfig(stage=1, data=str(work / "captions_train.json"), out=str(out / "tiny-llava-stage1"),
-                               vision="tiny-clip", lm="tiny-lm", seed=seed, progress=progress, device=device,
-                               **scale.stage1))
-        times["stage1"] = time.perf_counter() - t
-        model1, _ = load_stage1(s1.out, template="plain", aspect="square")
-        write_card(s1.out, "tiny-llava-stage1", "The projector after LLaVA's stage 1 (feature alignment): trained "
-                   "on ShapesWorld captions with the `plain` template, vision tower and LM frozen. Holds the "
-                   "projector alone; its backbones are the zoo's `tiny-clip` and `tiny-lm`.",
-                   {"projector": model1.projector.kind, "steps": s1.steps, "train time": f"{s1.seconds:.0f} s",
-                    "hardware": hardware(dev), **{k: v for k, v in scale.stage1.items()}},
-                   {"final_train_loss": s1.final_loss})
 
-        # ---- stage 2: visual instruction tuning, with some text-only chats mixed in
-        t = time.perf_counter()
-        mix = instruct + text_train[: scale.text_in_stage2]
-        save_records(mix, work / "mix_train.json", image_dir=work)
-        s2 = train(TrainConfig(stage=2, data=str(work / "mix_train.json"), out=str(out / "tiny-llava"),
-                               init=str(s1.out), seed=seed, progress=progress, device=device, **scale.stage2))
-        times["stage2"] = time.perf_counter() - t
+def build_stage1(out: Path, scale: Scale, work: Path, seed: int, dev: torch.device, progress: bool) -> dict:
+    """LLaVA's stage 1 (feature alignment) from the zoo's tiny-clip and tiny-lm -> tiny-llava-stage1."""
+    s1 = train(TrainConfig(stage=1, data=str(work / "captions_train.json"), out=str(out / "tiny-llava-stage1"),
+                           vision="tiny-clip", lm="tiny-lm", seed=seed, progress=progress, device=str(dev),
+                           **scale.stage1))
+    model1, _ = load_stage1(s1.out, template="plain", aspect="square")
+    write_card(s1.out, "tiny-llava-stage1", "The projector after LLaVA's stage 1 (feature alignment): trained "
+               "on ShapesWorld captions with the `plain` template, vision tower and LM frozen. Holds the "
+               "projector alone; its backbones are the zoo's `tiny-clip` and `tiny-lm`.",
+               {"projector": model1.projector.kind, "steps": s1.steps, "train time": f"{s1.seconds:.0f} s",
+                "hardware": hardware(dev), **scale.stage1}, {"final_train_loss": s1.final_loss})
+    return {"final_train_loss": s1.final_loss}
+
+
+def build_stage2(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev: torch.device,
+                 progress: bool) -> dict:
+    """LLaVA's stage 2 (visual instruction tuning) from tiny-llava-stage1, with some text-only chats mixed in
+    as llava_v1_5_mix665k has -> tiny-llava, stored in float16."""
+    mix = data["instruct_train"] + data["text_train"][: scale.text_in_stage2]
+    save_records(mix, work / "mix_train.json", image_dir=work)
+    s2 = train(TrainConfig(stage=2, data=str(work / "mix_train.json"), out=str(out / "tiny-llava"),
+                           init=str(out / "tiny-llava-stage1"), seed=seed, progress=progress, device=str(dev),
+                           **scale.stage2))
     store_half(s2.out)
     write_card(s2.out, "tiny-llava", "The tiny LLaVA after stage 2 (visual instruction tuning, `vicuna_v1`): "
                "tiny-clip's tower (frozen), the stage-1 projector and tiny-lm, projector and LM trained on "
@@ -260,16 +295,8 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
                "Accuracy is measured with `minillava.eval` on held-out test scenes (greedy decoding, "
                "teacher-forced history, float32 compute).",
                {"steps": s2.steps, "train time": f"{s2.seconds:.0f} s", "training records": len(mix),
-                "hardware": hardware(dev), **{k: v for k, v in scale.stage2.items()}},
-               {"final_train_loss": s2.final_loss})
-    times["total"] = time.perf_counter() - t_all
-    summary = {"seconds": times, "hardware": hardware(dev), "tiny-clip": clip_eval, "tiny-lm": lm_eval,
-               "data": manifest["splits"], "scale": asdict(scale)}
-    write_json(out / "zoo_build.json", summary)
-    print("zoo built in " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f" -> {out}")
-    if evaluate_after:
-        summary.update(evaluate(out, scale, work, seed, progress, device))
-    return summary
+                "hardware": hardware(dev), **scale.stage2}, {"final_train_loss": s2.final_loss})
+    return {"final_train_loss": s2.final_loss}
 
 
 def store_half(folder: Path) -> None:
@@ -322,7 +349,7 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
         caps = load_records(work / "captions_test.json")[: scale.n_eval or 300]
         cap = ev.run_eval(model1.to(pick_device(device)), proc1, caps, "caption", progress=progress)
         update_card(out / "tiny-llava-stage1", {"caption_test": cap["caption"], "examples": cap["examples"][:5]})
-        summary["tiny-llava-stage1"] = {"caption_test": cap["caption"]}
+        summary["tiny-llava-stage1"] = {**summary.get("tiny-llava-stage1", {}), "caption_test": cap["caption"]}
         print(f"tiny-llava-stage1 captions:\n{cap['table']}")
 
     model = LlavaModel.from_pretrained(out / "tiny-llava", device=device, dtype=torch.float32)  # as on a CPU
@@ -353,13 +380,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
     p.add_argument("--no-eval", action="store_true", help="train only; measure later with --eval-only")
+    p.add_argument("--start", choices=STEPS, default=STEPS[0],
+                   help="rebuild from this component on, keeping the earlier ones in --out")
     p.add_argument("--eval-only", action="store_true", help="measure the weights already in --out")
     p.add_argument("--only", nargs="+", choices=EVALUATIONS, help="with --eval-only: these measurements only")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.eval_only:
         return evaluate(a.out, SCALES[a.scale], a.work, a.seed, not a.no_progress, a.device, a.only)
-    return build(a.out, SCALES[a.scale], a.work, a.seed, not a.no_progress, a.device, not a.no_eval)
+    return build(a.out, SCALES[a.scale], a.work, a.seed, not a.no_progress, a.device, not a.no_eval, a.start)
 
 
 if __name__ == "__main__":
