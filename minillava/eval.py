@@ -192,27 +192,26 @@ def caption_mentions(caption: str) -> list[dict]:
 
 def caption_metrics(captions: list[str], scenes: list) -> dict:
     """Object precision (mentioned objects that are in the scene, matched by colour and shape), object recall
-    (scene objects mentioned), and the accuracy of the size and position said for the objects that match."""
+    (scene objects mentioned), and the accuracy of the size and position said for the objects that match.
+    Matching is one to one: an object said twice (or two red circles said where there is one) counts once."""
     mentioned = correct = recalled = total = 0
     attr = {"size": [0, 0], "position": [0, 0]}
     for caption, scene in zip(captions, scenes, strict=True):
-        objs = list(scene.objects)
-        found = set()
+        free = list(scene.objects)  # not matched yet
         for m in caption_mentions(caption):
             mentioned += 1
-            match = next((o for o in objs if o.shape == m["shape"] and (m["color"] in (None, o.color))
-                          and (m["position"] in (None, o.position))), None)
-            match = match or next((o for o in objs if o.shape == m["shape"] and m["color"] in (None, o.color)), None)
+            same = [o for o in free if o.shape == m["shape"] and m["color"] in (None, o.color)]
+            match = next((o for o in same if m["position"] in (None, o.position)), same[0] if same else None)
             if match is None:
                 continue
             correct += 1
-            found.add(objs.index(match))
+            free.remove(match)
             for a in attr:
                 if m[a] is not None:
                     attr[a][0] += m[a] == getattr(match, a)
                     attr[a][1] += 1
-        recalled += len(found)
-        total += len(objs)
+        recalled += len(scene.objects) - len(free)
+        total += len(scene.objects)
     return {"n": len(captions), "object_precision": correct / mentioned if mentioned else 0.0,
             "object_recall": recalled / total if total else 0.0,
             **{f"{a}_accuracy": c / n if n else 0.0 for a, (c, n) in attr.items()},
