@@ -75,8 +75,9 @@ zoo-eval: $(STAMP)
 
 # Regenerate data/results/ablations.json (each variant trains both stages; about 6 minutes on one H200 with
 # the 7 variants side by side, hours on 2 CPU cores).
+ABLATION_JOBS ?= 1  # variants side by side: 7 on a GPU (make ablations ABLATION_JOBS=7), 1 on a laptop
 ablations: $(STAMP)
-	$(RUN_ENV) $(BIN)/python -m minillava.ablations --out data/results/ablations.json --jobs 7
+	$(RUN_ENV) $(BIN)/python -m minillava.ablations --out data/results/ablations.json --jobs $(ABLATION_JOBS)
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache *.egg-info build dist

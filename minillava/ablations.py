@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from . import eval as ev
 from .data import shapesworld as sw
 from .data.records import load_records
@@ -64,9 +66,8 @@ def _data(work: Path, kinds: tuple, scale: AblationScale, seed: int) -> Path:
     """The ShapesWorld data of the instruction `kinds` (built once in `work`); every variant is scored on the
     test split of the full-kinds data."""
     data = work / f"data-{'-'.join(kinds)}"
-    if not (data / "manifest.json").is_file():
-        sw.build(data, n_train=scale.n_train, n_val=0, n_test=scale.n_test, n_comp=0, n_text=500, n_text_val=0,
-                 seed=seed, kinds=tuple(kinds))
+    sw.ensure_built(data, n_train=scale.n_train, n_val=0, n_test=scale.n_test, n_comp=0, n_text=500, n_text_val=0,
+                    seed=seed, kinds=tuple(kinds))
     return data
 
 
@@ -95,7 +96,7 @@ def run_variant(name: str, change: dict, work: Path, scale: AblationScale, seed:
         out = merge_lora(s2.out, work / name / "merged")
     from .zoo import load_model
 
-    model, processor = load_model(out, device=device)
+    model, processor = load_model(out, device=device, dtype=torch.float32)  # scored as on a CPU, as the zoo is
     # every variant is scored on the same questions: the full-kinds test split
     test = load_records(_data(work, sw.KINDS, scale, seed) / "instruct_test.json")
     result = ev.evaluate_vqa(model, processor, test, progress=False)
@@ -141,11 +142,12 @@ def run(out: str | Path, variants: list[str] | None = None, scale: AblationScale
                 continue
             print(f"{name:<20} exact {r['overall']['exact']:.1%}  contains {r['overall']['contains']:.1%}  "
                   f"({r['train_seconds']:.0f} s)")
-    import torch
+    from .build_zoo import hardware
+    from .utils import pick_device
 
-    hw = torch.cuda.get_device_name() if torch.cuda.is_available() and device != "cpu" else "cpu"
     summary = {"scale": {"n_train": scale.n_train, "n_test": scale.n_test, "stage1": scale.stage1,
-                         "stage2": scale.stage2}, "seed": seed, "hardware": hw, "results": results}
+                         "stage2": scale.stage2}, "seed": seed, "hardware": hardware(pick_device(device)),
+               "eval_dtype": "float32", "jobs": jobs, "results": results}
     write_json(out, summary)
     return summary
 

@@ -182,6 +182,7 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
     out, work, dev = Path(out), Path(work), pick_device(device)
     steps = STEPS[STEPS.index(start):]
     summary = read_json(out / "zoo_build.json", what="zoo build summary") if start != STEPS[0] else {}
+    _check_kept(summary, scale, seed, STEPS[:STEPS.index(start)])
     times = summary.setdefault("seconds", {})
     t_all = time.perf_counter()
     torch.manual_seed(seed)
@@ -207,13 +208,30 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
             summary[name] = jobs[name]()
             times[name] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
-    summary.update(hardware=hardware(dev), data=manifest["splits"], scale=asdict(scale))
+    summary.update(hardware=hardware(dev), data=manifest["splits"], scale=asdict(scale), seed=seed,
+                   rebuilt=list(steps))  # seconds["total"]: this run's, which rebuilt only `rebuilt`
     write_json(out / "zoo_build.json", summary)
     print(f"zoo built ({', '.join(steps)}) in " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
           + f" -> {out}")
     if evaluate_after:
         summary.update(evaluate(out, scale, work, seed, progress, device))
     return summary
+
+
+_MADE_FROM = {"tiny-clip": ("n_train", "n_val", "n_test", "n_comp", "vocab", "clip"),
+              "tiny-lm": ("n_text", "caption_docs", "lm"), "tiny-llava-stage1": ("stage1",)}
+
+
+def _check_kept(summary: dict, scale: Scale, seed: int, kept: tuple) -> None:
+    """Refuse to build on kept components that another scale or seed made (their settings are in the summary)."""
+    old, new = summary.get("scale", {}), asdict(scale)
+    differ = [f"{k} ({old.get(k)!r} there, {new[k]!r} now)" for name in kept for k in _MADE_FROM[name]
+              if old.get(k) != new[k]]
+    if kept and summary.get("seed", seed) != seed:
+        differ.append(f"seed ({summary['seed']} there, {seed} now)")
+    if differ:
+        raise ValueError(f"cannot build on the kept {', '.join(kept)}: they were made with other settings: "
+                         f"{'; '.join(differ)}. Rebuild from an earlier --start.")
 
 
 def build_clip(out: Path, scale: Scale, data: dict, tokenizer, dev: torch.device, progress: bool) -> dict:
@@ -311,20 +329,14 @@ def store_half(folder: Path) -> None:
 
 def build_data(work: Path, scale: Scale, seed: int) -> dict:
     """The ShapesWorld datasets of `scale` in `work` (reused when `work` already holds exactly them)."""
-    args = dict(n_train=scale.n_train, n_val=scale.n_val, n_test=scale.n_test, n_comp=scale.n_comp,
-                n_text=scale.n_text, n_text_val=scale.n_text_val, seed=seed, image_size=scale.clip.image_size)
-    splits = {"train": scale.n_train, "val": scale.n_val, "test": scale.n_test, "compositional": scale.n_comp}
-    if (work / "manifest.json").is_file():
-        old = read_json(work / "manifest.json", what="ShapesWorld manifest")
-        texts = {f: old.get("files", {}).get(f, {}).get("records", 0) for f in ("text_train.json", "text_val.json")}
-        if (old.get("splits"), old.get("seed"), old.get("image_size"), texts) == (
-                splits, seed, args["image_size"], {"text_train.json": scale.n_text, "text_val.json": scale.n_text_val}):
-            return old
-    return sw.build(work, **args)
+    return sw.ensure_built(work, n_train=scale.n_train, n_val=scale.n_val, n_test=scale.n_test,
+                           n_comp=scale.n_comp, n_text=scale.n_text, n_text_val=scale.n_text_val, seed=seed,
+                           image_size=scale.clip.image_size)
 
 
+OTHER_TEMPLATES = ("llava_hf", "llava_llama_2", "chatml_direct")  # prompt sensitivity: the test VQA under these
 EVALUATIONS = ("stage1_caption_test", "vqa_test", "vqa_test_short", "vqa_compositional", "multi_image_test",
-               "pope_test", "caption_test")
+               "pope_test", "caption_test", *(f"vqa_test_{t}" for t in OTHER_TEMPLATES))
 
 
 def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "build/shapesworld", seed: int = 0,
@@ -332,7 +344,8 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
     """Measure the built tiny LLaVA (both stages) on the held-out splits and write the numbers into their model
     cards and `zoo_build.json`: stage-1 captions; VQA exact match per question type (test, with and without
     LLaVA's short-answer suffix; compositional), multi-image accuracy, POPE (random/popular/adversarial) and
-    caption precision/recall of the stage-2 model. `only`: some of `EVALUATIONS` (the others are kept)."""
+    caption precision/recall of the stage-2 model, and the test VQA prompted with `OTHER_TEMPLATES` instead of
+    the trained `vicuna_v1` (prompt sensitivity). `only`: some of `EVALUATIONS` (the others are kept)."""
     from .model import LlavaModel
     from .processor import Processor
 
@@ -352,17 +365,25 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
         summary["tiny-llava-stage1"] = {**summary.get("tiny-llava-stage1", {}), "caption_test": cap["caption"]}
         print(f"tiny-llava-stage1 captions:\n{cap['table']}")
 
+    if not set(only) - {"stage1_caption_test"}:
+        write_json(out / "zoo_build.json", summary)
+        return {k: summary[k] for k in ("tiny-llava-stage1",) if k in summary}
     model = LlavaModel.from_pretrained(out / "tiny-llava", device=device, dtype=torch.float32)  # as on a CPU
     processor = Processor.from_pretrained(out / "tiny-llava")
     test = load_records(work / "instruct_test.json")[: scale.n_eval]
     comp = load_records(work / "instruct_compositional.json")[: scale.n_eval]
     runs = {"vqa_test": (test, "vqa", ""), "vqa_test_short": (test, "vqa", sw.SHORT_ANSWER),
             "vqa_compositional": (comp, "vqa", ""), "multi_image_test": (test, "multi-image", ""),
-            "pope_test": (test[:300], "pope", ""), "caption_test": (test, "caption", "")}
+            "pope_test": (test[:300], "pope", ""), "caption_test": (test, "caption", ""),
+            **{f"vqa_test_{t}": (test, "vqa", "", t) for t in OTHER_TEMPLATES}}
     metrics = {}
-    for name, (recs, kind, suffix) in runs.items():
+    for name, (recs, kind, suffix, *template) in runs.items():
+        if name == "multi_image_test" and not any(len(r.images) > 1 for r in recs):
+            print("tiny-llava, multi_image_test: skipped, no two-image record among the test records")
+            continue
         if name in only:
-            r = ev.run_eval(model, processor, recs, kind, suffix, progress=progress, seed=seed)
+            proc = processor.with_template(template[0]) if template else processor
+            r = ev.run_eval(model, proc, recs, kind, suffix, progress=progress, seed=seed)
             print(f"tiny-llava, {name}:\n{r['table']}")
             metrics[name] = {k: r[k] for k in ("overall", "by_type", "pope", "caption") if k in r}
     update_card(out / "tiny-llava", metrics)
@@ -386,6 +407,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", nargs="+", choices=EVALUATIONS, help="with --eval-only: these measurements only")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.only and not a.eval_only:
+        p.error("--only goes with --eval-only")
+    if a.eval_only and (a.no_eval or a.start != STEPS[0]):
+        p.error("--eval-only trains nothing: --no-eval and --start do not apply")
     if a.eval_only:
         return evaluate(a.out, SCALES[a.scale], a.work, a.seed, not a.no_progress, a.device, a.only)
     return build(a.out, SCALES[a.scale], a.work, a.seed, not a.no_progress, a.device, not a.no_eval, a.start)

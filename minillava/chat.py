@@ -82,6 +82,10 @@ class ChatSession:
                  reuse_cache: bool = True, context_policy: str = "error"):
         if context_policy not in CONTEXT_POLICIES:
             raise ValueError(f"context_policy {context_policy!r}: expected one of {', '.join(CONTEXT_POLICIES)}")
+        limit = getattr(model, "max_length", None)
+        if limit and max_new_tokens >= limit:
+            raise ValueError(f"max_new_tokens {max_new_tokens}: must leave room for the question in the model's "
+                             f"context of {limit} tokens")
         self.model = model
         self.processor = processor if template is None else processor.with_template(template)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p

@@ -179,15 +179,16 @@ def pope_metrics(answers: list[str], references: list[str]) -> dict:
 # ---- captions: which objects does a caption mention, and are they there? -------------------------------------
 def caption_mentions(caption: str) -> list[dict]:
     """Objects a ShapesWorld-style caption or description mentions: [{"size", "color", "shape", "position"}]
-    (None if unsaid). Counts such as "2 circles" are not mentions of an object."""
+    (None if unsaid). Counts and plurals ("1 circle", "2 circles", "no red squares") name no single object
+    and are left out."""
     from .data import shapesworld as sw
 
     sizes, colors, shapes = "|".join(sw.SIZES), "|".join(sw.COLORS), "|".join(sw.SHAPES)
     positions = "|".join(sorted(sw.POSITIONS, key=len, reverse=True))
-    pattern = (rf"\b(?<!\d )(?:({sizes}) )?(?:({colors}) )?({shapes})s?\b"  # not counts ("2 circles")
+    pattern = (rf"\b(?:(\d+|no|one|two|three|four|five) )?(?:({sizes}) )?(?:({colors}) )?({shapes})(s?)\b"
                rf"(?: (?:is )?(?:at|in|on) the ({positions})\b)?")  # "... circle (is) at the top left"
-    return [{"size": m[0] or None, "color": m[1] or None, "shape": m[2], "position": m[3] or None}
-            for m in re.findall(pattern, caption.lower())]
+    return [{"size": m[1] or None, "color": m[2] or None, "shape": m[3], "position": m[5] or None}
+            for m in re.findall(pattern, caption.lower()) if not (m[0] or m[4])]  # counts and plurals: no object
 
 
 def caption_metrics(captions: list[str], scenes: list) -> dict:
@@ -198,7 +199,7 @@ def caption_metrics(captions: list[str], scenes: list) -> dict:
     attr = {"size": [0, 0], "position": [0, 0]}
     for caption, scene in zip(captions, scenes, strict=True):
         free = list(scene.objects)  # not matched yet
-        for m in caption_mentions(caption):
+        for m in sorted(caption_mentions(caption), key=lambda m: m["position"] is None):  # placed ones first
             mentioned += 1
             same = [o for o in free if o.shape == m["shape"] and m["color"] in (None, o.color)]
             match = next((o for o in same if m["position"] in (None, o.position)), same[0] if same else None)

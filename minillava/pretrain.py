@@ -107,7 +107,8 @@ def train_clip(pixels: torch.Tensor, captions: list[str], tokenizer, cfg: ClipCo
 
     With `cfg.hard_negatives`, each image also meets a false twin of its caption (one object changed, see
     `shapesworld.hard_negative`) among the texts it must reject, as NegCLIP does: the image-to-text logits are
-    (B, 2B), the text-to-image ones (B, B). Returns (CLIPModel on the CPU, metrics). Each step draws a random
+    (B, B + k) for the k captions that have a negative (all, for ShapesWorld's), the text-to-image ones (B, B).
+    Returns (CLIPModel on the CPU, metrics). Each step draws a random
     batch; caption duplicates in a batch are rare in ShapesWorld, so no masking of false negatives is done.
     """
     import numpy as np

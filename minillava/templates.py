@@ -94,11 +94,12 @@ class Template:
     answer: tuple[str, str] = ("", "")
     round_sep: str = ""
     caption_only: bool = False
+    stop: str = ""  # where a turn ends when `answer[1]` does not say (llava-hf's layout: at EOS, "</s>")
 
     @property
     def stop_str(self) -> str:
         """The text that ends an assistant turn; generation stops when the model writes it."""
-        return self.answer[1].strip() or self.answer[1]
+        return self.stop or self.answer[1].strip() or self.answer[1]
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The prompt text of `messages`; with `add_generation_prompt`, followed by the assistant tag."""
@@ -301,6 +302,10 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
     # The reference CLI's variant: "human"/"human's" in the system text.
     Template("llava_v1", system=_VICUNA_SYSTEM.replace("user", "human"), system_wrap=("", " "),
              user=("USER: ", " "), assistant_tag="ASSISTANT:", answer=(" ", "</s>")),
+    # transformers' chat template for llava-hf/llava-1.5-*-hf: vicuna_v1's tags without its system prompt and
+    # without "</s>" between turns (an inference layout; no LLaVA model was trained with it).
+    Template("llava_hf", system_wrap=("", " "), user=("USER: ", " "), assistant_tag="ASSISTANT:", answer=(" ", ""),
+             round_sep=" ", stop="</s>"),
     Template("llava_llama_2", system=_LLAMA_2_SYSTEM, round_sep="<s>", **_LLAMA_2),
     Template("mistral_instruct", **_LLAMA_2),
     Template("chatml_direct", system="Answer the questions.", **_CHATML),

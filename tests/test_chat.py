@@ -355,3 +355,8 @@ def test_chat_ttft_reports_both_ways(model, processor):
         assert result[key] > 0
     assert result["prefilled_tokens_turn_2"] < result["prompt_tokens_turn_2"]
     assert "chat_ttft" in BENCHMARKS
+
+
+def test_answer_room_must_leave_room_for_a_question(model, processor):
+    with pytest.raises(ValueError, match=f"max_new_tokens {model.max_length}: must leave room"):
+        ml.ChatSession(model, processor, max_new_tokens=model.max_length)

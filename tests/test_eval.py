@@ -96,6 +96,9 @@ def test_caption_metrics_on_known_captions():
     moved = sw.describe(sw.Scene((sw.Obj("circle", "red", "large", (2, 2)),), bg))
     m = ev.caption_metrics([moved], [scene])
     assert m["object_precision"] == 1.0 and m["object_recall"] == 0.5 and m["position_accuracy"] == 0.0
+    assert ev.caption_mentions("There are 2 red circles and no blue stars. Two squares.") == []  # no one object
+    late = "A red circle. A large red circle at the top left."  # the placed mention gets the object it names
+    assert ev.caption_metrics([late], [scene])["position_accuracy"] == 1.0
     twice = "A large red circle at the top left. A red circle in the center."  # one red circle, said twice
     m = ev.caption_metrics([twice], [scene])
     assert m["object_precision"] == 0.5 and m["object_recall"] == 0.5 and m["position_accuracy"] == 1.0

@@ -377,3 +377,14 @@ def test_hard_negatives_change_one_thing_and_never_a_held_out_pair():
         assert all((c, s) not in sw.HELD_OUT for _, c, s, _ in after)
     assert set(kinds) == {"swap", "size", "color", "shape", "position"}
     assert sw.hard_negative("A picture of nothing.", rng) is None
+
+
+def test_ensure_built_reuses_only_the_same_build(tmp_path):
+    args = dict(n_train=6, n_val=0, n_test=2, n_comp=0, n_text=3, n_text_val=0, seed=1)
+    first = sw.ensure_built(tmp_path / "d", **args)
+    stamp = (tmp_path / "d" / "manifest.json").stat().st_mtime_ns
+    assert sw.ensure_built(tmp_path / "d", **args) == first
+    assert (tmp_path / "d" / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+    other = sw.ensure_built(tmp_path / "d", **{**args, "n_train": 7})
+    assert other["splits"]["train"] == 7 and other["arguments"]["n_train"] == 7
+    assert sw.ensure_built(tmp_path / "d", **{**args, "n_train": 7, "kinds": ("detail",)})["kinds"] == ["detail"]

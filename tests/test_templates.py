@@ -331,12 +331,12 @@ def test_bad_conversations_raise(messages, generation, match):
 
 def test_stop_strings():
     assert {name: t.stop_str for name, t in TEMPLATES.items()} == {
-        "plain": "\n", "vicuna_v1": "</s>", "llava_v1": "</s>", "llava_llama_2": "</s>",
+        "plain": "\n", "vicuna_v1": "</s>", "llava_v1": "</s>", "llava_hf": "</s>", "llava_llama_2": "</s>",
         "mistral_instruct": "</s>", "chatml_direct": "<|im_end|>", "mpt": "<|im_end|>"}
 
 
 def test_get_template():
-    assert list(TEMPLATES) == ["plain", "vicuna_v1", "llava_v1", "llava_llama_2", "mistral_instruct",
+    assert list(TEMPLATES) == ["plain", "vicuna_v1", "llava_v1", "llava_hf", "llava_llama_2", "mistral_instruct",
                                "chatml_direct", "mpt"]
     assert get_template("mpt") is TEMPLATES["mpt"]
     custom = Template("custom", user=("Q: ", "\n"), assistant_tag="A:", answer=(" ", "\n"))
@@ -507,3 +507,18 @@ def test_tokenizer_without_offsets_raises():
 
     with pytest.raises(ValueError, match="cannot return character offsets"):
         get_template("vicuna_v1").tokenize(conversation(1, False), SlowTokenizer())
+
+
+def test_llava_hf_layout_is_transformers_chat_template(small_tokenizers):
+    """transformers' llava-1.5-hf chat template, written out: no system prompt, no "</s>" between turns; the
+    answers are supervised without their closing space (it opens the next round), and generation stops at EOS."""
+    messages = [{"role": "user", "content": "<image>\nWhat is in the image?"},
+                {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "What color is it?"}]
+    template = get_template("llava_hf")
+    assert template.render(messages, add_generation_prompt=True) == (
+        "USER: <image>\nWhat is in the image? ASSISTANT: A cat. USER: What color is it? ASSISTANT:")
+    assert [t for t, supervised in template.segments(messages[:2]) if supervised] == [" A cat."]
+    tok = small_tokenizers["bytelevel"]
+    out = template.tokenize(messages[:2], tok, num_image_tokens=3)
+    kept = [i for i, label in zip(out["input_ids"], out["labels"]) if label != IGNORE_INDEX]
+    assert tok.decode(kept) == " A cat."

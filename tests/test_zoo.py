@@ -26,7 +26,7 @@ def test_toy_build_writes_every_component_with_a_card(toy_zoo):
     assert set(summary["seconds"]) == {"data", *zoo.COMPONENTS, "total"}
     assert 0 <= summary["tiny-clip"]["zero_shot_color_acc"] <= 1
     assert summary["tiny-lm"]["perplexity_text_val"] > 1
-    kinds = {"vqa_test", "vqa_test_short", "vqa_compositional", "multi_image_test", "pope_test", "caption_test"}
+    kinds = set(build_zoo.EVALUATIONS) - {"stage1_caption_test"}
     assert set(summary["tiny-llava"]) == kinds | {"final_train_loss"}
     assert set(summary["tiny-llava"]["pope_test"]["pope"]) == {"random", "popular", "adversarial"}
     metrics = json.loads((data / "tiny-llava" / "metrics.json").read_text())
@@ -145,13 +145,26 @@ def test_rebuild_is_deterministic(tmp_path):
 
 
 def test_rebuild_from_a_later_step_keeps_the_earlier_components(tmp_path):
+    import dataclasses
+
     data, work = tmp_path / "data", tmp_path / "work"
     first = build_zoo.build(data, build_zoo.TOY, work, progress=False, evaluate_after=False)
     kept = {n: (data / n / "model.safetensors").read_bytes() for n in ("tiny-clip", "tiny-lm")}
-    stamp = (data / "tiny-llava" / "model.safetensors").stat().st_mtime_ns
+    stage1 = (data / "tiny-llava-stage1" / "projector.safetensors").read_bytes()
+    import shutil
+
+    shutil.rmtree(data / "tiny-llava")
     again = build_zoo.build(data, build_zoo.TOY, work, progress=False, evaluate_after=False, start="tiny-llava")
     assert {n: (data / n / "model.safetensors").read_bytes() for n in kept} == kept
-    assert (data / "tiny-llava" / "model.safetensors").stat().st_mtime_ns != stamp
-    assert again["tiny-clip"] == first["tiny-clip"] and again["tiny-llava"] == first["tiny-llava"]  # same seed
+    assert (data / "tiny-llava-stage1" / "projector.safetensors").read_bytes() == stage1
+    assert (data / "tiny-llava" / "model.safetensors").is_file()  # rebuilt
+    assert again["rebuilt"] == ["tiny-llava"] and again["tiny-llava"] == first["tiny-llava"]  # same seed
+    other = dataclasses.replace(build_zoo.TOY, stage1={**build_zoo.TOY.stage1, "lr": 5e-4})
+    with pytest.raises(ValueError, match=r"kept tiny-clip, tiny-lm, tiny-llava-stage1: .*stage1"):
+        build_zoo.build(data, other, work, progress=False, evaluate_after=False, start="tiny-llava")
+    build_zoo.build(data, other, work, progress=False, evaluate_after=False, start="tiny-llava-stage1")  # fine
     with pytest.raises(ValueError, match="start 'tiny-bert'"):
         build_zoo.build(data, build_zoo.TOY, work, start="tiny-bert")
+    for argv in (["--only", "vqa_test"], ["--eval-only", "--start", "tiny-lm"]):
+        with pytest.raises(SystemExit):
+            build_zoo.main(["--scale", "toy", "--out", str(data), *argv])

@@ -715,14 +715,39 @@ def _png(scene: Scene) -> bytes:
 
 
 def _render_all(scenes: list[Scene]) -> list[bytes]:
-    """PNG bytes of every scene, in order; on all cores when there are many (rendering is pure)."""
-    workers = min(os.cpu_count() or 1, len(scenes) // 2000)
+    """PNG bytes of every scene, in order; on all the cores this process may use when there are many
+    (rendering is pure). Workers start from a fresh interpreter (forkserver), not a fork of one holding torch."""
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                  len(scenes) // 2000)
     if workers < 2:
         return [_png(s) for s in scenes]
+    import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers) as pool:
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
         return list(pool.map(_png, scenes, chunksize=500))
+
+
+def _code_sha256() -> str:
+    """A fingerprint of this module's source: data built by other code is not reused."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def ensure_built(out_dir: str | Path, **kwargs) -> dict:
+    """`build(out_dir, **kwargs)`, unless out_dir already holds exactly that build (the same arguments, made by
+    the same version of this module); returns the manifest."""
+    import inspect
+
+    bound = inspect.signature(build).bind(out_dir, **kwargs)
+    bound.apply_defaults()
+    wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items() if k != "out_dir"}
+    previous = Path(out_dir) / "manifest.json"
+    if previous.is_file():
+        old = read_json(previous, "manifest")
+        if old.get("arguments") == wanted and old.get("code_sha256") == _code_sha256():
+            return old
+    return build(out_dir, **kwargs)
 
 
 def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: int = 1000, n_comp: int = 500,
@@ -747,7 +772,10 @@ def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: in
              **{f"instruct_{s}.json": data[s].instruct for s in SPLITS},
              "text_train.json": text_chats(n_text, seed, "train", image_size),
              "text_val.json": text_chats(n_text_val, seed, "val", image_size)}
-    manifest = {"generator": GENERATOR, "seed": seed, "image_size": image_size,
+    arguments = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "n_comp": n_comp, "n_text": n_text,
+                 "n_text_val": n_text_val, "seed": seed, "image_size": image_size, "kinds": list(kinds)}
+    manifest = {"generator": GENERATOR, "code_sha256": _code_sha256(), "arguments": arguments, "seed": seed,
+                "image_size": image_size,
                 "kinds": list(kinds), "held_out": [list(p) for p in HELD_OUT], "splits": counts,
                 "images": sum(len(d.scenes) for d in data.values()), "files": {}}
     with atomic_dir(out_dir) as tmp:
