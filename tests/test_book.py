@@ -76,3 +76,18 @@ def test_rendered_chapter_in_chromium(page, tmp_path):
     subprocess.run(flags + [f"--screenshot={shots / (page.stem + '.png')}", page.as_uri()], capture_output=True,
                    timeout=120, check=True)
     assert (shots / f"{page.stem}.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not HTML, reason="set MINILLAVA_BOOK_HTML to a built book (make check-book does)")
+def test_formulas_render_offline(tmp_path):
+    """MathJax ships inside the book (sphinx-mathjax-offline), so the Performance page's formulas typeset with
+    no network: Chromium runs with networking off, and the page must hold MathJax's output, not raw TeX."""
+    page = Path(HTML) / "book" / "performance.html"
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "headless Chromium is needed (apt-get install chromium)"
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--no-first-run", f"--user-data-dir={tmp_path}", "--proxy-server=127.0.0.1:9",
+                          "--virtual-time-budget=8000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "_static/mathjax/tex-chtml.js" in dom, "MathJax is not served from the book"
+    assert "<mjx-container" in dom and "\\(" not in re.sub(r"<script.*?</script>", "", dom, flags=re.S)
