@@ -97,6 +97,25 @@ def write_card(folder: Path, title: str, summary: str, facts: dict, metrics: dic
     write_json(folder / "card.json", {"title": title, "summary": summary, "facts": facts})
 
 
+OTHER_TEMPLATES = ("llava_hf", "llava_llama_2", "chatml_direct")  # prompt sensitivity: the test VQA under these
+SECTIONS = {  # what each measurement of `evaluate` is, for the model cards
+    "vqa_test": "Exact match and \"answer contains the reference\" on the held-out test scenes, with the trained "
+                "`vicuna_v1` prompt (greedy; earlier turns given with their reference answers).",
+    "vqa_test_short": "The same questions with LLaVA-1.5's short-answer suffix (\"Answer the question using a single "
+                      "word or phrase.\") on every question, long-answer kinds included.",
+    "vqa_compositional": "Scenes that always hold a colour-shape pair training never drew (purple star, orange "
+                         "triangle).",
+    "multi_image_test": "The two-image questions of the test split.",
+    "pope_test": "POPE-style yes/no probes on 300 test images: absent objects drawn at random, among the most "
+                 "frequent, or adversarially (the same shape in another colour).",
+    "caption_test": "Captions of held-out test images (the stage-2 model is asked \"Describe the image briefly.\"; "
+                    "`plain` drops the instruction): objects named that are in the scene (precision), objects in "
+                    "the scene that are named (recall), and the size and position said for them.",
+    **{f"vqa_test_{t}": f"The test questions prompted with `{t}` instead of the trained `vicuna_v1` (prompt "
+                        "sensitivity)." for t in OTHER_TEMPLATES},
+}
+
+
 def _metrics_md(metrics: dict) -> str:
     """Metrics as Markdown: plain numbers in one table, then one table per evaluation (VQA by question type,
     POPE by strategy, or its flattened fields)."""
@@ -106,7 +125,7 @@ def _metrics_md(metrics: dict) -> str:
     for name, v in metrics.items():
         if not isinstance(v, dict):
             continue
-        out += ["", f"### {name}", ""]
+        out += ["", f"### {name}", ""] + ([SECTIONS[name], ""] if name in SECTIONS else [])
         if "by_type" in v:
             out += ["| question type | n | exact | contains |", "|---|---|---|---|"]
             out += [f"| {t} | {r['n']} | {r['exact']:.1%} | {r['contains']:.1%} |"
@@ -334,7 +353,6 @@ def build_data(work: Path, scale: Scale, seed: int) -> dict:
                            image_size=scale.clip.image_size)
 
 
-OTHER_TEMPLATES = ("llava_hf", "llava_llama_2", "chatml_direct")  # prompt sensitivity: the test VQA under these
 EVALUATIONS = ("stage1_caption_test", "vqa_test", "vqa_test_short", "vqa_compositional", "multi_image_test",
                "pope_test", "caption_test", *(f"vqa_test_{t}" for t in OTHER_TEMPLATES))
 
