@@ -44,6 +44,7 @@ import torch
 from PIL import Image
 
 from .chat import ChatSession
+from .utils import device_name
 
 QUESTIONS = ["What color is the circle?", "Where is it?", "How many shapes are there?", "Is there a star?",
              "What is at the top left?", "Describe the image."]
@@ -723,18 +724,6 @@ def parity(pair: Pair) -> float:
 
 
 # ---- the whole comparison ------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"CPU {name} ({os.cpu_count()} cores)"
-
-
 def _load() -> float | None:
     """The 1-minute load average (other processes competing for the CPU make timings noisy)."""
     try:

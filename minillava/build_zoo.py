@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from . import pretrain as pt
 from .data import shapesworld as sw
 from .data.records import load_records, save_records
 from .train import TrainConfig, load_stage1, train
-from .utils import atomic_dir, load_tensors, pick_device, read_json, save_tensors, write_json
+from .utils import atomic_dir, device_name, load_tensors, pick_device, read_json, save_tensors, write_json
 from .zoo import COMPONENTS
 
 
@@ -79,10 +78,8 @@ def zoo_at(folder: Path):
             os.environ["MINILLAVA_DATA"] = old
 
 
-def hardware(device: torch.device | None = None) -> str:
-    if device is not None and device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+def hardware(device: torch.device) -> str:
+    return f"{device_name(device)}, torch {torch.__version__}"
 
 
 def write_card(folder: Path, title: str, summary: str, facts: dict, metrics: dict) -> None:
@@ -364,9 +361,6 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
     LLaVA's short-answer suffix; compositional), multi-image accuracy, POPE (random/popular/adversarial) and
     caption precision/recall of the stage-2 model, and the test VQA prompted with `OTHER_TEMPLATES` instead of
     the trained `vicuna_v1` (prompt sensitivity). `only`: some of `EVALUATIONS` (the others are kept)."""
-    from .model import LlavaModel
-    from .processor import Processor
-
     out, work, only = Path(out), Path(work), list(only or EVALUATIONS)
     unknown = [k for k in only if k not in EVALUATIONS]
     if unknown:
@@ -383,9 +377,20 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
         summary["tiny-llava-stage1"] = {**summary.get("tiny-llava-stage1", {}), "caption_test": cap["caption"]}
         print(f"tiny-llava-stage1 captions:\n{cap['table']}")
 
-    if not set(only) - {"stage1_caption_test"}:
-        write_json(out / "zoo_build.json", summary)
-        return {k: summary[k] for k in ("tiny-llava-stage1",) if k in summary}
+    if set(only) - {"stage1_caption_test"}:
+        summary["tiny-llava"] = {**summary.get("tiny-llava", {}), **_evaluate_stage2(out, scale, work, seed,
+                                                                                     progress, device, only)}
+    summary["eval_seconds"] = time.perf_counter() - t  # of the last measurement run
+    write_json(out / "zoo_build.json", summary)
+    return {k: summary[k] for k in ("tiny-llava-stage1", "tiny-llava", "eval_seconds") if k in summary}
+
+
+def _evaluate_stage2(out: Path, scale: Scale, work: Path, seed: int, progress: bool, device: str | None,
+                     only: list[str]) -> dict:
+    """The measurements of tiny-llava named in `only`, written into its card; returns them."""
+    from .model import LlavaModel
+    from .processor import Processor
+
     model = LlavaModel.from_pretrained(out / "tiny-llava", device=device, dtype=torch.float32)  # as on a CPU
     processor = Processor.from_pretrained(out / "tiny-llava")
     test = load_records(work / "instruct_test.json")[: scale.n_eval]
@@ -396,19 +401,17 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
             **{f"vqa_test_{t}": (test, "vqa", "", t) for t in OTHER_TEMPLATES}}
     metrics = {}
     for name, (recs, kind, suffix, *template) in runs.items():
+        if name not in only:
+            continue
         if name == "multi_image_test" and not any(len(r.images) > 1 for r in recs):
             print("tiny-llava, multi_image_test: skipped, no two-image record among the test records")
             continue
-        if name in only:
-            proc = processor.with_template(template[0]) if template else processor
-            r = ev.run_eval(model, proc, recs, kind, suffix, progress=progress, seed=seed)
-            print(f"tiny-llava, {name}:\n{r['table']}")
-            metrics[name] = {k: r[k] for k in ("overall", "by_type", "pope", "caption") if k in r}
+        proc = processor.with_template(template[0]) if template else processor
+        r = ev.run_eval(model, proc, recs, kind, suffix, progress=progress, seed=seed)
+        print(f"tiny-llava, {name}:\n{r['table']}")
+        metrics[name] = {k: r[k] for k in ("overall", "by_type", "pope", "caption") if k in r}
     update_card(out / "tiny-llava", metrics)
-    summary["tiny-llava"] = {**summary.get("tiny-llava", {}), **metrics}
-    summary["eval_seconds"] = time.perf_counter() - t  # of the last measurement run
-    write_json(out / "zoo_build.json", summary)
-    return {k: summary[k] for k in ("tiny-llava-stage1", "tiny-llava", "eval_seconds") if k in summary}
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -734,6 +734,11 @@ def _code_sha256() -> str:
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
+def _arguments(arguments: dict) -> dict:
+    """`build`'s arguments as its manifest records them (JSON values; the output folder left out)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in arguments.items() if k != "out_dir"}
+
+
 def ensure_built(out_dir: str | Path, **kwargs) -> dict:
     """`build(out_dir, **kwargs)`, unless out_dir already holds exactly that build (the same arguments, made by
     the same version of this module); returns the manifest."""
@@ -741,7 +746,7 @@ def ensure_built(out_dir: str | Path, **kwargs) -> dict:
 
     bound = inspect.signature(build).bind(out_dir, **kwargs)
     bound.apply_defaults()
-    wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items() if k != "out_dir"}
+    wanted = _arguments(bound.arguments)
     previous = Path(out_dir) / "manifest.json"
     if previous.is_file():
         old = read_json(previous, "manifest")
@@ -760,6 +765,7 @@ def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: in
     sha256 of each JSON). Byte-identical for the same arguments. An existing out_dir is replaced only if it is
     empty or a previous build (it has a manifest.json); files with no records are not written.
     """
+    arguments = _arguments(locals())  # first: exactly the parameters
     out_dir = Path(out_dir)
     previous = out_dir / "manifest.json"
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (
@@ -772,8 +778,6 @@ def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: in
              **{f"instruct_{s}.json": data[s].instruct for s in SPLITS},
              "text_train.json": text_chats(n_text, seed, "train", image_size),
              "text_val.json": text_chats(n_text_val, seed, "val", image_size)}
-    arguments = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "n_comp": n_comp, "n_text": n_text,
-                 "n_text_val": n_text_val, "seed": seed, "image_size": image_size, "kinds": list(kinds)}
     manifest = {"generator": GENERATOR, "code_sha256": _code_sha256(), "arguments": arguments, "seed": seed,
                 "image_size": image_size,
                 "kinds": list(kinds), "held_out": [list(p) for p in HELD_OUT], "splits": counts,
