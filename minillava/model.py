@@ -78,8 +78,8 @@ class LlavaModel(nn.Module):
             "feature_layer": self.vision_tower.feature_layer,
             "feature_select": self.vision_tower.select,
             "image_token_id": self.image_token_id,
-            "vision_config": self.vision_tower.model.config.to_dict(),
-            "text_config": self.language_model.config.to_dict(),
+            "vision_config": _portable(self.vision_tower.model.config.to_dict()),
+            "text_config": _portable(self.language_model.config.to_dict()),
         }
 
     @property
@@ -324,3 +324,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
+
+def _portable(config: dict) -> dict:
+    """A backbone's config without `_name_or_path`, the folder it was loaded from on the machine that saved it."""
+    return {k: v for k, v in config.items() if k != "_name_or_path"}

@@ -194,6 +194,15 @@ def test_save_and_load_roundtrip(tmp_path, model, processor):
     assert not any(p.name.endswith(".bin") or p.name.endswith(".pt") for p in (tmp_path / "ckpt").iterdir())
 
 
+def test_saved_config_does_not_name_the_folders_of_its_backbones(tmp_path, tokenizer):
+    m = make_model(tokenizer)
+    m.language_model.config._name_or_path = str(tmp_path / "my-lm")  # as from_pretrained sets it
+    m.vision_tower.model.config._name_or_path = str(tmp_path / "my-clip")
+    m.save_pretrained(tmp_path / "ckpt")
+    assert str(tmp_path) not in (tmp_path / "ckpt" / "config.json").read_text()
+    assert ml.LlavaModel.from_pretrained(tmp_path / "ckpt").config == m.config
+
+
 def test_broken_checkpoints_get_clear_errors(tmp_path, tokenizer, model):
     with pytest.raises(FileNotFoundError, match="model folder 'nowhere': not found"):
         ml.LlavaModel.from_pretrained("nowhere")

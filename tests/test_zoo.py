@@ -26,7 +26,11 @@ def test_toy_build_writes_every_component_with_a_card(toy_zoo):
     assert set(summary["seconds"]) == {"data", *zoo.COMPONENTS, "total"}
     assert 0 <= summary["tiny-clip"]["zero_shot_color_acc"] <= 1
     assert summary["tiny-lm"]["perplexity_text_val"] > 1
-    kinds = set(build_zoo.EVALUATIONS) - {"stage1_caption_test"}
+    lm_card = json.loads((data / "tiny-lm" / "metrics.json").read_text())
+    assert lm_card["text_qa_val"] == summary["tiny-lm"]["text_qa_val"]  # the LM's reasoning, before any image
+    assert 0 <= lm_card["text_qa_val"]["overall"]["exact"] <= 1 and "fact" not in lm_card["text_qa_val"]["by_type"]
+    assert "### text_qa_val" in (data / "tiny-lm" / "README.md").read_text()
+    kinds = set(build_zoo.EVALUATIONS) - {"stage1_caption_test", "lm_text_qa"}
     assert set(summary["tiny-llava"]) == kinds | {"final_train_loss"}
     assert set(summary["tiny-llava"]["pope_test"]["pope"]) == {"random", "popular", "adversarial"}
     metrics = json.loads((data / "tiny-llava" / "metrics.json").read_text())
