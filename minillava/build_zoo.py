@@ -28,7 +28,7 @@ from . import eval as ev
 from . import pretrain as pt
 from .data import shapesworld as sw
 from .data.records import load_records, save_records
-from .train import TrainConfig, build_stage1_model, load_stage1, train
+from .train import TrainConfig, load_stage1, train
 from .utils import atomic_dir, device_name, load_tensors, pick_device, read_json, save_tensors, write_json
 from .zoo import COMPONENTS
 
@@ -50,7 +50,7 @@ class Scale:
     stage2: dict = field(default_factory=lambda: dict(batch_size=64, micro_batch_size=64, epochs=4.0, lr=1e-3))
     text_in_stage2: int = 4000  # text-only chats mixed into stage 2, as llava_v1_5_mix665k has
     caption_docs: int = 4000  # documents of captions, one a line, in the LM's pretraining text (see `lm_corpus`)
-    n_eval: int | None = None  # evaluate on this many test records (None: all)
+    n_eval: int | None = None  # evaluate on this many test (and told-scene) records (None: all)
 
 
 FULL = Scale()
@@ -97,8 +97,8 @@ def write_card(folder: Path, title: str, summary: str, facts: dict, metrics: dic
 OTHER_TEMPLATES = ("llava_hf", "llava_llama_2", "chatml_direct")  # prompt sensitivity: the test VQA under these
 SECTIONS = {  # what each measurement of `evaluate` is, for the model cards
     "text_qa_val": "The questions of held-out text-only chats, whose scene is told in words (\"In a picture there "
-                   "is a large red circle at the top left ...\"), answered by the language model alone (greedy, "
-                   "`vicuna_v1`): how well it reasons about a scene before it ever sees one.",
+                   "is a large red circle at the top left ...\"), with no image (greedy, `vicuna_v1`): how well "
+                   "the language model reasons about a scene it is told rather than shown.",
     "vqa_test": "Exact match and \"answer contains the reference\" on the held-out test scenes, with the trained "
                 "`vicuna_v1` prompt (greedy; earlier turns given with their reference answers).",
     "vqa_test_short": "The same questions with LLaVA-1.5's short-answer suffix (\"Answer the question using a single "
@@ -353,17 +353,19 @@ def build_data(work: Path, scale: Scale, seed: int) -> dict:
                            image_size=scale.clip.image_size)
 
 
-EVALUATIONS = ("lm_text_qa", "stage1_caption_test", "vqa_test", "vqa_test_short", "vqa_compositional",
-               "multi_image_test", "pope_test", "caption_test", *(f"vqa_test_{t}" for t in OTHER_TEMPLATES))
+EVALUATIONS = ("lm_text_qa_val", "stage1_caption_test", "text_qa_val", "vqa_test", "vqa_test_short",
+               "vqa_compositional", "multi_image_test", "pope_test", "caption_test",
+               *(f"vqa_test_{t}" for t in OTHER_TEMPLATES))
 
 
 def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "build/shapesworld", seed: int = 0,
              progress: bool = True, device: str | None = None, only: list[str] | None = None) -> dict:
     """Measure the built tiny LLaVA (both stages) on the held-out splits and write the numbers into their model
-    cards and `zoo_build.json`: tiny-lm's answers to held-out text-only chats (its reasoning); stage-1 captions;
-    VQA exact match per question type (test, with and without LLaVA's short-answer suffix; compositional),
-    multi-image accuracy, POPE (random/popular/adversarial) and caption precision/recall of the stage-2 model,
-    and the test VQA prompted with `OTHER_TEMPLATES` instead of the trained `vicuna_v1` (prompt sensitivity).
+    cards and `zoo_build.json`: scenes told in words (held-out text-only chats) answered by tiny-lm and by the
+    stage-2 model, which separates reasoning from seeing; stage-1 captions; VQA exact match per question type
+    (test, with and without LLaVA's short-answer suffix; compositional), multi-image accuracy, POPE
+    (random/popular/adversarial) and caption precision/recall of the stage-2 model, and the test VQA prompted
+    with `OTHER_TEMPLATES` instead of the trained `vicuna_v1` (prompt sensitivity).
     `only`: some of `EVALUATIONS` (the others are kept)."""
     out, work, only = Path(out), Path(work), list(only or EVALUATIONS)
     unknown = [k for k in only if k not in EVALUATIONS]
@@ -372,9 +374,14 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
     build_data(work, scale, seed)
     t = time.perf_counter()
     summary = read_json(out / "zoo_build.json", what="zoo build summary")
-    if "lm_text_qa" in only:
-        summary["tiny-lm"] = {**summary.get("tiny-lm", {}), "text_qa_val": _evaluate_lm(out, scale, work, progress,
-                                                                                        device)}
+    if "lm_text_qa_val" in only:  # stage 1 trains the projector alone: tiny-llava-stage1 holds tiny-lm unchanged
+        with zoo_at(out):
+            model0, proc0 = load_stage1(out / "tiny-llava-stage1", template="vicuna_v1")
+        r = ev.run_eval(model0.to(pick_device(device)), proc0, told_scenes(work, scale), "vqa", progress=progress)
+        print(f"tiny-lm, text_qa_val:\n{r['table']}")
+        told = {k: r[k] for k in ("overall", "by_type")}
+        update_card(out / "tiny-lm", {"text_qa_val": told})
+        summary["tiny-lm"] = {**summary.get("tiny-lm", {}), "text_qa_val": told}
     if "stage1_caption_test" in only:
         with zoo_at(out):
             model1, proc1 = load_stage1(out / "tiny-llava-stage1", template="plain", aspect="square")
@@ -384,7 +391,7 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
         summary["tiny-llava-stage1"] = {**summary.get("tiny-llava-stage1", {}), "caption_test": cap["caption"]}
         print(f"tiny-llava-stage1 captions:\n{cap['table']}")
 
-    if set(only) - {"lm_text_qa", "stage1_caption_test"}:
+    if set(only) - {"lm_text_qa_val", "stage1_caption_test"}:
         summary["tiny-llava"] = {**summary.get("tiny-llava", {}), **_evaluate_stage2(out, scale, work, seed,
                                                                                      progress, device, only)}
     summary["eval_seconds"] = time.perf_counter() - t  # of the last measurement run
@@ -392,19 +399,10 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
     return {k: summary[k] for k in ("tiny-lm", "tiny-llava-stage1", "tiny-llava", "eval_seconds") if k in summary}
 
 
-def _evaluate_lm(out: Path, scale: Scale, work: Path, progress: bool, device: str | None) -> dict:
-    """tiny-lm answering the questions of the held-out text-only chats, whose scenes are told in words ("In a
-    picture there is a large red circle at the top left ..."): how well the language model reasons about a scene
-    before it ever sees one, a ceiling on the tiny LLaVA. Asked through LLaVA with `vicuna_v1`, as stage 2 asks
-    (the fresh projector is unused: there are no images). Written into tiny-lm's card; returns the scores."""
-    with zoo_at(out):
-        model, processor = build_stage1_model("tiny-clip", "tiny-lm", "mlp2x_gelu", -2, "pad", "vicuna_v1")
-    recs = [r for r in load_records(work / "text_val.json", check_files=False) if r.meta.get("kind") == "text"]
-    r = ev.run_eval(model.eval().to(pick_device(device)), processor, recs[: scale.n_eval], "vqa", progress=progress)
-    print(f"tiny-lm, text_qa_val:\n{r['table']}")
-    metrics = {k: r[k] for k in ("overall", "by_type")}
-    update_card(out / "tiny-lm", {"text_qa_val": metrics})
-    return metrics
+def told_scenes(work: Path, scale: Scale) -> list:
+    """The held-out text-only chats that tell a scene in words (not the world-fact ones): `text_qa_val`'s records."""
+    recs = load_records(work / "text_val.json", check_files=False)
+    return [r for r in recs if r.meta.get("kind") == "text"][: scale.n_eval]
 
 
 def _evaluate_stage2(out: Path, scale: Scale, work: Path, seed: int, progress: bool, device: str | None,
@@ -420,6 +418,7 @@ def _evaluate_stage2(out: Path, scale: Scale, work: Path, seed: int, progress: b
     runs = {"vqa_test": (test, "vqa", ""), "vqa_test_short": (test, "vqa", sw.SHORT_ANSWER),
             "vqa_compositional": (comp, "vqa", ""), "multi_image_test": (test, "multi-image", ""),
             "pope_test": (test[:300], "pope", ""), "caption_test": (test, "caption", ""),
+            "text_qa_val": (told_scenes(work, scale), "vqa", ""),
             **{f"vqa_test_{t}": (test, "vqa", "", t) for t in OTHER_TEMPLATES}}
     metrics = {}
     for name, (recs, kind, suffix, *template) in runs.items():

@@ -50,7 +50,7 @@ def hf_config(model: LlavaModel):
                          "(it has mlp2x_gelu only)")
     tower = model.vision_tower
     return LlavaConfig(
-        vision_config=tower.model.config.to_dict(), text_config=model.language_model.config.to_dict(),
+        vision_config=model.config["vision_config"], text_config=model.config["text_config"],
         image_token_id=model.image_token_id, image_seq_length=model.num_image_tokens,
         vision_feature_layer=tower.feature_layer, vision_feature_select_strategy=_hf_select_strategy(tower),
         projector_hidden_act="gelu", multimodal_projector_bias=True,

@@ -201,6 +201,8 @@ def test_saved_config_does_not_name_the_folders_of_its_backbones(tmp_path, token
     m.save_pretrained(tmp_path / "ckpt")
     assert str(tmp_path) not in (tmp_path / "ckpt" / "config.json").read_text()
     assert ml.LlavaModel.from_pretrained(tmp_path / "ckpt").config == m.config
+    ml.export_hf(m, make_processor(tokenizer, m), tmp_path / "hf")  # nor does transformers' Llava export
+    assert str(tmp_path) not in (tmp_path / "hf" / "config.json").read_text()
 
 
 def test_broken_checkpoints_get_clear_errors(tmp_path, tokenizer, model):

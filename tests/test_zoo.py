@@ -30,7 +30,7 @@ def test_toy_build_writes_every_component_with_a_card(toy_zoo):
     assert lm_card["text_qa_val"] == summary["tiny-lm"]["text_qa_val"]  # the LM's reasoning, before any image
     assert 0 <= lm_card["text_qa_val"]["overall"]["exact"] <= 1 and "fact" not in lm_card["text_qa_val"]["by_type"]
     assert "### text_qa_val" in (data / "tiny-lm" / "README.md").read_text()
-    kinds = set(build_zoo.EVALUATIONS) - {"stage1_caption_test", "lm_text_qa"}
+    kinds = set(build_zoo.EVALUATIONS) - {"stage1_caption_test", "lm_text_qa_val"}
     assert set(summary["tiny-llava"]) == kinds | {"final_train_loss"}
     assert set(summary["tiny-llava"]["pope_test"]["pope"]) == {"random", "popular", "adversarial"}
     metrics = json.loads((data / "tiny-llava" / "metrics.json").read_text())
