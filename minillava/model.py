@@ -33,7 +33,8 @@ class LlavaOutput:
 
     loss: torch.Tensor | None
     logits: torch.Tensor | None
-    num_tokens: int = 0  # supervised tokens behind `loss` (for exact averaging across accumulation steps)
+    num_tokens: int | torch.Tensor = 0  # supervised tokens behind `loss`, a 0-dim tensor with labels (for exact
+    # averaging across accumulation steps)
     cache: object | None = None
 
 
@@ -115,6 +116,17 @@ class LlavaModel(nn.Module):
         embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
         n_images = 0 if images is None and image_features is None else len(
             images if image_features is None else image_features)
+        if not torch.compiler.is_compiling():  # (reading counts back to Python would split a compiled graph)
+            self._check_image_tokens(is_image, n_images)
+        if n_images == 0:
+            return embeds
+        if image_features is None:
+            image_features = self.encode_images(images)
+        image_embeds = self.project(image_features.to(self.device))
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def _check_image_tokens(self, is_image: torch.Tensor, n_images: int) -> None:
+        """Every sample's image tokens (B, T) must come in whole runs of P, one run per image."""
         P = self.num_image_tokens
         per_sample = is_image.sum(dim=1).tolist()
         for i, n in enumerate(per_sample):
@@ -124,12 +136,6 @@ class LlavaModel(nn.Module):
         if sum(per_sample) // P != n_images:
             raise ValueError(f"the batch has {sum(per_sample) // P} image placeholders "
                              f"({', '.join(str(n // P) for n in per_sample)} per sample) but {n_images} images")
-        if n_images == 0:
-            return embeds
-        if image_features is None:
-            image_features = self.encode_images(images)
-        image_embeds = self.project(image_features.to(self.device))
-        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -158,10 +164,14 @@ class LlavaModel(nn.Module):
         loss, n = None, 0
         if labels is not None:
             targets = labels[:, 1:].to(hidden.device)
-            keep = targets != IGNORE_INDEX
-            n = int(keep.sum())
-            picked = logits[:, :-1][keep] if logits is not None else head(hidden[:, :-1][keep])
-            loss = F.cross_entropy(picked.float(), targets[keep], reduction="sum") / max(n, 1)
+            n = (targets != IGNORE_INDEX).sum()
+            if logits is None and not torch.compiler.is_compiling():  # the head on supervised positions alone
+                keep = targets != IGNORE_INDEX
+                scores, targets = head(hidden[:, :-1][keep]), targets[keep]
+            else:  # every position, unsupervised ones ignored: fixed shapes, one graph when compiled
+                scores = (logits if logits is not None else head(hidden))[:, :-1].flatten(0, 1)
+                targets = targets.flatten()
+            loss = F.cross_entropy(scores.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") / n.clamp(min=1)
         return LlavaOutput(loss=loss, logits=logits, num_tokens=n, cache=cache)
 
     # ---- generation --------------------------------------------------------------------------------------

@@ -83,6 +83,18 @@ def test_loss_only_on_supervised_tokens(model, processor):
     assert supervised.strip() == "Red.</s>"
 
 
+def test_training_forward_compiles_to_one_graph(tokenizer, processor):
+    """No data-dependent Python values or shapes in the forward: torch.compile traces it without a break."""
+    model = make_model(tokenizer).train()
+    b = processor([chat("<image>\nWhat color?", "Red."), chat("<image>\nWhere?", "Top left.")],
+                  [[random_image(seed=1)], [random_image(seed=2)]])
+    eager = model(**b, return_logits=False)  # (transformers installs its hidden-state hooks on the first call)
+    explained = torch._dynamo.explain(model)(**b, return_logits=False)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model, backend="eager")(**b, return_logits=False)
+    assert torch.allclose(compiled.loss, eager.loss) and int(compiled.num_tokens) == int(eager.num_tokens)
+
+
 def test_loss_gradients_reach_projector_and_lm_only(tokenizer, processor):
     model = make_model(tokenizer).train()
     b = processor(chat("<image>\nWhat color?", "Red."), [random_image()])
