@@ -164,9 +164,9 @@ class LlavaModel(nn.Module):
         loss, n = None, 0
         if labels is not None:
             targets = labels[:, 1:].to(hidden.device)
-            n = (targets != IGNORE_INDEX).sum()
+            keep = targets != IGNORE_INDEX
+            n = keep.sum()
             if logits is None and not torch.compiler.is_compiling():  # the head on supervised positions alone
-                keep = targets != IGNORE_INDEX
                 scores, targets = head(hidden[:, :-1][keep]), targets[keep]
             else:  # every position, unsupervised ones ignored: fixed shapes, one graph when compiled
                 scores = (logits if logits is not None else head(hidden))[:, :-1].flatten(0, 1)
