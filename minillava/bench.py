@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from .chat import ChatSession
-from .utils import device_name
+from .utils import device_name, write_json
 
 QUESTIONS = ["What color is the circle?", "Where is it?", "How many shapes are there?", "Is there a star?",
              "What is at the top left?", "Describe the image."]
@@ -744,8 +744,10 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: int = 5, phases=PHASES,
             compile_hf: bool | None = None, peak: float | None = None, command: str | None = None,
-            compile_ml: bool | None = None) -> dict:
-    """Run the comparison; returns the JSON-able result (see the module docstring and `markdown`)."""
+            compile_ml: bool | None = None, save: str | Path | None = None) -> dict:
+    """Run the comparison; returns the JSON-able result (see the module docstring and `markdown`). With `save`,
+    the result so far is also written there (atomically) after every phase, so a run cut short keeps what it
+    measured; `result["complete"]` says whether every phase asked for ran."""
     import transformers
 
     from . import __version__
@@ -772,12 +774,20 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
         result["params"] = pair.counts()
         result["config"]["lm"] += f" / vocabulary {pair.model.language_model.get_output_embeddings().weight.shape[0]}"
         result["parity_max_abs_logit_diff"] = parity(pair)
+        result["notes"] = pair.notes
         out = {}
+
+        def done(name: str, phase: dict) -> None:
+            out[name] = phase
+            _summarise(result, out, cfg, device, peak)
+            if save:
+                write_json(save, result)
+
         if "train_stage1_epoch" in phases:
-            out["train_stage1_epoch"] = phase_stage1_epoch(pair, warmup, repeats)
+            done("train_stage1_epoch", phase_stage1_epoch(pair, warmup, repeats))
         for stage in (1, 2):
             if f"train_stage{stage}_step" in phases:
-                out[f"train_stage{stage}_step"] = phase_train_step(pair, stage, warmup, repeats)
+                done(f"train_stage{stage}_step", phase_train_step(pair, stage, warmup, repeats))
         pair.restore()
         pair.model.requires_grad_(False)
         pair.hf.requires_grad_(False)
@@ -786,12 +796,21 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
             pair.hf.to(torch.bfloat16)
         if "decode" in phases:
             for batch in (1, 8):
-                out[f"decode_batch_{batch}"] = phase_decode(pair, batch, warmup, repeats, compile_hf)
+                done(f"decode_batch_{batch}", phase_decode(pair, batch, warmup, repeats, compile_hf))
         if "chat_ttft_turn5" in phases:
-            out["chat_ttft_turn5"] = phase_chat(pair, warmup, repeats)
-        result["notes"] = pair.notes
+            done("chat_ttft_turn5", phase_chat(pair, warmup, repeats))
+    _summarise(result, out, cfg, device, peak)
+    result["complete"] = True
+    if save:
+        write_json(save, result)
+    return result
+
+
+def _summarise(result: dict, out: dict, cfg: BenchConfig, device: torch.device, peak: float | None) -> None:
+    """Fill `result` with the phases measured so far (`out`): MFU, targets, the headline ratios."""
     judged = cfg.name == "tiny" and device.type == "cpu"
     result["targets_judged"] = judged
+    result["complete"] = False
     for name, phase in out.items():
         for side in ("minillava", "transformers"):
             tf = phase[side].get("model_tflop_per_s")
@@ -813,10 +832,10 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
         if name in ratio:
             result[f"{name}_ratio"] = ratio[name]
     if "decode_batch_1" in ratio:
-        result["decode_tokens_per_s_ratio"] = {"batch_1": ratio["decode_batch_1"], "batch_8": ratio["decode_batch_8"]}
+        result["decode_tokens_per_s_ratio"] = {f"batch_{b}": ratio[f"decode_batch_{b}"] for b in (1, 8)
+                                               if f"decode_batch_{b}" in ratio}
     if "chat_ttft_turn5" in ratio:
         result["chat_ttft_turn5_ratio"] = ratio["chat_ttft_turn5"]
-    return result
 
 
 # ---- the report ---------------------------------------------------------------------------------------------
@@ -911,7 +930,13 @@ def _run_compare(args) -> dict:
     compile_hf = {"auto": None, "yes": True, "no": False}[args.compile]
     compile_ml = {"auto": None, "yes": True, "no": False}[args.compile_minillava]
     return compare(cfg, device, args.warmup, args.repeats, phases, compile_hf, args.peak_tflops, compile_ml=compile_ml,
-                   command="python -m minillava.bench " + " ".join(args.argv))
+                   command=_command(args.argv), save=args.out)
+
+
+def _command(argv: list[str]) -> str:
+    """The command that reproduces a run, less where it was saved (`--out FILE`)."""
+    kept = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")]
+    return " ".join(["python -m minillava.bench", *kept])
 
 
 BENCHMARKS = {"chat_ttft": _run_chat_ttft, "compare": _run_compare}
@@ -941,6 +966,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.compile transformers' model (auto: on CUDA, as the reference figures)")
     parser.add_argument("--compile-minillava", choices=["auto", "yes", "no"], default="auto",
                         help="torch.compile minillava's model in the step benchmarks (auto: as --compile)")
+    parser.add_argument("--out", metavar="FILE", help="also write the JSON result here, after every phase")
     parser.add_argument("--peak-tflops", type=float, help="the device's bf16 peak for MFU (default: by GPU name)")
     parser.add_argument("--turns", type=int, default=5, help="chat_ttft: turns per chat")
     args = parser.parse_args(argv)

@@ -51,6 +51,7 @@ def test_reports_the_setting(result):
     assert result["repeats"] == {"warmup": 1, "timed": 1}
     assert "N(LM, non-embedding)" in result["flops_formula"] and result["memory_method"]
     assert result["parity_max_abs_logit_diff"] < 1e-4  # both sides hold the same weights
+    assert result["complete"] is True
 
 
 def test_every_phase_reports_both_sides(result):
@@ -108,3 +109,30 @@ def test_performance_page_shows_the_saved_gpu_table(capsys):
     assert saved["transformers_compiled"] and saved["minillava_compiled"]
     mfu = saved["phases"]["train_stage2_step"]["minillava"]["mfu"]["median"]
     assert f"measured {mfu:.1%}" in found.group(1)
+
+
+def test_out_keeps_each_phase_as_it_finishes(tmp_path, monkeypatch):
+    """`--out` writes the result after every phase, so a run cut short keeps what it measured: here the second
+    phase fails, and the file holds the first, marked incomplete."""
+    import torch
+
+    real = bench.phase_train_step
+
+    def fail_at_stage2(pair, stage, warmup, repeats):
+        if stage == 2:
+            raise KeyboardInterrupt("cut short")
+        return real(pair, stage, warmup, repeats)
+
+    monkeypatch.setattr(bench, "phase_train_step", fail_at_stage2)
+    saved, threads = tmp_path / "bench.json", torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench.main(["--config", "tiny", "--only", "train_stage1_step", "train_stage2_step", "--warmup", "0",
+                        "--repeats", "1", "--batch", "2", "--images", "4", "--out", str(saved)])
+    finally:
+        torch.set_num_threads(threads)
+    partial = json.loads(saved.read_text())
+    assert partial["complete"] is False
+    assert set(partial["phases"]) == {"train_stage1_step"} and "train_stage1_step_ratio" in partial
+    assert not list(tmp_path.glob("*.tmp*"))  # nothing half-written beside it
