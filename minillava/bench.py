@@ -779,7 +779,7 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
 
         def done(name: str, phase: dict) -> None:
             out[name] = phase
-            _summarise(result, out, cfg, device, peak)
+            _summarise(result, out)
             if save:
                 write_json(save, result)
 
@@ -799,16 +799,17 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
                 done(f"decode_batch_{batch}", phase_decode(pair, batch, warmup, repeats, compile_hf))
         if "chat_ttft_turn5" in phases:
             done("chat_ttft_turn5", phase_chat(pair, warmup, repeats))
-    _summarise(result, out, cfg, device, peak)
+    _summarise(result, out)
     result["complete"] = True
     if save:
         write_json(save, result)
     return result
 
 
-def _summarise(result: dict, out: dict, cfg: BenchConfig, device: torch.device, peak: float | None) -> None:
+def _summarise(result: dict, out: dict) -> None:
     """Fill `result` with the phases measured so far (`out`): MFU, targets, the headline ratios."""
-    judged = cfg.name == "tiny" and device.type == "cpu"
+    judged = result["config"]["name"] == "tiny" and result["device_type"] == "cpu"
+    peak = result["peak_bf16_tflops"]
     result["targets_judged"] = judged
     result["complete"] = False
     for name, phase in out.items():
@@ -836,6 +837,39 @@ def _summarise(result: dict, out: dict, cfg: BenchConfig, device: torch.device, 
                                                if f"decode_batch_{b}" in ratio}
     if "chat_ttft_turn5" in ratio:
         result["chat_ttft_turn5_ratio"] = ratio["chat_ttft_turn5"]
+
+
+SAME_SETTING = ("device", "device_type", "threads", "versions", "config", "dtype", "attention", "transformers_compiled",
+                "minillava_compiled", "repeats", "peak_bf16_tflops", "params")
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from several runs of the same setting that each measured some phases (a long GPU benchmark run
+    in parts, e.g. `--only decode` after a run cut short): the phases side by side, each run's command, date and
+    phases under "runs". Refuses runs whose setting (device, versions, config, compilation, repetitions)
+    differs, or that measured the same phase twice."""
+    if not results:
+        raise ValueError("merge: no results given")
+    first, out, runs = results[0], {}, []
+    for i, r in enumerate(results):
+        differ = [k for k in SAME_SETTING if r.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"merge: result {i + 1} was measured in another setting than result 1 "
+                             f"(differs in {', '.join(differ)})")
+        twice = sorted(set(r["phases"]) & set(out))
+        if twice:
+            raise ValueError(f"merge: result {i + 1} measures {', '.join(twice)} again")
+        out.update(r["phases"])
+        runs.append({"command": r["command"], "date": r["date"], "phases": list(r["phases"]),
+                     "complete": r.get("complete")})
+    merged = {k: v for k, v in first.items() if k not in ("phases", "complete")}
+    merged.update(command="; ".join(r["command"] for r in runs), date=max(r["date"] for r in runs), runs=runs,
+                  notes=[n for r in results for n in r.get("notes", [])],
+                  load_average={"start": first["load_average"]["start"]})
+    figures = [key for key, _, _ in ROWS]
+    _summarise(merged, {k: out[k] for k in figures if k in out})
+    merged["complete"] = set(out) >= set(figures)
+    return merged
 
 
 # ---- the report ---------------------------------------------------------------------------------------------
@@ -866,6 +900,15 @@ def _load_text(result: dict) -> str:
     return f", load average {load['start']:.1f} at the start and {load.get('end', 0):.1f} at the end"
 
 
+def _runs_text(result: dict) -> str:
+    runs = result.get("runs") or []
+    text = f" Measured in {len(runs)} runs of the same setting, merged with `--merge`." if len(runs) > 1 else ""
+    missing = [label for key, label, _ in ROWS if key not in result["phases"]]
+    if result.get("complete") is False and missing:
+        text += f" Incomplete: {', '.join(missing)} not measured."
+    return text
+
+
 def markdown(result: dict) -> str:
     """The tables of a `compare` result as Markdown: the ratios and targets, then absolute figures and memory."""
     cfg, reps, phases = result["config"], result["repeats"], result["phases"]
@@ -877,7 +920,7 @@ def markdown(result: dict) -> str:
              f"Config `{cfg['name']}`: "
              f"{cfg['vision']} + {cfg['lm']}. {reps['warmup']} warm-up + {reps['timed']} timed repetitions per "
              "figure, each side in turn; cells give the median [min–max]. Same weights on both sides (largest "
-             f"logit difference {result['parity_max_abs_logit_diff']:.1g}).", "",
+             f"logit difference {result['parity_max_abs_logit_diff']:.1g})." + _runs_text(result), "",
              "| figure | unit | minillava | transformers | ratio | target | met |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for key, label, unit in ROWS:
@@ -967,12 +1010,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-minillava", choices=["auto", "yes", "no"], default="auto",
                         help="torch.compile minillava's model in the step benchmarks (auto: as --compile)")
     parser.add_argument("--out", metavar="FILE", help="also write the JSON result here, after every phase")
+    parser.add_argument("--merge", metavar="FILE", nargs="+",
+                        help="print one JSON result from saved --json results of the same setting, and exit")
     parser.add_argument("--peak-tflops", type=float, help="the device's bf16 peak for MFU (default: by GPU name)")
     parser.add_argument("--turns", type=int, default=5, help="chat_ttft: turns per chat")
     args = parser.parse_args(argv)
     args.argv = argv
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
+    if args.merge:
+        merged = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        if args.out:
+            write_json(args.out, merged)
+        print(json.dumps(merged, indent=1))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -136,3 +136,31 @@ def test_out_keeps_each_phase_as_it_finishes(tmp_path, monkeypatch):
     assert partial["complete"] is False
     assert set(partial["phases"]) == {"train_stage1_step"} and "train_stage1_step_ratio" in partial
     assert not list(tmp_path.glob("*.tmp*"))  # nothing half-written beside it
+
+
+def test_merge_joins_parts_of_one_setting_and_refuses_others(result):
+    """`--merge`: a benchmark run in parts (a run cut short, then `--only` the rest) gives one result; parts of
+    another setting, or measuring a figure twice, are refused by name."""
+    import copy
+
+    def part(names, command):
+        r = copy.deepcopy(result)
+        r["phases"] = {k: v for k, v in r["phases"].items() if k in names}
+        r["command"], r["complete"] = command, False
+        return r
+
+    training = ("train_stage1_epoch", "train_stage1_step", "train_stage2_step")
+    a, b = part(training, "first"), part(("decode_batch_1", "decode_batch_8", "chat_ttft_turn5"), "second")
+    merged = bench.merge([a, b])
+    assert set(merged["phases"]) == set(result["phases"]) and merged["complete"] is True
+    assert [r["command"] for r in merged["runs"]] == ["first", "second"]
+    for key in ("train_stage2_step_ratio", "decode_tokens_per_s_ratio", "chat_ttft_turn5_ratio"):
+        assert merged[key] == result[key]
+    assert "2 runs" in bench.markdown(merged)
+    assert bench.merge([a])["complete"] is False and "Incomplete" in bench.markdown(bench.merge([a]))
+    with pytest.raises(ValueError, match="train_stage1_step again"):
+        bench.merge([a, part(("train_stage1_step",), "again")])
+    other = part(("decode_batch_1",), "elsewhere")
+    other["device"] = "another machine"
+    with pytest.raises(ValueError, match="differs in device"):
+        bench.merge([a, other])
