@@ -599,8 +599,9 @@ def _decode_prompts(pair: Pair, batch: int) -> dict:
     return {k: v.to(pair.device) for k, v in b.items() if k != "labels"}
 
 
-def phase_decode(pair: Pair, batch: int, warmup: int, repeats: int, compile_hf: bool) -> dict:
-    """Greedy decoding of exactly `cfg.decode_tokens` new tokens per prompt, prefill included, no_grad both."""
+def phase_decode(pair: Pair, batch: int, warmup: int, repeats: int, compile_hf: bool, compile_ml: bool = False) -> dict:
+    """Greedy decoding of exactly `cfg.decode_tokens` new tokens per prompt, prefill included, no_grad both;
+    each side compiled (a static cache and a compiled one-token step) or not as asked."""
     pair.model.eval()
     pair.hf.eval()
     n = pair.cfg.decode_tokens
@@ -621,7 +622,7 @@ def phase_decode(pair: Pair, batch: int, warmup: int, repeats: int, compile_hf: 
     def ml_gen():
         with torch.no_grad():
             out["ml"] = pair.model.generate(b["input_ids"], b["attention_mask"], images=b["images"],
-                                            max_new_tokens=n)
+                                            max_new_tokens=n, compile=compile_ml)
 
     def hf_gen():
         with torch.no_grad():
@@ -765,7 +766,7 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
                            "transformers": transformers.__version__, "minillava": __version__},
               "config": cfg.describe(), "dtype": "bf16 autocast (fp32 weights)" if device.type == "cuda" else "float32",
               "attention": "sdpa", "transformers_compiled": compile_hf,
-              "minillava_compiled": compile_ml,
+              "minillava_compiled": compile_ml, "minillava_decode_compiled": compile_ml,
               "repeats": {"warmup": warmup, "timed": repeats},
               "memory_method": MEMORY_CUDA if device.type == "cuda" else MEMORY_CPU,
               "flops_formula": FLOPS_FORMULA, "peak_bf16_tflops": peak, "load_average": {"start": _load()}}
@@ -796,7 +797,7 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
             pair.hf.to(torch.bfloat16)
         if "decode" in phases:
             for batch in (1, 8):
-                done(f"decode_batch_{batch}", phase_decode(pair, batch, warmup, repeats, compile_hf))
+                done(f"decode_batch_{batch}", phase_decode(pair, batch, warmup, repeats, compile_hf, compile_ml))
         if "chat_ttft_turn5" in phases:
             done("chat_ttft_turn5", phase_chat(pair, warmup, repeats))
     _summarise(result, out)
@@ -840,7 +841,7 @@ def _summarise(result: dict, out: dict) -> None:
 
 
 SAME_SETTING = ("device", "device_type", "threads", "versions", "config", "dtype", "attention", "transformers_compiled",
-                "minillava_compiled", "repeats", "peak_bf16_tflops", "params")
+                "minillava_compiled", "minillava_decode_compiled", "repeats", "peak_bf16_tflops", "params")
 
 
 def merge(results: list[dict]) -> dict:
@@ -900,6 +901,13 @@ def _load_text(result: dict) -> str:
     return f", load average {load['start']:.1f} at the start and {load.get('end', 0):.1f} at the end"
 
 
+def _ml_compiled_text(result: dict) -> str:
+    if not result.get("minillava_compiled"):
+        return ""
+    return ", minillava compiled (" + ("step figures and decoding" if result.get("minillava_decode_compiled")
+                                       else "step figures") + ")"
+
+
 def _runs_text(result: dict) -> str:
     runs = result.get("runs") or []
     text = f" Measured in {len(runs)} runs of the same setting, merged with `--merge`." if len(runs) > 1 else ""
@@ -916,7 +924,7 @@ def markdown(result: dict) -> str:
     lines = [f"Measured {result['date'][:10]} on {result['device']}, {result['threads']} threads, "
              f"{result['dtype']}{_load_text(result)}; torch {v['torch']}, transformers {v['transformers']}"
              f"{', transformers compiled' if result['transformers_compiled'] else ''}"
-             f"{', minillava compiled (step figures)' if result.get('minillava_compiled') else ''}. "
+             f"{_ml_compiled_text(result)}. "
              f"Config `{cfg['name']}`: "
              f"{cfg['vision']} + {cfg['lm']}. {reps['warmup']} warm-up + {reps['timed']} timed repetitions per "
              "figure, each side in turn; cells give the median [min–max]. Same weights on both sides (largest "
@@ -1008,7 +1016,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
                         help="torch.compile transformers' model (auto: on CUDA, as the reference figures)")
     parser.add_argument("--compile-minillava", choices=["auto", "yes", "no"], default="auto",
-                        help="torch.compile minillava's model in the step benchmarks (auto: as --compile)")
+                        help="torch.compile minillava's model in the step benchmarks and decode with "
+                             "generate(compile=True) (auto: as --compile)")
     parser.add_argument("--out", metavar="FILE", help="also write the JSON result here, after every phase")
     parser.add_argument("--merge", metavar="FILE", nargs="+",
                         help="print one JSON result from saved --json results of the same setting, and exit")

@@ -175,10 +175,13 @@ class LlavaModel(nn.Module):
         return LlavaOutput(loss=loss, logits=logits, num_tokens=n, cache=cache)
 
     # ---- generation --------------------------------------------------------------------------------------
-    def new_cache(self):
-        """An empty KV cache for this model's language model."""
-        from transformers import DynamicCache
+    def new_cache(self, max_length: int | None = None):
+        """An empty KV cache for this model's language model: one that grows, or with `max_length` a static one
+        of that many positions (what a compiled decoding step needs)."""
+        from transformers import DynamicCache, StaticCache
 
+        if max_length is not None:
+            return StaticCache(config=self.language_model.config, max_cache_len=max_length)
         return DynamicCache(config=self.language_model.config)
 
     @torch.no_grad()
@@ -198,7 +201,7 @@ class LlavaModel(nn.Module):
                images: torch.Tensor | None = None, image_features: torch.Tensor | None = None, *,
                max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-               use_cache: bool = True, cache=None, generator: torch.Generator | None = None):
+               use_cache: bool = True, cache=None, generator: torch.Generator | None = None, compile: bool = False):
         """Yield the next token of every row, (B,), step by step, until all rows hit EOS or max_new_tokens.
 
         Prefill runs the whole prompt (images spliced in) once and fills the KV cache; each decode step then
@@ -206,7 +209,14 @@ class LlavaModel(nn.Module):
         `cache`: continue from a KV cache holding earlier tokens (attention_mask then covers them too); it is
         updated in place and ends holding everything but the last yielded token.
         `use_cache=False` recomputes the whole sequence each step (slow; the reference the tests compare to).
+        `compile=True` decodes through a static KV cache sized for the prompt and `max_new_tokens`, with the
+        one-token step compiled by `torch.compile` (CUDA graphs on a GPU), as transformers' fast `generate`
+        does: the same tokens with far fewer kernel launches per step. The first call compiles (seconds);
+        later calls with the same batch size reuse it. It takes no `cache`.
         """
+        if compile and (cache is not None or not use_cache):
+            raise ValueError("compile=True decodes through a static KV cache of its own: it needs use_cache=True "
+                             "and takes no `cache`")
         device = self.device
         input_ids = input_ids.to(device)
         B, T = input_ids.shape
@@ -217,19 +227,28 @@ class LlavaModel(nn.Module):
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
-        if use_cache and cache is None:
-            cache = self.new_cache()
         if self.max_length:  # never run past the context: stop early, or refuse a prompt that fills it
             if past + T >= self.max_length:
                 raise ValueError(f"prompt of {past + T} tokens leaves no room in the language model's context "
                                  f"of {self.max_length} tokens")
             max_new_tokens = min(max_new_tokens, self.max_length - past - T)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if compile:  # fixed shapes for the compiled step: a cache and a mask as long as the whole output
+            cache = self.new_cache(max_length=T + max_new_tokens)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
+        elif use_cache and cache is None:
+            cache = self.new_cache()
         embeds = self.embed(input_ids, images, image_features)  # prefill input
         done = torch.zeros(B, dtype=torch.bool, device=device)
         seq = embeds  # the uncached path keeps the whole sequence's embeddings
         for step in range(max_new_tokens):
-            if use_cache:  # prefill (step 0), then decode one token at a time
+            if compile:  # the mask's not yet written rest is hidden by causality; `where` names the positions
+                # written for transformers releases that read it (newer static caches count them themselves)
+                t, filled = embeds.shape[1], T + step - 1 if step else 0
+                where = torch.arange(filled, filled + t, device=device)
+                decode = self._compiled_decode() if step else self._decode
+                hidden = decode(embeds, attention_mask, position_ids[:, -t:], cache, where)
+            elif use_cache:  # prefill (step 0), then decode one token at a time
                 hidden = self._decode(embeds, attention_mask, position_ids[:, -embeds.shape[1]:], cache)
             else:
                 seq = seq if step == 0 else torch.cat([seq, embeds], dim=1)
@@ -242,14 +261,25 @@ class LlavaModel(nn.Module):
             if bool(done.all()):
                 return
             embeds = self.language_model.get_input_embeddings()(token[:, None])
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            if not compile:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
             position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
 
-    def _decode(self, embeds, attention_mask, position_ids, cache) -> torch.Tensor:
-        """LM hidden states (B, t, H) for embeddings (B, t, H), the mask covering cache + these t tokens."""
+    def _decode(self, embeds, attention_mask, position_ids, cache, cache_position=None) -> torch.Tensor:
+        """LM hidden states (B, t, H) for embeddings (B, t, H), the mask covering cache + these t tokens
+        (`cache_position` (t,): where they go in a static cache)."""
+        where = {} if cache_position is None else {"cache_position": cache_position}
         return self.language_model.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=cache is not None, **{self._cache_kw: cache}).last_hidden_state
+            use_cache=cache is not None, **{self._cache_kw: cache}, **where).last_hidden_state
+
+    def _compiled_decode(self):
+        """`_decode` compiled once per model for one-token steps (CUDA graphs on a GPU, as transformers' own
+        compiled `generate`)."""
+        if "_decode_step" not in self.__dict__:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.__dict__["_decode_step"] = torch.compile(self._decode, mode=mode, fullgraph=True)
+        return self.__dict__["_decode_step"]
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path, processor=None) -> Path:

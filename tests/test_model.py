@@ -155,6 +155,37 @@ def test_cached_generation_equals_uncached(model, processor):
     assert cached.shape[1] > 1 and torch.equal(cached, uncached)
 
 
+def test_compiled_decoding_equals_eager_and_compiles_once(model, processor, monkeypatch):
+    """generate(compile=True): a static KV cache and a compiled one-token step give exactly the eager tokens
+    (left padding, images, a stop token); a second call of the same shapes compiles nothing new."""
+    convs, ims = prompts(processor)
+    b = processor(convs, ims, add_generation_prompt=True)
+    args, kw = (b["input_ids"], b["attention_mask"], b["images"]), dict(max_new_tokens=12,
+                                                                        eos_token_id=processor.stop_token_ids())
+    logits = {}
+    head = model.language_model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, i, out: logits.setdefault(mode, []).append(out))
+    try:
+        mode = "eager"
+        eager = model.generate(*args, **kw)
+        mode = "compiled"
+        assert torch.equal(model.generate(*args, compile=True, **kw), eager)
+    finally:
+        hook.remove()
+    assert len(logits["compiled"]) == len(logits["eager"]) > 1  # the same scores at every step, not just tokens
+    for a, c in zip(logits["eager"], logits["compiled"]):
+        torch.testing.assert_close(c, a, atol=1e-4, rtol=1e-4)
+    torch._dynamo.utils.counters.clear()
+    assert torch.equal(model.generate(*args, compile=True, **kw), eager)
+    assert not torch._dynamo.utils.counters["stats"].get("unique_graphs")  # no recompilation
+    seen, real = [], model._decode  # (the compiled step was made from the real one above)
+    monkeypatch.setattr(model, "_decode", lambda *a: seen.append(a[2]) or real(*a))
+    model.generate(*args, compile=True, **kw)  # the eager prefill counts positions over real tokens only
+    assert torch.equal(seen[0], (b["attention_mask"].cumsum(-1) - 1).clamp(min=0))  # (RoPE hides a shift)
+    with pytest.raises(ValueError, match="static KV cache of its own"):
+        model.generate(*args, compile=True, use_cache=False, **kw)
+
+
 def test_batched_left_padded_equals_one_by_one(model, processor):
     convs, ims = prompts(processor)
     b = processor(convs, ims, add_generation_prompt=True)
