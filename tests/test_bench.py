@@ -164,3 +164,31 @@ def test_merge_joins_parts_of_one_setting_and_refuses_others(result):
     other["device"] = "another machine"
     with pytest.raises(ValueError, match="differs in device"):
         bench.merge([a, other])
+
+
+def test_a_failed_compiled_decoding_is_reported_and_measured_eagerly(tmp_path, monkeypatch):
+    """Where minillava's compiled decoding fails (say a GPU stack without CUDA graphs), the benchmark notes why,
+    measures the eager step instead, and its result no longer claims compiled decoding."""
+    import torch
+
+    from minillava.model import LlavaModel
+
+    real = LlavaModel.generate
+
+    def no_compile(self, *args, compile=False, **kwargs):
+        if compile:
+            raise RuntimeError("no compiler here")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaModel, "generate", no_compile)
+    saved, threads = tmp_path / "decode.json", torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert bench.main(["--config", "tiny", "--only", "decode", "--compile", "no", "--compile-minillava", "yes",
+                           "--warmup", "0", "--repeats", "1", "--new-tokens", "2", "--out", str(saved)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(saved.read_text())
+    assert result["phases"]["decode_batch_1"]["compiled"] == {"minillava": False, "transformers": False}
+    assert result["minillava_decode_compiled"] is False and "decoding and" not in bench.markdown(result)
+    assert any("minillava: compiled decoding" in n and "no compiler here" in n for n in result["notes"])
