@@ -769,7 +769,7 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
                            "transformers": transformers.__version__, "minillava": __version__},
               "config": cfg.describe(), "dtype": "bf16 autocast (fp32 weights)" if device.type == "cuda" else "float32",
               "attention": "sdpa", "transformers_compiled": compile_hf,
-              "minillava_compiled": compile_ml, "minillava_decode_compiled": compile_ml,
+              "minillava_compiled": compile_ml, "minillava_decode_compiled": None,  # set by the decode phases
               "repeats": {"warmup": warmup, "timed": repeats},
               "memory_method": MEMORY_CUDA if device.type == "cuda" else MEMORY_CPU,
               "flops_formula": FLOPS_FORMULA, "peak_bf16_tflops": peak, "load_average": {"start": _load()}}
@@ -783,9 +783,11 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
 
         def done(name: str, phase: dict) -> None:
             out[name] = phase
-            if "compiled" in phase and not phase["compiled"]["minillava"]:
-                result["minillava_decode_compiled"] = False
+            if "compiled" in phase:  # a decode phase: compiled only if every one was
+                result["minillava_decode_compiled"] = (phase["compiled"]["minillava"]
+                                                       and result["minillava_decode_compiled"] is not False)
             _summarise(result, out)
+            result["load_average"]["end"] = _load()
             if save:
                 write_json(save, result)
 
@@ -806,6 +808,7 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
         if "chat_ttft_turn5" in phases:
             done("chat_ttft_turn5", phase_chat(pair, warmup, repeats))
     _summarise(result, out)
+    result["load_average"]["end"] = _load()
     result["complete"] = True
     if save:
         write_json(save, result)
@@ -832,7 +835,6 @@ def _summarise(result: dict, out: dict) -> None:
         out["train_stage2_step"]["memory_target"] = f"minillava peak < {STAGE2_PEAK_RSS_TARGET_MB} MB"
         out["train_stage2_step"]["memory_met"] = (
             bool(peak_mb is not None and peak_mb < STAGE2_PEAK_RSS_TARGET_MB) if judged else None)
-    result["load_average"]["end"] = _load()
     result["phases"] = out
     ratio = {name: out[name]["ratio"] for name in out}
     for name in ("train_stage1_epoch", "train_stage1_step", "train_stage2_step"):
@@ -846,7 +848,7 @@ def _summarise(result: dict, out: dict) -> None:
 
 
 SAME_SETTING = ("device", "device_type", "threads", "versions", "config", "dtype", "attention", "transformers_compiled",
-                "minillava_compiled", "minillava_decode_compiled", "repeats", "peak_bf16_tflops", "params")
+                "minillava_compiled", "repeats", "peak_bf16_tflops", "params")
 
 
 def merge(results: list[dict]) -> dict:
@@ -858,6 +860,8 @@ def merge(results: list[dict]) -> dict:
         raise ValueError("merge: no results given")
     first, out, runs = results[0], {}, []
     for i, r in enumerate(results):
+        if not isinstance(r, dict) or "phases" not in r:
+            raise ValueError(f"merge: result {i + 1} is not a saved `python -m minillava.bench --json` result")
         differ = [k for k in SAME_SETTING if r.get(k) != first.get(k)]
         if differ:
             raise ValueError(f"merge: result {i + 1} was measured in another setting than result 1 "
@@ -871,7 +875,11 @@ def merge(results: list[dict]) -> dict:
     merged = {k: v for k, v in first.items() if k not in ("phases", "complete")}
     merged.update(command="; ".join(r["command"] for r in runs), date=max(r["date"] for r in runs), runs=runs,
                   notes=[n for r in results for n in r.get("notes", [])],
-                  load_average={"start": first["load_average"]["start"]})
+                  load_average={"start": first["load_average"]["start"],
+                                "end": results[-1]["load_average"].get("end")})
+    decoded = [r.get("minillava_decode_compiled") for r in results
+               if any("compiled" in phase for phase in r["phases"].values())]
+    merged["minillava_decode_compiled"] = all(decoded) if decoded else None
     figures = [key for key, _, _ in ROWS]
     _summarise(merged, {k: out[k] for k in figures if k in out})
     merged["complete"] = set(out) >= set(figures)

@@ -11,6 +11,7 @@ bookkeeping. Any number of images per sample, and samples without images, work t
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,10 +210,10 @@ class LlavaModel(nn.Module):
         `cache`: continue from a KV cache holding earlier tokens (attention_mask then covers them too); it is
         updated in place and ends holding everything but the last yielded token.
         `use_cache=False` recomputes the whole sequence each step (slow; the reference the tests compare to).
-        `compile=True` decodes through a static KV cache sized for the prompt and `max_new_tokens`, with the
-        one-token step compiled by `torch.compile` (CUDA graphs on a GPU), as transformers' fast `generate`
-        does: the same tokens with far fewer kernel launches per step. The first call compiles (seconds);
-        later calls with the same batch size reuse it. It takes no `cache`.
+        `compile=True` decodes through a static KV cache with room for the prompt and `max_new_tokens` (kept and
+        reused by later calls that fit in it), with the one-token step compiled by `torch.compile` (CUDA graphs
+        on a GPU), as transformers' fast `generate` does: the same tokens with far fewer kernel launches per
+        step. The first call compiles (seconds); later calls of the same shapes reuse it. It takes no `cache`.
         """
         if compile and (cache is not None or not use_cache):
             raise ValueError("compile=True decodes through a static KV cache of its own: it needs use_cache=True "
@@ -232,10 +233,12 @@ class LlavaModel(nn.Module):
                 raise ValueError(f"prompt of {past + T} tokens leaves no room in the language model's context "
                                  f"of {self.max_length} tokens")
             max_new_tokens = min(max_new_tokens, self.max_length - past - T)
+        if max_new_tokens <= 0:
+            return
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        if compile:  # fixed shapes for the compiled step: a cache and a mask as long as the whole output
-            cache = self.new_cache(max_length=T + max_new_tokens)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
+        if compile:  # fixed shapes for the compiled step: a static cache, and a mask as long as the cache
+            cache, length = self._static_cache(B, T + max_new_tokens)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, length - T)], dim=1)
         elif use_cache and cache is None:
             cache = self.new_cache()
         embeds = self.embed(input_ids, images, image_features)  # prefill input
@@ -246,8 +249,8 @@ class LlavaModel(nn.Module):
                 # written for transformers releases that read it (newer static caches count them themselves)
                 t, filled = embeds.shape[1], T + step - 1 if step else 0
                 where = torch.arange(filled, filled + t, device=device)
-                decode = self._compiled_decode() if step else self._decode
-                hidden = decode(embeds, attention_mask, position_ids[:, -t:], cache, where)
+                decode = _compiled_step(device.type) if step else _one_step
+                hidden = decode(self, embeds, attention_mask, position_ids[:, -t:], cache, where)
             elif use_cache:  # prefill (step 0), then decode one token at a time
                 hidden = self._decode(embeds, attention_mask, position_ids[:, -embeds.shape[1]:], cache)
             else:
@@ -273,13 +276,17 @@ class LlavaModel(nn.Module):
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             use_cache=cache is not None, **{self._cache_kw: cache}, **where).last_hidden_state
 
-    def _compiled_decode(self):
-        """`_decode` compiled once per model for one-token steps (CUDA graphs on a GPU, as transformers' own
-        compiled `generate`)."""
-        if "_decode_step" not in self.__dict__:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self.__dict__["_decode_step"] = torch.compile(self._decode, mode=mode, fullgraph=True)
-        return self.__dict__["_decode_step"]
+    def _static_cache(self, batch: int, length: int):
+        """An empty static KV cache for `batch` rows and at least `length` positions, and its length: the one this
+        model used last when it fits, emptied (CUDA graphs record fixed addresses; transformers reuses its
+        static cache across `generate` calls for the same reason)."""
+        dtype = next(self.language_model.parameters()).dtype
+        kept = _STATIC_CACHES.get(self)
+        if kept and kept[0] == (batch, self.device, dtype) and kept[1] >= length:
+            kept[2].reset()
+            return kept[2], kept[1]
+        _STATIC_CACHES[self] = ((batch, self.device, dtype), length, self.new_cache(max_length=length))
+        return _STATIC_CACHES[self][2], length
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path, processor=None) -> Path:
@@ -323,6 +330,23 @@ class LlavaModel(nn.Module):
 
         device = pick_device(device)
         return model.to(device=device, dtype=pick_dtype(device, dtype)).eval()
+
+
+# ---- compiled decoding: kept outside the model, so that copying or pickling a model never carries them -------
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, length, its cache)
+_COMPILED_STEPS: dict[str, object] = {}  # device type -> the compiled one-token step
+
+
+def _one_step(model: LlavaModel, embeds, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:
+    return model._decode(embeds, attention_mask, position_ids, cache, cache_position)
+
+
+def _compiled_step(device_type: str):
+    """`_one_step` compiled once per device type (CUDA graphs on a GPU, as transformers' compiled `generate`)."""
+    if device_type not in _COMPILED_STEPS:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _COMPILED_STEPS[device_type] = torch.compile(_one_step, mode=mode)
+    return _COMPILED_STEPS[device_type]
 
 
 def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

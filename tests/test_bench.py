@@ -151,13 +151,20 @@ def test_merge_joins_parts_of_one_setting_and_refuses_others(result):
 
     training = ("train_stage1_epoch", "train_stage1_step", "train_stage2_step")
     a, b = part(training, "first"), part(("decode_batch_1", "decode_batch_8", "chat_ttft_turn5"), "second")
+    a["load_average"], b["load_average"] = {"start": 1.0, "end": 2.0}, {"start": 3.0, "end": 4.0}
+    a["minillava_decode_compiled"] = True  # (a part that decoded nothing has no say in it)
     merged = bench.merge([a, b])
+    assert merged["load_average"] == {"start": 1.0, "end": 4.0}  # the first part's start, the last one's end
+    assert merged["minillava_decode_compiled"] is result["minillava_decode_compiled"] is False  # eager on a CPU
     assert set(merged["phases"]) == set(result["phases"]) and merged["complete"] is True
     assert [r["command"] for r in merged["runs"]] == ["first", "second"]
     for key in ("train_stage2_step_ratio", "decode_tokens_per_s_ratio", "chat_ttft_turn5_ratio"):
         assert merged[key] == result[key]
     assert "2 runs" in bench.markdown(merged)
     assert bench.merge([a])["complete"] is False and "Incomplete" in bench.markdown(bench.merge([a]))
+    assert bench.merge([a])["minillava_decode_compiled"] is None
+    with pytest.raises(ValueError, match="not a saved"):
+        bench.merge([a, {"benchmark": "something else"}])
     with pytest.raises(ValueError, match="train_stage1_step again"):
         bench.merge([a, part(("train_stage1_step",), "again")])
     other = part(("decode_batch_1",), "elsewhere")

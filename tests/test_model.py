@@ -157,11 +157,16 @@ def test_cached_generation_equals_uncached(model, processor):
 
 def test_compiled_decoding_equals_eager_and_compiles_once(model, processor, monkeypatch):
     """generate(compile=True): a static KV cache and a compiled one-token step give exactly the eager tokens
-    (left padding, images, a stop token); a second call of the same shapes compiles nothing new."""
+    and scores (left padding, images, a row that stops early); a second call of the same shapes compiles
+    nothing new; a deep copy decodes with its own weights."""
+    import copy
+
     convs, ims = prompts(processor)
     b = processor(convs, ims, add_generation_prompt=True)
-    args, kw = (b["input_ids"], b["attention_mask"], b["images"]), dict(max_new_tokens=12,
-                                                                        eos_token_id=processor.stop_token_ids())
+    args = (b["input_ids"], b["attention_mask"], b["images"])
+    free = model.generate(*args, max_new_tokens=12)
+    stop = next(int(t) for k, t in enumerate(free[0]) if k >= 2 and t not in free[1] and t not in free[0, :k])
+    kw = dict(max_new_tokens=12, eos_token_id=stop, pad_token_id=0)
     logits = {}
     head = model.language_model.get_output_embeddings()
     hook = head.register_forward_hook(lambda m, i, out: logits.setdefault(mode, []).append(out))
@@ -172,13 +177,25 @@ def test_compiled_decoding_equals_eager_and_compiles_once(model, processor, monk
         assert torch.equal(model.generate(*args, compile=True, **kw), eager)
     finally:
         hook.remove()
+    k = int((eager[0] == stop).nonzero()[0])
+    assert (eager[0, k + 1:] == 0).all() and eager.shape[1] > k + 1  # row 0 stopped early, row 1 went on
     assert len(logits["compiled"]) == len(logits["eager"]) > 1  # the same scores at every step, not just tokens
     for a, c in zip(logits["eager"], logits["compiled"]):
         torch.testing.assert_close(c, a, atol=1e-4, rtol=1e-4)
     torch._dynamo.utils.counters.clear()
     assert torch.equal(model.generate(*args, compile=True, **kw), eager)
     assert not torch._dynamo.utils.counters["stats"].get("unique_graphs")  # no recompilation
-    seen, real = [], model._decode  # (the compiled step was made from the real one above)
+    assert not torch._dynamo.utils.counters["graph_break"]  # one whole graph per step
+    from minillava.model import _STATIC_CACHES
+
+    kept = _STATIC_CACHES[model][2]  # later calls that fit reuse the cache, emptied (fixed addresses)
+    assert torch.equal(model.generate(*args, compile=True, max_new_tokens=4), eager[:, :4])
+    assert _STATIC_CACHES[model][2] is kept
+    twin = copy.deepcopy(model)  # (nothing compiled travels with the model)
+    with torch.no_grad():
+        twin.language_model.get_output_embeddings().weight.mul_(-1)
+    assert torch.equal(twin.generate(*args, compile=True, **kw), twin.generate(*args, **kw))
+    seen, real = [], model._decode
     monkeypatch.setattr(model, "_decode", lambda *a: seen.append(a[2]) or real(*a))
     model.generate(*args, compile=True, **kw)  # the eager prefill counts positions over real tokens only
     assert torch.equal(seen[0], (b["attention_mask"].cumsum(-1) - 1).clamp(min=0))  # (RoPE hides a shift)
