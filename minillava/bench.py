@@ -911,7 +911,8 @@ def _load_text(result: dict) -> str:
     load = result.get("load_average") or {}
     if load.get("start") is None or result["device_type"] != "cpu":
         return ""
-    return f", load average {load['start']:.1f} at the start and {load.get('end', 0):.1f} at the end"
+    end = f" and {load['end']:.1f} at the end" if load.get("end") is not None else ""
+    return f", load average {load['start']:.1f} at the start{end}"
 
 
 def _ml_compiled_text(result: dict) -> str:

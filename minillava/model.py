@@ -250,7 +250,8 @@ class LlavaModel(nn.Module):
                 t, filled = embeds.shape[1], T + step - 1 if step else 0
                 where = torch.arange(filled, filled + t, device=device)
                 decode = _compiled_step(device.type) if step else _one_step
-                hidden = decode(self, embeds, attention_mask, position_ids[:, -t:], cache, where)
+                positions = position_ids[:, -t:].clone(memory_format=torch.contiguous_format)  # fixed strides
+                hidden = decode(self, embeds, attention_mask, positions, cache, where)
             elif use_cache:  # prefill (step 0), then decode one token at a time
                 hidden = self._decode(embeds, attention_mask, position_ids[:, -embeds.shape[1]:], cache)
             else:
@@ -279,13 +280,16 @@ class LlavaModel(nn.Module):
     def _static_cache(self, batch: int, length: int):
         """An empty static KV cache for `batch` rows and at least `length` positions, and its length: the one this
         model used last when it fits, emptied (CUDA graphs record fixed addresses; transformers reuses its
-        static cache across `generate` calls for the same reason)."""
-        dtype = next(self.language_model.parameters()).dtype
+        static cache across `generate` calls for the same reason). It stays as long as the longest call so far
+        asked for, for as long as the model lives."""
+        kind = self.device.type  # the cache stores what the layers compute: the weights' dtype, or autocast's
+        autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        key = (batch, self.device, next(self.language_model.parameters()).dtype, autocast)
         kept = _STATIC_CACHES.get(self)
-        if kept and kept[0] == (batch, self.device, dtype) and kept[1] >= length:
+        if kept and kept[0] == key and kept[1] >= length:
             kept[2].reset()
             return kept[2], kept[1]
-        _STATIC_CACHES[self] = ((batch, self.device, dtype), length, self.new_cache(max_length=length))
+        _STATIC_CACHES[self] = (key, length, self.new_cache(max_length=length))
         return _STATIC_CACHES[self][2], length
 
     # ---- checkpoints -------------------------------------------------------------------------------------

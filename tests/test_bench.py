@@ -163,6 +163,8 @@ def test_merge_joins_parts_of_one_setting_and_refuses_others(result):
     assert "2 runs" in bench.markdown(merged)
     assert bench.merge([a])["complete"] is False and "Incomplete" in bench.markdown(bench.merge([a]))
     assert bench.merge([a])["minillava_decode_compiled"] is None
+    b["load_average"] = {"start": 3.0}  # a part that never recorded its end
+    assert "load average 1.0 at the start;" in bench.markdown(bench.merge([a, b]))
     with pytest.raises(ValueError, match="not a saved"):
         bench.merge([a, {"benchmark": "something else"}])
     with pytest.raises(ValueError, match="train_stage1_step again"):

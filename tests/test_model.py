@@ -174,7 +174,9 @@ def test_compiled_decoding_equals_eager_and_compiles_once(model, processor, monk
         mode = "eager"
         eager = model.generate(*args, **kw)
         mode = "compiled"
+        torch._dynamo.utils.counters.clear()
         assert torch.equal(model.generate(*args, compile=True, **kw), eager)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 1  # steps of fixed shapes and strides
     finally:
         hook.remove()
     k = int((eager[0] == stop).nonzero()[0])
@@ -191,6 +193,9 @@ def test_compiled_decoding_equals_eager_and_compiles_once(model, processor, monk
     kept = _STATIC_CACHES[model][2]  # later calls that fit reuse the cache, emptied (fixed addresses)
     assert torch.equal(model.generate(*args, compile=True, max_new_tokens=4), eager[:, :4])
     assert _STATIC_CACHES[model][2] is kept
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a cache filled under autocast holds other dtypes
+        model.generate(*args, compile=True, max_new_tokens=2)
+    assert torch.equal(model.generate(*args, compile=True, **kw), eager)
     twin = copy.deepcopy(model)  # (nothing compiled travels with the model)
     with torch.no_grad():
         twin.language_model.get_output_embeddings().weight.mul_(-1)
