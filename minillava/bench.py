@@ -781,15 +781,18 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
         result["notes"] = pair.notes
         out = {}
 
+        def record(complete: bool) -> None:  # the figures so far into `result`, and into `save`
+            _summarise(result, out)
+            result["load_average"]["end"], result["complete"] = _load(), complete
+            if save:
+                write_json(save, result)
+
         def done(name: str, phase: dict) -> None:
             out[name] = phase
             if "compiled" in phase:  # a decode phase: compiled only if every one was
                 result["minillava_decode_compiled"] = (phase["compiled"]["minillava"]
                                                        and result["minillava_decode_compiled"] is not False)
-            _summarise(result, out)
-            result["load_average"]["end"] = _load()
-            if save:
-                write_json(save, result)
+            record(complete=False)
 
         if "train_stage1_epoch" in phases:
             done("train_stage1_epoch", phase_stage1_epoch(pair, warmup, repeats))
@@ -807,11 +810,7 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
                 done(f"decode_batch_{batch}", phase_decode(pair, batch, warmup, repeats, compile_hf, compile_ml))
         if "chat_ttft_turn5" in phases:
             done("chat_ttft_turn5", phase_chat(pair, warmup, repeats))
-    _summarise(result, out)
-    result["load_average"]["end"] = _load()
-    result["complete"] = True
-    if save:
-        write_json(save, result)
+        record(complete=True)
     return result
 
 
@@ -820,7 +819,6 @@ def _summarise(result: dict, out: dict) -> None:
     judged = result["config"]["name"] == "tiny" and result["device_type"] == "cpu"
     peak = result["peak_bf16_tflops"]
     result["targets_judged"] = judged
-    result["complete"] = False
     for name, phase in out.items():
         for side in ("minillava", "transformers"):
             tf = phase[side].get("model_tflop_per_s")
