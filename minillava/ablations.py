@@ -14,6 +14,7 @@ The limitations chapter reads the JSON and tabulates it beside the paper's findi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ from . import eval as ev
 from .data import shapesworld as sw
 from .data.records import load_records
 from .train import TrainConfig, train
-from .utils import write_json
+from .utils import read_json, write_json
+from .zoo import data_dir
 
 VARIANTS = {
     "baseline": {},
@@ -113,6 +115,22 @@ def _outcome(fn, name: str) -> dict:
         return {"change": VARIANTS[name], "error": f"{type(e).__name__}: {e}", "paper": PAPER.get(name, "")}
 
 
+def backbones() -> dict:
+    """Which zoo backbones the variants start from: {name: {"sha256": first 16 hex digits of the weights, and
+    the card's "steps x batch"}}, recorded with the results so a reader can tell whether they predate the
+    shipped zoo."""
+    found = {}
+    for name in ("tiny-clip", "tiny-lm"):
+        folder = data_dir() / name
+        if not (folder / "model.safetensors").is_file():  # every variant fails then, each with the zoo's error
+            found[name] = None
+            continue
+        card = read_json(folder / "card.json", what=f"{name} model card")
+        digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:16]
+        found[name] = {"sha256": digest, "steps x batch": card["facts"].get("steps x batch")}
+    return found
+
+
 def run(out: str | Path, variants: list[str] | None = None, scale: AblationScale | None = None,
         work: str | Path | None = None, seed: int = 0, device: str | None = None, jobs: int = 1) -> dict:
     """Run the variants (default: all), `jobs` at a time in separate processes, and write their results to
@@ -122,6 +140,7 @@ def run(out: str | Path, variants: list[str] | None = None, scale: AblationScale
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown ablation(s) {unknown}; known: {', '.join(VARIANTS)}")
+    started_from = backbones()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work or tmp)
         for kinds in {sw.KINDS} | {VARIANTS[n].get("kinds", sw.KINDS) for n in names}:  # before any worker
@@ -147,7 +166,7 @@ def run(out: str | Path, variants: list[str] | None = None, scale: AblationScale
 
     summary = {"scale": {"n_train": scale.n_train, "n_test": scale.n_test, "stage1": scale.stage1,
                          "stage2": scale.stage2}, "seed": seed, "hardware": hardware(pick_device(device)),
-               "eval_dtype": "float32", "jobs": jobs, "results": results}
+               "eval_dtype": "float32", "jobs": jobs, "backbones": started_from, "results": results}
     write_json(out, summary)
     return summary
 

@@ -1,5 +1,6 @@
 """The zoo: the whole rebuild pipeline at toy size, loading what it wrote, and clear errors when files are missing."""
 
+import hashlib
 import json
 
 import pytest
@@ -88,9 +89,12 @@ def test_ablations_run_side_by_side_and_report_failures(toy_zoo, tmp_path, monke
     assert saved["results"].keys() == {"baseline", "linear_projector"} == summary["results"].keys()
     for name, r in saved["results"].items():
         assert 0 <= r["overall"]["exact"] <= 1 and r["by_type"] and bool(r["paper"]) == (name != "baseline")
+    lm_sha = hashlib.sha256((data / "tiny-lm" / "model.safetensors").read_bytes()).hexdigest()[:16]
+    assert saved["backbones"]["tiny-lm"] == {"sha256": lm_sha, "steps x batch": "2 x 4"}  # what they started from
     monkeypatch.setenv("MINILLAVA_DATA", str(tmp_path / "empty"))  # no backbones: each variant fails, reported
     broken = ablations.run(tmp_path / "b.json", ["baseline"], ablations.SCALES["toy"], tmp_path / "w")
     assert "zoo component 'tiny-clip'" in broken["results"]["baseline"]["error"]
+    assert broken["backbones"] == {"tiny-clip": None, "tiny-lm": None}
     with pytest.raises(ValueError, match="unknown ablation"):
         ablations.run(tmp_path / "c.json", ["bigger_model"])
 
