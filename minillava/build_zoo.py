@@ -227,8 +227,9 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
             summary[name] = jobs[name]()
             times[name] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
-    summary.update(hardware=hardware(dev), data=manifest["splits"], scale=asdict(scale), seed=seed,
-                   rebuilt=list(steps))  # seconds["total"]: this run's, which rebuilt only `rebuilt`
+    kept_hw = summary.get("hardware") if isinstance(summary.get("hardware"), dict) else {}
+    summary.update(hardware={**kept_hw, **dict.fromkeys(steps, hardware(dev))}, data=manifest["splits"],
+                   scale=asdict(scale), seed=seed, rebuilt=list(steps))  # seconds["total"]: this run's
     write_json(out / "zoo_build.json", summary)
     print(f"zoo built ({', '.join(steps)}) in " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
           + f" -> {out}")

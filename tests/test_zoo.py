@@ -25,6 +25,7 @@ def test_toy_build_writes_every_component_with_a_card(toy_zoo):
         assert json.loads((data / name / "metrics.json").read_text())
         assert not list((data / name).glob("*.bin")) and not list((data / name).glob("*.pt"))
     assert set(summary["seconds"]) == {"data", *zoo.COMPONENTS, "total"}
+    assert summary["hardware"] == dict.fromkeys(zoo.COMPONENTS, build_zoo.hardware(torch.device("cpu")))
     assert 0 <= summary["tiny-clip"]["zero_shot_color_acc"] <= 1
     assert summary["tiny-lm"]["perplexity_text_val"] > 1
     lm_card = json.loads((data / "tiny-lm" / "metrics.json").read_text())
@@ -162,7 +163,13 @@ def test_rebuild_from_a_later_step_keeps_the_earlier_components(tmp_path):
     import shutil
 
     shutil.rmtree(data / "tiny-llava")
+    summary = json.loads((data / "zoo_build.json").read_text())
+    summary["hardware"]["tiny-clip"] = "another machine"
+    (data / "zoo_build.json").write_text(json.dumps(summary))
     again = build_zoo.build(data, build_zoo.TOY, work, progress=False, evaluate_after=False, start="tiny-llava")
+    cpu = build_zoo.hardware(torch.device("cpu"))
+    assert again["hardware"] == {"tiny-clip": "another machine", "tiny-lm": cpu, "tiny-llava-stage1": cpu,
+                                 "tiny-llava": cpu}  # each component's own
     assert {n: (data / n / "model.safetensors").read_bytes() for n in kept} == kept
     assert (data / "tiny-llava-stage1" / "projector.safetensors").read_bytes() == stage1
     assert (data / "tiny-llava" / "model.safetensors").is_file()  # rebuilt
