@@ -227,7 +227,9 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
             summary[name] = jobs[name]()
             times[name] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
-    kept_hw = summary.get("hardware") if isinstance(summary.get("hardware"), dict) else {}
+    kept_hw = summary.get("hardware") or {}
+    if isinstance(kept_hw, str):  # an older summary: one machine for all
+        kept_hw = dict.fromkeys(STEPS[:STEPS.index(start)], kept_hw)
     summary.update(hardware={**kept_hw, **dict.fromkeys(steps, hardware(dev))}, data=manifest["splits"],
                    scale=asdict(scale), seed=seed, rebuilt=list(steps))  # seconds["total"]: this run's
     write_json(out / "zoo_build.json", summary)

@@ -8,6 +8,7 @@ import torch
 
 import minillava as ml
 from minillava import build_zoo, zoo
+from minillava.utils import pick_device
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def test_toy_build_writes_every_component_with_a_card(toy_zoo):
         assert json.loads((data / name / "metrics.json").read_text())
         assert not list((data / name).glob("*.bin")) and not list((data / name).glob("*.pt"))
     assert set(summary["seconds"]) == {"data", *zoo.COMPONENTS, "total"}
-    assert summary["hardware"] == dict.fromkeys(zoo.COMPONENTS, build_zoo.hardware(torch.device("cpu")))
+    assert summary["hardware"] == dict.fromkeys(zoo.COMPONENTS, build_zoo.hardware(pick_device()))
     assert 0 <= summary["tiny-clip"]["zero_shot_color_acc"] <= 1
     assert summary["tiny-lm"]["perplexity_text_val"] > 1
     lm_card = json.loads((data / "tiny-lm" / "metrics.json").read_text())
@@ -100,6 +101,20 @@ def test_ablations_run_side_by_side_and_report_failures(toy_zoo, tmp_path, monke
         ablations.run(tmp_path / "c.json", ["bigger_model"])
 
 
+def test_ablation_backbones_name_the_weights_even_without_a_card(toy_zoo, tmp_path, monkeypatch):
+    import shutil
+
+    from minillava import ablations
+
+    data, _ = toy_zoo
+    for name in ("tiny-clip", "tiny-lm"):
+        (tmp_path / name).mkdir()
+        shutil.copy(data / name / "model.safetensors", tmp_path / name)
+    monkeypatch.setenv("MINILLAVA_DATA", str(tmp_path))
+    digest = hashlib.sha256((data / "tiny-clip" / "model.safetensors").read_bytes()).hexdigest()[:16]
+    assert ablations.backbones()["tiny-clip"] == {"sha256": digest, "steps x batch": None}
+
+
 def test_zoo_loads_offline_from_the_build(toy_zoo, monkeypatch):
     data, _ = toy_zoo
     monkeypatch.setenv("MINILLAVA_DATA", str(data))
@@ -164,12 +179,11 @@ def test_rebuild_from_a_later_step_keeps_the_earlier_components(tmp_path):
 
     shutil.rmtree(data / "tiny-llava")
     summary = json.loads((data / "zoo_build.json").read_text())
-    summary["hardware"]["tiny-clip"] = "another machine"
+    summary["hardware"] = "another machine"  # as an older summary had it: one machine for all
     (data / "zoo_build.json").write_text(json.dumps(summary))
     again = build_zoo.build(data, build_zoo.TOY, work, progress=False, evaluate_after=False, start="tiny-llava")
-    cpu = build_zoo.hardware(torch.device("cpu"))
-    assert again["hardware"] == {"tiny-clip": "another machine", "tiny-lm": cpu, "tiny-llava-stage1": cpu,
-                                 "tiny-llava": cpu}  # each component's own
+    here = build_zoo.hardware(pick_device())
+    assert again["hardware"] == {**dict.fromkeys(build_zoo.STEPS[:3], "another machine"), "tiny-llava": here}
     assert {n: (data / n / "model.safetensors").read_bytes() for n in kept} == kept
     assert (data / "tiny-llava-stage1" / "projector.safetensors").read_bytes() == stage1
     assert (data / "tiny-llava" / "model.safetensors").is_file()  # rebuilt
@@ -177,7 +191,9 @@ def test_rebuild_from_a_later_step_keeps_the_earlier_components(tmp_path):
     other = dataclasses.replace(build_zoo.TOY, stage1={**build_zoo.TOY.stage1, "lr": 5e-4})
     with pytest.raises(ValueError, match=r"kept tiny-clip, tiny-lm, tiny-llava-stage1: .*stage1"):
         build_zoo.build(data, other, work, progress=False, evaluate_after=False, start="tiny-llava")
-    build_zoo.build(data, other, work, progress=False, evaluate_after=False, start="tiny-llava-stage1")  # fine
+    later = build_zoo.build(data, other, work, progress=False, evaluate_after=False, start="tiny-llava-stage1")
+    assert later["hardware"] == {"tiny-clip": "another machine", "tiny-lm": "another machine",
+                                 "tiny-llava-stage1": here, "tiny-llava": here}  # the kept ones keep theirs
     with pytest.raises(ValueError, match="start 'tiny-bert'"):
         build_zoo.build(data, build_zoo.TOY, work, start="tiny-bert")
     for argv in (["--only", "vqa_test"], ["--eval-only", "--start", "tiny-lm"]):
