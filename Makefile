@@ -65,8 +65,8 @@ book: $(STAMP)
 check-book: $(STAMP)
 	$(RUN_ENV) MINILLAVA_BOOK_HTML=$(abspath $(BOOK_HTML)) $(BIN)/python -m pytest tests/test_book.py
 
-# Rebuild every shipped component in data/ from scratch (fixed seeds; about 10 minutes on one GPU, hours on 2
-# CPU cores), then measure it. `make zoo-eval` measures the weights in data/ again (about 7 minutes on 2 cores).
+# Rebuild every shipped component in data/ from scratch (fixed seeds; minutes on one GPU, hours on 2 CPU
+# cores), then measure it. `make zoo-eval` measures the weights in data/ again (about 7 minutes on 2 cores).
 zoo: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.build_zoo --out data --work build/shapesworld
 
