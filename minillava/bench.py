@@ -769,7 +769,7 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
                            "transformers": transformers.__version__, "minillava": __version__},
               "config": cfg.describe(), "dtype": "bf16 autocast (fp32 weights)" if device.type == "cuda" else "float32",
               "attention": "sdpa", "transformers_compiled": compile_hf,
-              "minillava_compiled": compile_ml, "minillava_decode_compiled": None,  # set by the decode phases
+              "minillava_compiled": compile_ml,
               "repeats": {"warmup": warmup, "timed": repeats},
               "memory_method": MEMORY_CUDA if device.type == "cuda" else MEMORY_CPU,
               "flops_formula": FLOPS_FORMULA, "peak_bf16_tflops": peak, "load_average": {"start": _load()}}
@@ -789,9 +789,6 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
 
         def done(name: str, phase: dict) -> None:
             out[name] = phase
-            if "compiled" in phase:  # a decode phase: compiled only if every one was
-                result["minillava_decode_compiled"] = (phase["compiled"]["minillava"]
-                                                       and result["minillava_decode_compiled"] is not False)
             record(complete=False)
 
         if "train_stage1_epoch" in phases:
@@ -834,6 +831,8 @@ def _summarise(result: dict, out: dict) -> None:
         out["train_stage2_step"]["memory_met"] = (
             bool(peak_mb is not None and peak_mb < STAGE2_PEAK_RSS_TARGET_MB) if judged else None)
     result["phases"] = out
+    decoded = [phase["compiled"]["minillava"] for phase in out.values() if "compiled" in phase]
+    result["minillava_decode_compiled"] = all(decoded) if decoded else None  # only if every decode phase was
     ratio = {name: out[name]["ratio"] for name in out}
     for name in ("train_stage1_epoch", "train_stage1_step", "train_stage2_step"):
         if name in ratio:
@@ -875,9 +874,6 @@ def merge(results: list[dict]) -> dict:
                   notes=[n for r in results for n in r.get("notes", [])],
                   load_average={"start": first["load_average"]["start"],
                                 "end": results[-1]["load_average"].get("end")})
-    decoded = [r.get("minillava_decode_compiled") for r in results
-               if any("compiled" in phase for phase in r["phases"].values())]
-    merged["minillava_decode_compiled"] = all(decoded) if decoded else None
     figures = [key for key, _, _ in ROWS]
     _summarise(merged, {k: out[k] for k in figures if k in out})
     merged["complete"] = set(out) >= set(figures)
