@@ -58,7 +58,8 @@ FULL = Scale()
 TOY = Scale(n_train=24, n_val=4, n_test=8, n_comp=4, n_text=64, n_text_val=8, vocab=400,
             clip=pt.ClipConfig(width=32, layers=1, heads=2, text_width=32, text_layers=1, projection=32, steps=2,
                                batch_size=8),
-            lm=pt.LMConfig(width=32, layers=1, heads=2, kv_heads=1, ffn=64, steps=2, batch_size=4),
+            lm=pt.LMConfig(width=32, layers=1, heads=2, kv_heads=1, ffn=64, steps=2, batch_size=4, sft_steps=2,
+                           sft_batch_size=4),
             stage1=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3),
             stage2=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3), text_in_stage2=4, caption_docs=4,
             n_eval=4)
@@ -157,24 +158,37 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def clip_metrics(clip, tokenizer, image_size: int, n: int = 600, seed: int = 1234) -> dict:
-    """Zero-shot colour and shape accuracy on single-object test scenes, with prompt ensembles over the other
-    attributes ("a large red circle at the top left", ...), and image-to-text retrieval R@1 on test captions."""
+CLIP_METRICS = ("Zero-shot accuracy on single-object test scenes: the prompts of a class are every object phrase "
+                "with it, their probabilities summed (`_mean_ensemble`: their embeddings averaged, as CLIP's "
+                "prompt ensembles are; see `pretrain.zero_shot_probs`).")
+
+
+def clip_metrics(clip, tokenizer, image_size: int, captions_test: list, n: int = 600, seed: int = 1234) -> dict:
+    """Zero-shot colour and shape accuracy on `n` single-object test scenes, the prompts of a class being every
+    object phrase of the world with it ("a large red circle at the top left", ...), marginalised over (and,
+    for comparison, averaged as CLIP's prompt ensembles are: `pretrain.zero_shot_probs`); image-to-text
+    retrieval R@1 on `captions_test` records."""
     rng = np.random.default_rng(seed)
     scenes = [sw.sample_scene(rng, n_objects=1, image_size=image_size) for _ in range(n)]
     pixels = pt.render_pixels([sw.render(s) for s in scenes], image_size)
+    metrics = {}
+    for ensemble, suffix in (("marginal", ""), ("mean", "_mean_ensemble")):
+        for attr, values, name in (("color", sw.COLORS, "color"), ("shape", sw.SHAPES, "shape")):
+            labels = [getattr(s.objects[0], attr) for s in scenes]
+            metrics[f"zero_shot_{name}_acc{suffix}"] = pt.zero_shot(clip, tokenizer, pixels, labels,
+                                                                    object_prompts(attr, values), ensemble)
+    metrics["n_single_object_images"] = n
+    metrics["retrieval_r1_test"] = pt.retrieval_at_1(
+        clip, tokenizer, pt.render_pixels([r.images[0] for r in captions_test], image_size),
+        [r.messages[1]["content"] for r in captions_test])
+    return metrics
 
-    def prompts(attr: str, values) -> dict:
-        out = {}
-        for v in values:
-            objs = [sw.Obj(s, c, z, (r, q)) for s in sw.SHAPES for c in sw.COLORS for z in sw.SIZES
-                    for r in range(3) for q in range(3) if {"shape": s, "color": c}[attr] == v]
-            out[v] = [f"{sw._cap(o.phrase())}." for o in objs]
-        return out
 
-    colour = pt.zero_shot(clip, tokenizer, pixels, [s.objects[0].color for s in scenes], prompts("color", sw.COLORS))
-    shape = pt.zero_shot(clip, tokenizer, pixels, [s.objects[0].shape for s in scenes], prompts("shape", sw.SHAPES))
-    return {"zero_shot_color_acc": colour, "zero_shot_shape_acc": shape, "n_single_object_images": n}
+def object_prompts(attr: str, values) -> dict[str, list[str]]:
+    """{value: every object phrase of ShapesWorld whose `attr` ("color", "shape") is value, as a caption}."""
+    objs = [sw.Obj(s, c, z, (r, q)) for s in sw.SHAPES for c in sw.COLORS for z in sw.SIZES for r in range(3)
+            for q in range(3)]
+    return {v: [f"{sw._cap(o.phrase())}." for o in objs if getattr(o, attr) == v] for v in values}
 
 
 def lm_corpus(text_chats: list, captions: list, n_docs: int, per_doc: int = 8) -> list[str]:
@@ -264,18 +278,14 @@ def build_clip(out: Path, scale: Scale, data: dict, tokenizer, dev: torch.device
     clip, run = pt.train_clip(pixels, [r.messages[1]["content"] for r in captions], tokenizer, scale.clip,
                               progress, dev)
     del pixels
-    test_caps = data["captions_test"]
-    metrics = clip_metrics(clip, tokenizer, scale.clip.image_size, n=600 if scale is FULL else 12)
-    metrics["retrieval_r1_test"] = pt.retrieval_at_1(
-        clip, tokenizer, pt.render_pixels([r.images[0] for r in test_caps], scale.clip.image_size),
-        [r.messages[1]["content"] for r in test_caps])
+    metrics = clip_metrics(clip, tokenizer, scale.clip.image_size, data["captions_test"], n=clip_eval_n(scale))
     print(f"tiny-clip: {metrics}")
     with atomic_dir(out / "tiny-clip") as tmp:
         clip.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         write_card(tmp, "tiny-clip", "A transformers `CLIPModel` (vision + text towers) trained contrastively on "
                    "ShapesWorld image-caption pairs, with one hard negative caption per image (NegCLIP); "
-                   "minillava's stand-in for CLIP ViT-L/14-336.",
+                   "minillava's stand-in for CLIP ViT-L/14-336. " + CLIP_METRICS,
                    {"parameters": f"{sum(p.numel() for p in clip.parameters()):,}",
                     "vision": f"{scale.clip.image_size} px, patch {scale.clip.patch_size}, width {scale.clip.width}, "
                               f"{scale.clip.layers} layers", "training pairs": len(captions),
@@ -284,10 +294,20 @@ def build_clip(out: Path, scale: Scale, data: dict, tokenizer, dev: torch.device
     return metrics
 
 
+def clip_eval_n(scale: Scale) -> int:
+    """How many single-object scenes the zero-shot accuracies are measured on."""
+    return 600 if scale.n_eval is None else 12
+
+
 def build_lm(out: Path, scale: Scale, data: dict, corpus: list[str], tokenizer, dev: torch.device,
              progress: bool) -> dict:
     """Train, measure and save tiny-lm; returns its metrics."""
     lm, run = pt.train_lm(corpus, tokenizer, scale.lm, progress, device=dev)
+    sft, sft_facts, c = [], {}, scale.lm
+    if c.sft_steps:
+        lm, r = pt.chat_sft(lm, tokenizer, data["text_train"], c, progress, device=dev)
+        sft, sft_facts = [r], {"chat fine-tuning": f"{c.sft_steps} x {c.sft_batch_size} chats, lr {c.sft_lr:g}, "
+                                                   f"answers only, weight {c.sft_weight:g}"}
     metrics = {"perplexity_text_val": pt.perplexity(lm, tokenizer, pt.chat_texts(data["text_val"]),
                                                     scale.lm.context)}
     print(f"tiny-lm: {metrics}")
@@ -295,14 +315,16 @@ def build_lm(out: Path, scale: Scale, data: dict, corpus: list[str], tokenizer, 
         lm.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         write_card(tmp, "tiny-lm", "A transformers `LlamaForCausalLM` pretrained on ShapesWorld's text-only chats in "
-                   "the `vicuna_v1` template (and some plain captions, one a line), with its byte-level BPE "
-                   "tokenizer; minillava's stand-in for Vicuna.",
+                   "the `vicuna_v1` template (and some plain captions, one a line)"
+                   + (", then fine-tuned on the chats with the loss on the answers alone" if sft else "")
+                   + ", with its byte-level BPE tokenizer; minillava's stand-in for Vicuna.",
                    {"parameters": f"{sum(p.numel() for p in lm.parameters()):,}",
                     "shape": f"width {scale.lm.width}, {scale.lm.layers} layers, {scale.lm.heads} heads "
                              f"({scale.lm.kv_heads} kv), context {scale.lm.context}",
                     "vocabulary": len(tokenizer), "training documents": len(corpus),
-                    "steps x batch": f"{scale.lm.steps} x {scale.lm.batch_size}",
-                    "train time": f"{run['train_seconds']:.0f} s", "hardware": hardware(dev)}, metrics)
+                    "steps x batch": f"{scale.lm.steps} x {scale.lm.batch_size}", **sft_facts,
+                    "train time": " + ".join(f"{r['train_seconds']:.0f} s" for r in (run, *sft)),
+                    "hardware": hardware(dev)}, metrics)
     return metrics
 
 
@@ -357,19 +379,20 @@ def build_data(work: Path, scale: Scale, seed: int) -> dict:
                            image_size=scale.clip.image_size)
 
 
-EVALUATIONS = ("lm_text_qa_val", "stage1_caption_test", "text_qa_val", "vqa_test", "vqa_test_short",
+EVALUATIONS = ("clip_zero_shot", "lm_text_qa_val", "stage1_caption_test", "text_qa_val", "vqa_test", "vqa_test_short",
                "vqa_compositional", "multi_image_test", "pope_test", "caption_test",
                *(f"vqa_test_{t}" for t in OTHER_TEMPLATES))
 
 
 def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "build/shapesworld", seed: int = 0,
              progress: bool = True, device: str | None = None, only: list[str] | None = None) -> dict:
-    """Measure the built tiny LLaVA (both stages) on the held-out splits and write the numbers into their model
-    cards and `zoo_build.json`: scenes told in words (held-out text-only chats) answered by tiny-lm and by the
-    stage-2 model, which separates reasoning from seeing; stage-1 captions; VQA exact match per question type
-    (test, with and without LLaVA's short-answer suffix; compositional), multi-image accuracy, POPE
-    (random/popular/adversarial) and caption precision/recall of the stage-2 model, and the test VQA prompted
-    with `OTHER_TEMPLATES` instead of the trained `vicuna_v1` (prompt sensitivity).
+    """Measure the built zoo on the held-out splits and write the numbers into the model cards and
+    `zoo_build.json`: tiny-clip's zero-shot accuracy and retrieval (`clip_metrics`); scenes told in words
+    (held-out text-only chats) answered by tiny-lm and by the stage-2 model, which separates reasoning from
+    seeing; stage-1 captions; VQA exact match per question type (test, with and without LLaVA's short-answer
+    suffix; compositional), multi-image accuracy, POPE (random/popular/adversarial) and caption
+    precision/recall of the stage-2 model, and the test VQA prompted with `OTHER_TEMPLATES` instead of the
+    trained `vicuna_v1` (prompt sensitivity).
     `only`: some of `EVALUATIONS` (the others are kept)."""
     out, work, only = Path(out), Path(work), list(only or EVALUATIONS)
     unknown = [k for k in only if k not in EVALUATIONS]
@@ -378,6 +401,15 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
     build_data(work, scale, seed)
     t = time.perf_counter()
     summary = read_json(out / "zoo_build.json", what="zoo build summary")
+    if "clip_zero_shot" in only:
+        from transformers import AutoTokenizer, CLIPModel
+
+        clip = CLIPModel.from_pretrained(str(out / "tiny-clip")).eval()
+        m = clip_metrics(clip, AutoTokenizer.from_pretrained(str(out / "tiny-clip")), scale.clip.image_size,
+                         load_records(work / "captions_test.json"), n=clip_eval_n(scale))
+        print(f"tiny-clip: {m}")
+        update_card(out / "tiny-clip", m)
+        summary["tiny-clip"] = {**summary.get("tiny-clip", {}), **m}
     if "lm_text_qa_val" in only:  # stage 1 trains the projector alone: tiny-llava-stage1 holds tiny-lm unchanged
         with zoo_at(out):
             model0, proc0 = load_stage1(out / "tiny-llava-stage1", template="vicuna_v1")
@@ -395,12 +427,13 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
         summary["tiny-llava-stage1"] = {**summary.get("tiny-llava-stage1", {}), "caption_test": cap["caption"]}
         print(f"tiny-llava-stage1 captions:\n{cap['table']}")
 
-    if set(only) - {"lm_text_qa_val", "stage1_caption_test"}:
+    if set(only) - {"clip_zero_shot", "lm_text_qa_val", "stage1_caption_test"}:
         summary["tiny-llava"] = {**summary.get("tiny-llava", {}), **_evaluate_stage2(out, scale, work, seed,
                                                                                      progress, device, only)}
     summary["eval_seconds"] = time.perf_counter() - t  # of the last measurement run
     write_json(out / "zoo_build.json", summary)
-    return {k: summary[k] for k in ("tiny-lm", "tiny-llava-stage1", "tiny-llava", "eval_seconds") if k in summary}
+    return {k: summary[k] for k in ("tiny-clip", "tiny-lm", "tiny-llava-stage1", "tiny-llava", "eval_seconds")
+            if k in summary}
 
 
 def told_scenes(work: Path, scale: Scale) -> list:

@@ -7,7 +7,8 @@ transformers classes, on ShapesWorld:
 - a byte-level BPE tokenizer trained on the world's text, with the special tokens the templates need;
 - `CLIPModel` trained with CLIP's contrastive loss on image-caption pairs (`train_clip`);
 - `LlamaForCausalLM` trained as a language model on text-only chats in the `vicuna_v1` template, so it already
-  speaks the template before it ever sees an image (`train_lm`).
+  speaks the template before it ever sees an image (`train_lm`), then fine-tuned on the same chats with the loss
+  on the assistant's answers alone (`chat_sft`), as Vicuna is LLaMA fine-tuned on conversations.
 
 Sizes are chosen so each trains in minutes on a 2-core CPU; the real ones are in comments beside them.
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.records import Record
-from .templates import get_template
+from .templates import IGNORE_INDEX, get_template
 from .train import lr_at
 from .vision import ImageProcessor
 
@@ -180,11 +181,37 @@ def _pooled(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def zero_shot(clip, tokenizer, pixels: torch.Tensor, labels: list[str], prompts: dict[str, list[str]]) -> float:
-    """Zero-shot accuracy: each class is the mean embedding of its prompts (CLIP's prompt ensembling)."""
+@torch.no_grad()
+def zero_shot_probs(clip, tokenizer, pixels: torch.Tensor, prompts: dict[str, list[str]],
+                    ensemble: str = "marginal") -> torch.Tensor:
+    """Zero-shot class probabilities (N, C) of images (N, 3, S, S), classes in the order of `prompts`
+    ({class: [prompt, ...]}); the image-text scores are `logit_scale` * cosine, as in CLIP's loss.
+
+    - "mean", CLIP's prompt ensemble: a class is the normalised mean embedding of its prompts, then a softmax
+      over the classes. Right for phrasings of one content ("a photo of a {}", "a drawing of a {}").
+    - "marginal": the image picks one prompt among all (a softmax over every class's prompts, as CLIP's loss
+      picks a caption), and a class gets the summed probability of its prompts. Right when the prompts are
+      different scenes that share the class ("a large red circle at the top left", "a small blue circle in
+      the center"): their mean is a blur of every colour and place, which no image resembles.
+    """
     classes = list(prompts)
-    emb = torch.stack([text_embeddings(clip, tokenizer, prompts[c]).mean(0) for c in classes])
-    pred = (image_embeddings(clip, pixels) @ F.normalize(emb, dim=-1).T).argmax(-1)
+    img, scale = image_embeddings(clip, pixels), clip.logit_scale.exp()
+    if ensemble == "mean":
+        emb = torch.stack([text_embeddings(clip, tokenizer, prompts[c]).mean(0) for c in classes])
+        return torch.softmax(scale * img @ F.normalize(emb, dim=-1).T, dim=-1)
+    if ensemble == "marginal":
+        owner = torch.tensor([k for k, c in enumerate(classes) for _ in prompts[c]])
+        logp = torch.log_softmax(scale * img @ text_embeddings(clip, tokenizer, sum(prompts.values(), [])).T, -1)
+        return torch.stack([logp[:, owner == k].logsumexp(-1) for k in range(len(classes))], -1).exp()
+    raise ValueError(f"ensemble {ensemble!r}: expected 'marginal' or 'mean'")
+
+
+def zero_shot(clip, tokenizer, pixels: torch.Tensor, labels: list[str], prompts: dict[str, list[str]],
+              ensemble: str = "marginal") -> float:
+    """Zero-shot accuracy of images (N, 3, S, S) against their `labels` (N): the most probable class of
+    `zero_shot_probs`."""
+    classes = list(prompts)
+    pred = zero_shot_probs(clip, tokenizer, pixels, prompts, ensemble).argmax(-1)
     return sum(classes[p] == y for p, y in zip(pred.tolist(), labels)) / len(labels)
 
 
@@ -211,6 +238,10 @@ class LMConfig:
     steps: int = 600
     batch_size: int = 16  # blocks of 256 tokens
     lr: float = 2e-3
+    sft_steps: int = 0  # then answer-only chat fine-tuning (Vicuna: 3 epochs of 70K ShareGPT chats)
+    sft_batch_size: int = 128  # chats
+    sft_lr: float = 1e-3  # 2e-5
+    sft_weight: float = 0.5  # the fine-tuned weights' share in the shipped ones, the rest pretrained (WiSE-FT)
     seed: int = 0
 
 
@@ -253,6 +284,39 @@ def train_lm(texts: list[str], tokenizer, cfg: LMConfig, progress: bool = True, 
 
     run = fit(lm, loss, cfg.steps, cfg.lr, (0.9, 0.95), cfg.seed, "tiny-lm", progress)
     return lm.cpu().eval(), {**run, "config": asdict(cfg), "blocks": len(blocks), "block": block}
+
+
+def chat_sft(lm, tokenizer, records: list[Record], cfg: LMConfig, progress: bool = True,
+             device: str | torch.device = "cpu"):
+    """Supervised fine-tuning on chats, the step from LLaMA to Vicuna: each chat is one row (never packed or
+    cut), rendered in `vicuna_v1`, and the loss falls on the assistant's answers alone (`Template.tokenize`'s
+    labels). Pretraining spends most of its loss on the scenes the user tells, which are random; this spends
+    all of it on answering them. `cfg.sft_steps` batches of `cfg.sft_batch_size` chats drawn at random.
+
+    At our high learning rate the fine-tuned model forgets the rest of its language (the captions LLaVA's stage
+    1 asks of the frozen LM): so the result is `cfg.sft_weight` * fine-tuned + (1 - `cfg.sft_weight`) *
+    pretrained weights, as WiSE-FT (Wortsman et al., 2022) ensembles robust pretrained and fine-tuned weights.
+    Returns (the model on the CPU, metrics)."""
+    pretrained = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+    template = get_template("vicuna_v1")
+    enc = [template.tokenize(r.messages, tokenizer, sample_id=r.id) for r in records]
+    lm = lm.to(device).train()
+
+    def loss(g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(len(enc), (cfg.sft_batch_size,), generator=g).tolist()
+        T = max(len(enc[i]["input_ids"]) for i in idx)
+        ids = torch.full((len(idx), T), tokenizer.pad_token_id)
+        labels = torch.full((len(idx), T), IGNORE_INDEX)
+        for row, i in enumerate(idx):
+            n = len(enc[i]["input_ids"])
+            ids[row, :n], labels[row, :n] = torch.tensor(enc[i]["input_ids"]), torch.tensor(enc[i]["labels"])
+        ids, labels = ids.to(device), labels.to(device)
+        return lm(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
+
+    run = fit(lm, loss, cfg.sft_steps, cfg.sft_lr, (0.9, 0.95), cfg.seed, "tiny-lm chat sft", progress)
+    a, tuned = cfg.sft_weight, lm.state_dict()
+    lm.load_state_dict({k: (1 - a) * pretrained[k] + a * tuned[k] for k in tuned})
+    return lm.cpu().eval(), run
 
 
 @torch.no_grad()

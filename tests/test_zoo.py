@@ -3,6 +3,7 @@
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,7 +34,7 @@ def test_toy_build_writes_every_component_with_a_card(toy_zoo):
     assert lm_card["text_qa_val"] == summary["tiny-lm"]["text_qa_val"]  # the LM's reasoning, before any image
     assert 0 <= lm_card["text_qa_val"]["overall"]["exact"] <= 1 and "fact" not in lm_card["text_qa_val"]["by_type"]
     assert "### text_qa_val" in (data / "tiny-lm" / "README.md").read_text()
-    kinds = set(build_zoo.EVALUATIONS) - {"stage1_caption_test", "lm_text_qa_val"}
+    kinds = set(build_zoo.EVALUATIONS) - {"clip_zero_shot", "stage1_caption_test", "lm_text_qa_val"}
     assert set(summary["tiny-llava"]) == kinds | {"final_train_loss"}
     assert set(summary["tiny-llava"]["pope_test"]["pope"]) == {"random", "popular", "adversarial"}
     metrics = json.loads((data / "tiny-llava" / "metrics.json").read_text())
@@ -65,6 +66,40 @@ def test_eval_only_measures_again_and_reuses_the_data(toy_zoo, tmp_path):
         build_zoo.update_card(tmp_path, {"x": 1})
 
 
+def test_zero_shot_ensembles(toy_zoo):
+    """Both prompt ensembles give class probabilities; with one prompt per class they are the same thing (CLIP's
+    plain zero-shot), and `clip_zero_shot` measures the shipped card's numbers again."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from minillava import pretrain
+    from minillava.data import shapesworld as sw
+
+    data = toy_zoo[0]
+    clip, tok = CLIPModel.from_pretrained(str(data / "tiny-clip")).eval(), AutoTokenizer.from_pretrained(
+        str(data / "tiny-clip"))
+    rng = np.random.default_rng(0)
+    scenes = [sw.sample_scene(rng, n_objects=1, image_size=clip.config.vision_config.image_size) for _ in range(5)]
+    pixels = pretrain.render_pixels([sw.render(s) for s in scenes], clip.config.vision_config.image_size)
+    many = build_zoo.object_prompts("color", sw.COLORS)
+    one = {c: ps[:1] for c, ps in many.items()}
+    for prompts in (many, one):
+        for ensemble in ("marginal", "mean"):
+            p = pretrain.zero_shot_probs(clip, tok, pixels, prompts, ensemble)
+            assert p.shape == (5, len(sw.COLORS)) and torch.allclose(p.sum(-1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(pretrain.zero_shot_probs(clip, tok, pixels, one, "marginal"),
+                          pretrain.zero_shot_probs(clip, tok, pixels, one, "mean"), atol=1e-5)
+    assert not torch.allclose(pretrain.zero_shot_probs(clip, tok, pixels, many, "marginal"),
+                              pretrain.zero_shot_probs(clip, tok, pixels, many, "mean"), atol=1e-3)
+    with pytest.raises(ValueError, match="ensemble 'max'"):
+        pretrain.zero_shot_probs(clip, tok, pixels, one, "max")
+    metrics = json.loads((data / "tiny-clip" / "metrics.json").read_text())
+    stale = {**metrics, "zero_shot_shape_acc": "stale"}
+    (data / "tiny-clip" / "metrics.json").write_text(json.dumps(stale))
+    again = build_zoo.main(["--scale", "toy", "--out", str(data), "--work", str(data.parent / "work"), "--eval-only",
+                            "--only", "clip_zero_shot", "--no-progress"])
+    assert json.loads((data / "tiny-clip" / "metrics.json").read_text()) == metrics == again["tiny-clip"]
+
+
 def card_pope(summary):
     return {"pope": summary["tiny-llava"]["pope_test"]["pope"]}
 
@@ -78,6 +113,36 @@ def test_lm_corpus_has_chats_and_caption_lines():
     assert len(corpus) == 5 + 2 and corpus[0].startswith(ml.get_template("vicuna_v1").render(chats[0].messages)[:20])
     doc = corpus[-1].splitlines()
     assert doc == [r.messages[1]["content"] for r in data.captions[4:8]] and corpus[-1].endswith("\n")
+
+
+def test_chat_sft_learns_the_answers_and_blends_with_the_pretrained_weights(toy_zoo):
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from minillava import pretrain
+    from minillava.data import shapesworld as sw
+
+    tok = AutoTokenizer.from_pretrained(str(toy_zoo[0] / "tiny-lm"))
+    chats = sw.text_chats(4, seed=5)
+    cfg = pretrain.LMConfig(width=32, layers=1, heads=2, kv_heads=1, ffn=64, sft_steps=40, sft_batch_size=4,
+                            sft_lr=1e-2, sft_weight=1.0)
+    template = ml.get_template("vicuna_v1")
+
+    def answer_loss(lm):
+        with torch.no_grad():
+            enc = [template.tokenize(r.messages, tok) for r in chats]
+            return sum(float(lm(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss)
+                       for e in enc) / len(enc)
+
+    before = pretrain.new_lm(cfg, tok)
+    start = {k: v.clone() for k, v in before.state_dict().items()}
+    loss0 = answer_loss(before)
+    tuned, run = pretrain.chat_sft(before, tok, chats, cfg, progress=False)
+    assert answer_loss(tuned) < 0.5 * loss0 and len(run["curve"]) == 40
+    kept, _ = pretrain.chat_sft(pretrain.new_lm(cfg, tok), tok, chats, dataclasses.replace(cfg, sft_weight=0.0),
+                                progress=False)
+    assert all(torch.equal(v, start[k]) for k, v in kept.state_dict().items())  # weight 0: the pretrained LM
 
 
 def test_ablations_run_side_by_side_and_report_failures(toy_zoo, tmp_path, monkeypatch):
