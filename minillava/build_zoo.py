@@ -45,7 +45,7 @@ class Scale:
     n_text_val: int = 1000
     vocab: int = 1024
     clip: pt.ClipConfig = field(default_factory=lambda: pt.ClipConfig(steps=3000, batch_size=256))
-    lm: pt.LMConfig = field(default_factory=lambda: pt.LMConfig(steps=4000, batch_size=64))
+    lm: pt.LMConfig = field(default_factory=lambda: pt.LMConfig(steps=4000, batch_size=64, sft_steps=4000))
     stage1: dict = field(default_factory=lambda: dict(batch_size=64, micro_batch_size=64, epochs=2.0, lr=1e-3))
     stage2: dict = field(default_factory=lambda: dict(batch_size=16, micro_batch_size=16, epochs=4.0, lr=1e-3,
                                                       save_every=500))  # resumable: the shipped one ran on a CPU
