@@ -47,8 +47,8 @@ class Scale:
     clip: pt.ClipConfig = field(default_factory=lambda: pt.ClipConfig(steps=3000, batch_size=256))
     lm: pt.LMConfig = field(default_factory=lambda: pt.LMConfig(steps=4000, batch_size=64, sft_steps=4000))
     stage1: dict = field(default_factory=lambda: dict(batch_size=64, micro_batch_size=64, epochs=2.0, lr=1e-3))
-    stage2: dict = field(default_factory=lambda: dict(batch_size=16, micro_batch_size=16, epochs=4.0, lr=1e-3,
-                                                      save_every=500))  # resumable: the shipped one ran on a CPU
+    stage2: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=8.0, lr=1e-3,
+                                                      save_every=500))  # resumable: hours on a CPU
     text_in_stage2: int = 4000  # text-only chats mixed into stage 2, as llava_v1_5_mix665k has
     caption_docs: int = 4000  # documents of captions, one a line, in the LM's pretraining text (see `lm_corpus`)
     n_eval: int | None = None  # evaluate on this many test (and told-scene) records (None: all)
