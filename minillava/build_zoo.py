@@ -110,8 +110,9 @@ SECTIONS = {  # what each measurement of `evaluate` is, for the model cards
     "multi_image_test": "The two-image questions of the test split.",
     "pope_test": "POPE-style yes/no probes on 300 test images: absent objects drawn at random, among the most "
                  "frequent, or adversarially (the same shape in another colour).",
-    "caption_test": "Captions of held-out test images (the stage-2 model is asked \"Describe the image briefly.\"; "
-                    "`plain` drops the instruction): objects named that are in the scene (precision), objects in "
+    "caption_test": "Captions of held-out test images (after stage 2 the model is asked \"Describe the image "
+                    "briefly.\"; after stage 1, whose `plain` template drops the instruction, it is shown the image "
+                    "alone): objects named that are in the scene (precision), objects in "
                     "the scene that are named (recall), and the size and position said for them.",
     **{f"vqa_test_{t}": f"The test questions prompted with `{t}` instead of the trained `vicuna_v1` (prompt "
                         "sensitivity)." for t in OTHER_TEMPLATES},
