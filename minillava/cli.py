@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             from .chat import run_cli
 
             return run_cli(args.model, args.image, args.max_new_tokens, args.temperature)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError, FileExistsError, NotADirectoryError, ...
         print(f"minillava {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -74,13 +74,18 @@ def answer(model: LlavaModel, processor: Processor, qs: list[dict], batch_size: 
     for start in tqdm(range(0, len(order), batch_size), desc="answering", disable=not progress, mininterval=2.0):
         idx = order[start:start + batch_size]
         batch = processor([qs[i]["messages"] for i in idx], [qs[i]["images"] for i in idx],
-                          add_generation_prompt=True)
+                          add_generation_prompt=True, sample_ids=[_name(qs[i], i) for i in idx])
         out = model.generate(batch["input_ids"], batch["attention_mask"], batch["images"],
                              max_new_tokens=max_new_tokens, eos_token_id=stop)
         for i, row in zip(idx, out.tolist()):
             text = processor.decode([t for t in row if t not in stop])
             by_index[i] = text.split(processor.template.stop_str)[0].strip()
     return [by_index[i] for i in range(len(qs))]
+
+
+def _name(q: dict, i: int) -> str:
+    """How an error names a question: its record and turn where it has them, else its position."""
+    return f"{q['id']}, turn {q.get('turn', 0)}" if "id" in q else f"question {i}"
 
 
 def score(qs: list[dict], answers: list[str]) -> dict:

@@ -74,7 +74,7 @@ def export_hf(model: LlavaModel, processor: Processor, out_dir: str | Path) -> P
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=int(tower.has_cls), chat_template=processor.template.to_jinja())
     state = {_rename(k): v for k, v in model.state_dict().items()}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker="config.json") as tmp:
         config.save_pretrained(str(tmp))
         save_tensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         hf_processor.save_pretrained(str(tmp))

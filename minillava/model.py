@@ -295,7 +295,7 @@ class LlavaModel(nn.Module):
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path, processor=None) -> Path:
         """Write config.json + model.safetensors (+ the processor's files) atomically into `out_dir`."""
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir, marker="config.json") as tmp:
             self.write_files(tmp, processor)
         return Path(out_dir)
 

@@ -92,17 +92,22 @@ class Processor:
                 "images": torch.cat(images) if images else None}
 
     def __call__(self, conversations, images=None, add_generation_prompt: bool = False,
-                 padding_side: str | None = None) -> dict:
-        """One conversation (a list of messages) or several, with their images (a list, or a list per
-        conversation) -> a batch as `collate` returns. Pads on the left when prompting for generation."""
-        single = bool(conversations) and isinstance(conversations[0], dict)
-        if single:
-            conversations, images = [conversations], [images or []]
+                 padding_side: str | None = None, sample_ids: list[str] | None = None) -> dict:
+        """One conversation (a list of messages) or several, with their images (for one conversation: an
+        image, a path or a list of them; for several: a list per conversation) -> a batch as `collate`
+        returns. Pads on the left when prompting for generation. `sample_ids` name the conversations in
+        errors (default: their positions)."""
+        if not conversations:
+            raise ValueError("no conversation given: expected a list of messages, or a list of such lists")
+        if isinstance(conversations[0], dict):  # one conversation
+            one = images if isinstance(images, (list, tuple)) else [] if images is None else [images]
+            conversations, images = [conversations], [one]
         images = images if images is not None else [[] for _ in conversations]
         if len(images) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
-        samples = [self.encode(c, im, add_generation_prompt, sample_id=str(i))
-                   for i, (c, im) in enumerate(zip(conversations, images))]
+        ids = sample_ids if sample_ids is not None else [str(i) for i in range(len(conversations))]
+        samples = [self.encode(c, im, add_generation_prompt, sample_id=sid)
+                   for sid, c, im in zip(ids, conversations, images)]
         side = padding_side or ("left" if add_generation_prompt else "right")
         return self.collate(samples, padding_side=side)
 

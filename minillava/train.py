@@ -26,7 +26,8 @@ from .cache import FeatureCache
 from .data.records import DataError, Record, load_records
 from .model import LlavaModel, load_state
 from .processor import Processor
-from .utils import atomic_dir, load_tensors, pick_device, read_json, save_tensors, write_json
+from .utils import atomic_dir, check_replaceable, load_tensors, pick_device, read_json, save_tensors, write_json
+from .vision import check_image_file
 
 PARTS = ("vision_tower", "projector", "language_model")
 
@@ -119,6 +120,20 @@ class TrainConfig:
                              f"{world} processes")
         if self.epochs <= 0 and not self.max_steps:
             raise ValueError(f"epochs {self.epochs}: must be positive")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise ValueError(f"max steps {self.max_steps}: must be a whole number of at least 1 (or None: epochs)")
+        if not (0 <= self.warmup_ratio < 1):
+            raise ValueError(f"warmup ratio {self.warmup_ratio}: expected a fraction of the run in [0, 1) "
+                             "(LLaVA: 0.03)")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max grad norm {self.max_grad_norm}: must be positive (LLaVA: 1.0)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight decay {self.weight_decay}: must not be negative (LLaVA: 0)")
+        if self.stage == 1 and self.init:
+            raise ValueError("init: stage 1 starts from the backbones (vision, lm) and a new projector; init is "
+                             "a stage-2 option")
+        check_replaceable(self.out, "config.json", "out")
         if self.feature_cache not in ("memory", "disk", "off"):
             raise ValueError(f"feature cache '{self.feature_cache}': expected memory, disk or off")
         if self.feature_cache == "disk" and not self.cache_dir:
@@ -170,15 +185,25 @@ def load_init(cfg: TrainConfig) -> tuple[LlavaModel, Processor]:
     meta = read_json(path / "config.json", what="init checkpoint config")
     recipe = cfg.recipe
     if meta.get("format") == STAGE1_FORMAT:
-        for part in ("vision", "lm"):
-            asked = getattr(cfg, part)
-            if asked != TrainConfig.__dataclass_fields__[part].default and asked != meta[part]:
-                raise ValueError(f"init checkpoint '{path}' was trained with {part} '{meta[part]}', not '{asked}'")
+        _check_init_matches(cfg, path, {k: meta.get(k) for k in ("vision", "lm", "projector", "feature_layer")})
         return load_stage1(path, cfg.resolved_template(), recipe.aspect)
     model = LlavaModel.from_pretrained(path, device="cpu")
+    _check_init_matches(cfg, path, {"vision": None, "lm": None, "projector": model.projector.kind,
+                                    "feature_layer": model.vision_tower.feature_layer})
     processor = Processor.from_pretrained(path).with_template(cfg.resolved_template())
     processor.image_processor.aspect = recipe.aspect
     return model, processor
+
+
+def _check_init_matches(cfg: TrainConfig, path: Path, made_with: dict) -> None:
+    """An `init` checkpoint fixes the backbones, projector and feature layer: a setting asked for that differs
+    from it (None: the checkpoint holds its own backbones, so none may be named) is an error, not ignored."""
+    for part, there in made_with.items():
+        asked = getattr(cfg, part)
+        if asked != TrainConfig.__dataclass_fields__[part].default and asked != there:
+            held = f"was made with {part} {there!r}" if there is not None else f"holds its own {part}"
+            raise ValueError(f"init checkpoint '{path}' {held}, but {part} {asked!r} was asked for; leave "
+                             f"{part} out when starting from init")
 
 
 def initial_model(cfg: TrainConfig) -> tuple[LlavaModel, Processor]:
@@ -230,6 +255,23 @@ def encode_all(records: list[Record], processor: Processor, progress: bool) -> l
         out.append({"input_ids": torch.tensor(ids["input_ids"]), "labels": torch.tensor(ids["labels"]),
                     "images": r.images, "n_supervised": n})
     return out
+
+
+def check_images(records: list[Record], progress: bool) -> None:
+    """Check every image file once, up front (`check_image_file`), so a corrupt one stops the run before step 1
+    rather than hours in; all the bad ones are named together."""
+    from tqdm.auto import tqdm
+
+    bad = []
+    paths = sorted({p for r in records for p in r.images})
+    for p in tqdm(paths, desc="checking images", disable=not progress, mininterval=1.0):
+        try:
+            check_image_file(p)
+        except (ValueError, FileNotFoundError) as e:
+            bad.append(str(e))
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} of {len(paths)} images cannot be used: " + "; ".join(bad[:5]) + more)
 
 
 def grouped_order(lengths: list[int], has_image: list[bool], group: int, generator: torch.Generator) -> list[int]:
@@ -297,8 +339,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)  # the new projector's initialisation
     model, processor = initial_model(cfg)
     if cfg.max_length:
+        if model.max_length and cfg.max_length > model.max_length:
+            raise ValueError(f"max length {cfg.max_length}: longer than the language model's context of "
+                             f"{model.max_length} tokens")
         processor.max_length = cfg.max_length
     examples = encode_all(records, processor, cfg.progress and rank == 0)
+    check_images(records, cfg.progress and rank == 0)
     report = apply_recipe(model, tune, cfg)
     device = pick_device(cfg.device) if world == 1 else torch.device(
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -327,8 +373,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     partial = Path(f"{cfg.out}.partial")
     start, metrics = 0, []
+    settings = resume_settings(cfg, len(examples), world)
     if cfg.resume and (partial / "state.json").is_file():
-        start, metrics = _restore(partial, model, opt, trainable, cfg)
+        start, metrics = _restore(partial, model, opt, trainable, settings)
     if rank == 0:
         print(f"stage {cfg.stage}: {len(examples)} samples, {total} steps of {batch} "
               f"({accum} x {cfg.micro_batch_size} x {world} processes), lr {lr:g}, template {cfg.resolved_template()}")
@@ -374,7 +421,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total and rank == 0:
-            _checkpoint(partial, model, opt, trainable, step + 1, metrics)
+            _checkpoint(partial, model, opt, trainable, step + 1, metrics, settings)
     bar.close()
     seconds = time.perf_counter() - t0
     out = Path(cfg.out)
@@ -420,7 +467,16 @@ def _collate(examples: list[dict], processor: Processor, cache: FeatureCache | N
 
 
 # ---- checkpoints: atomic, safetensors + JSON, exact resume ----------------------------------------------------
-def _checkpoint(path: Path, model, opt, trainable, step: int, metrics: list[dict]) -> None:
+def resume_settings(cfg: TrainConfig, n_samples: int, world: int) -> dict:
+    """What a run's losses depend on besides its weights: a checkpoint resumes only a run with the same."""
+    keep = ("stage", "init", "vision", "lm", "projector", "feature_layer", "template", "lora", "freeze_lm",
+            "lora_r", "lora_alpha", "lora_dropout", "micro_batch_size", "epochs", "max_steps", "warmup_ratio",
+            "weight_decay", "max_grad_norm", "group_by_length", "seed")
+    return {**{k: getattr(cfg, k) for k in keep}, "lr": cfg.resolved_lr(), "batch_size": cfg.resolved_batch_size(),
+            "samples": n_samples, "processes": world}
+
+
+def _checkpoint(path: Path, model, opt, trainable, step: int, metrics: list[dict], settings: dict) -> None:
     tensors = {f"param/{n}": p.detach().cpu() for n, p in trainable}
     for n, p in trainable:
         for k, v in opt.state.get(p, {}).items():
@@ -428,11 +484,17 @@ def _checkpoint(path: Path, model, opt, trainable, step: int, metrics: list[dict
     tensors["rng/torch"] = torch.get_rng_state()  # LoRA dropout draws from it
     with atomic_dir(path) as tmp:
         save_tensors(tensors, tmp / "state.safetensors")
-        write_json(tmp / "state.json", {"step": step, "metrics": metrics})
+        write_json(tmp / "state.json", {"step": step, "metrics": metrics, "settings": settings})
 
 
-def _restore(path: Path, model, opt, trainable, cfg) -> tuple[int, list[dict]]:
+def _restore(path: Path, model, opt, trainable, settings: dict) -> tuple[int, list[dict]]:
     state = read_json(path / "state.json", what="checkpoint state")
+    saved = state.get("settings")  # absent in checkpoints of older versions
+    if saved is not None:
+        differ = [f"{k} ({saved.get(k)!r} there, {v!r} now)" for k, v in settings.items() if saved.get(k) != v]
+        if differ:
+            raise ValueError(f"checkpoint '{path}': left by a run with other settings: {'; '.join(differ)}. "
+                             "Run with the same settings to resume it, or delete it to start afresh.")
     tensors = load_tensors(path / "state.safetensors")
     with torch.no_grad():
         for n, p in trainable:
@@ -449,7 +511,7 @@ def _restore(path: Path, model, opt, trainable, cfg) -> tuple[int, list[dict]]:
 def _save_result(out: Path, cfg: TrainConfig, model: LlavaModel, processor: Processor, metrics: list[dict]):
     """Stage 1: the projector alone (+ backbone names). Stage 2: the full model, or the LoRA adapter."""
     run = {"train_config": dataclasses.asdict(cfg), "metrics": metrics}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker="config.json") as tmp:
         if cfg.stage == 1:
             write_json(tmp / "config.json", {
                 "format": STAGE1_FORMAT, "vision": cfg.vision, "lm": cfg.lm, "projector": model.projector.kind,
@@ -458,7 +520,8 @@ def _save_result(out: Path, cfg: TrainConfig, model: LlavaModel, processor: Proc
         elif cfg.lora:
             write_json(tmp / "config.json", {
                 "format": LORA_FORMAT, "init": str(Path(cfg.init).resolve()) if cfg.init else None,
-                "vision": cfg.vision, "lm": cfg.lm, "projector": cfg.projector, "feature_layer": cfg.feature_layer})
+                "vision": cfg.vision, "lm": cfg.lm, "projector": model.projector.kind,
+                "feature_layer": model.vision_tower.feature_layer})
             save_tensors(model.projector.state_dict(), tmp / "projector.safetensors")
             model.language_model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
         else:

@@ -59,14 +59,28 @@ def _umask() -> int:
     return mask
 
 
+def check_replaceable(path: str | Path, marker: str = "config.json", what: str = "output folder") -> None:
+    """Refuse to let a save replace `path` unless it is new, empty or a folder such a save made (it holds
+    `marker`): a folder of the user's other files is never deleted."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} '{path}': exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise FileExistsError(f"{what} '{path}': holds other files and no {marker}, so it is not a model "
+                              "folder; refusing to replace it (choose a new or empty folder)")
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = True):
-    """Yield a temporary directory that replaces `path` only when the block finishes without error."""
+def atomic_dir(path: str | Path, overwrite: bool = True, marker: str | None = None):
+    """Yield a temporary directory that replaces `path` only when the block finishes without error.
+    With `marker`, an existing `path` is replaced only if it is empty or holds that file (`check_replaceable`)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"'{path}': exists and is not a directory")
     if path.exists() and not overwrite:
         raise FileExistsError(f"'{path}': already exists (pass overwrite=True to replace it)")
+    if marker:
+        check_replaceable(path, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new folder

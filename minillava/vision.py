@@ -9,6 +9,7 @@ so nothing is dropped there.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import asdict, dataclass
@@ -47,20 +48,38 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS) ->
             data = bytes(source)
         else:
             raise TypeError(f"image '{name}': expected a path, bytes or PIL image, got {type(source).__name__}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                _check_size(image, name, max_pixels)  # before decoding: the header is enough
-                image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ValueError(f"image '{name}': too large to decode safely (decompression bomb?)") from None
-        except Image.UnidentifiedImageError:
-            raise ValueError(f"image '{name}': not an image file (no image format recognised)") from None
-        except (OSError, SyntaxError) as e:
-            raise ValueError(f"image '{name}': cannot be decoded ({e})") from None
+        with _decoding(name):
+            image = Image.open(io.BytesIO(data))
+            _check_size(image, name, max_pixels)  # before decoding: the header is enough
+            image.load()
     _check_size(image, name, max_pixels)
     return to_rgb(ImageOps.exif_transpose(image))
+
+
+def check_image_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> None:
+    """Check an image file without decoding its pixels: it exists, its format is recognised, its size is sane
+    and (for PNG and other formats PIL can verify) its data is complete. ValueError names the file."""
+    name = str(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image '{name}': file not found")
+    with _decoding(name), Image.open(path) as image:
+        _check_size(image, name, max_pixels)
+        image.verify()
+
+
+@contextlib.contextmanager
+def _decoding(name: str):
+    """PIL's errors (and its decompression-bomb warning) while opening an image -> ValueError naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"image '{name}': too large to decode safely (decompression bomb?)") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"image '{name}': not an image file (no image format recognised)") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"image '{name}': cannot be decoded ({e})") from None
 
 
 def _check_size(image: Image.Image, name: str, max_pixels: int) -> None:
@@ -116,9 +135,13 @@ class ImageProcessor:
             raise ValueError(f"image aspect '{self.aspect}': expected 'pad' or 'square'")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
+    def preprocess(self, image: Image.Image, name: str = "<image>") -> torch.Tensor:
         """One RGB PIL image -> normalised pixels (3, image_size, image_size), float32."""
         if self.aspect == "pad":
+            side = max(image.size)
+            if side * side > MAX_PIXELS:
+                raise ValueError(f"image '{name}': {image.size[0]}x{image.size[1]} pads to a {side}x{side} square, "
+                                 f"more than the {MAX_PIXELS:,} pixels allowed; crop or resize it first")
             image = expand2square(image, mean_color(self.mean))
         short = self.resize or self.image_size
         w, h = image.size
@@ -141,7 +164,9 @@ class ImageProcessor:
         if not images:
             return torch.empty(0, 3, self.image_size, self.image_size)
         names = names or [None] * len(images)
-        return torch.stack([self.preprocess(load_image(im, name=n)) for im, n in zip(images, names)])
+        loaded = [load_image(im, name=n) for im, n in zip(images, names)]
+        return torch.stack([self.preprocess(im, n or (str(src) if isinstance(src, (str, Path)) else "<image>"))
+                            for im, n, src in zip(loaded, names, images)])
 
     def to_dict(self) -> dict:
         return asdict(self)

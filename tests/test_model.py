@@ -315,3 +315,17 @@ def test_siglip_model_runs(tokenizer):
     processor = make_processor(tokenizer, model)
     b = processor(chat("<image>\nWhat?", "Red."), [random_image()])
     assert model.num_image_tokens == 16 and torch.isfinite(model(**b).loss)
+
+
+def test_processor_takes_one_image_as_it_takes_a_list(processor, tmp_path):
+    img = random_image()
+    img.save(tmp_path / "one.png")
+    conv = chat("<image>\nWhat color?", "Red.")
+    as_list = processor(conv, [img])
+    for one in (img, tmp_path / "one.png", str(tmp_path / "one.png")):
+        b = processor(conv, one)
+        assert torch.equal(b["input_ids"], as_list["input_ids"]) and torch.equal(b["images"], as_list["images"])
+    with pytest.raises(ValueError, match="no conversation given"):
+        processor([])
+    with pytest.raises(ValueError, match=r"sample 'q7, turn 0': 1 '<image>' placeholders but 0 images"):
+        processor([conv], [[]], sample_ids=["q7, turn 0"])

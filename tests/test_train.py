@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,8 +165,9 @@ def test_ddp_two_processes_match_one(world, tmp_path):
 
 # ---- bad input: a clear error, nothing overwritten -----------------------------------------------------------
 def test_bad_input(world, s1, tmp_path):
-    out = tmp_path / "out"
+    out = tmp_path / "out"  # an earlier run's output, which no failed run may touch
     out.mkdir()
+    (out / "config.json").write_text('{"earlier": true}')
     (out / "keep.txt").write_text("precious")
     d = world["dir"]
     long = [{"id": "long1", "image": "0.png", "conversations": [
@@ -182,14 +184,60 @@ def test_bad_input(world, s1, tmp_path):
         stage1(world, out, lr=-1.0)
     with pytest.raises(ValueError, match="batch size 6 is not a multiple of micro batch 4"):
         stage1(world, out, batch_size=6)
-    with pytest.raises(ValueError, match="trained with lm"):
+    with pytest.raises(ValueError, match="made with lm"):
         train(TrainConfig(stage=2, data=world["instruct"], images=world["images"], out=str(out), init=str(s1.out),
                           lm=world["vision"], progress=False))
     with pytest.raises(FileNotFoundError, match="init checkpoint"):
         train(TrainConfig(stage=2, data=world["instruct"], images=world["images"], out=str(out),
                           init=str(tmp_path / "nope"),
                           progress=False))
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    with pytest.raises(ValueError, match="made with projector 'mlp2x_gelu', but projector 'linear'"):
+        train(TrainConfig(stage=2, data=world["instruct"], images=world["images"], out=str(out), init=str(s1.out),
+                          projector="linear", progress=False))
+    for bad, match in ((dict(max_grad_norm=-1.0), "max grad norm -1"), (dict(warmup_ratio=5.0), "warmup ratio 5"),
+                       (dict(max_steps=-3), "max steps -3"), (dict(weight_decay=-0.1), "weight decay -0.1"),
+                       (dict(max_length=4096), "max length 4096: longer than the language model's context")):
+        with pytest.raises(ValueError, match=match):
+            stage1(world, out, **bad)
+    with pytest.raises(ValueError, match="init is a stage-2 option"):
+        stage1(world, out, init=str(s1.out))
+    images = Path(world["images"])
+    (images / "torn.png").write_bytes((images / "0.png").read_bytes()[:-40])  # truncated: the header still reads
+    torn = [{"id": "t1", "image": "torn.png", "conversations": [
+        {"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Red."}]}]
+    with pytest.raises(DataError, match="1 of 1 images cannot be used: image '.*torn.png'"):
+        stage1(world, out, data=write_json(d / "torn.json", torn))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "keep.txt"]
+    assert (out / "config.json").read_text() == '{"earlier": true}'
+
+
+def test_a_folder_of_other_files_is_never_replaced(world, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="out '.*mine': holds other files and no config.json"):
+        stage1(world, mine)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="out '.*afile': exists and is not a folder"):
+        stage1(world, tmp_path / "afile")
+    assert (mine / "notes.txt").read_text() == "precious" and sorted(mine.iterdir()) == [mine / "notes.txt"]
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(world, tmp_path, monkeypatch):
+    original = mt._checkpoint
+
+    def checkpoint_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mt, "_checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):  # interrupted after the checkpoint of step 2
+        stage1(world, tmp_path / "run", lr=1e-2, save_every=2)
+    monkeypatch.setattr(mt, "_checkpoint", original)
+    with pytest.raises(ValueError, match=r"left by a run with other settings: lr \(0.01 there, 0.5 now\)"):
+        stage1(world, tmp_path / "run", lr=0.5, save_every=2)
+    assert not (tmp_path / "run").exists()
+    assert len(stage1(world, tmp_path / "run", lr=1e-2, save_every=2).metrics) == 4  # the same settings resume it
 
 
 def test_cli_reports_errors_cleanly(world, tmp_path, capsys):

@@ -9,7 +9,7 @@ from conftest import random_image, vision_config
 from PIL import Image
 
 import minillava as ml
-from minillava.vision import CLIP_MEAN, CLIP_STD, expand2square, mean_color
+from minillava.vision import CLIP_MEAN, CLIP_STD, check_image_file, expand2square, mean_color
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -151,3 +151,22 @@ def test_tower_rejects_bad_settings():
         ml.VisionTower(vision, select="cls")
     with pytest.raises(ValueError, match="feature layer 7"):
         ml.VisionTower(vision, feature_layer=7)
+
+
+def test_check_image_file_finds_what_only_decoding_would(tmp_path):
+    data = png_bytes(random_image(20, 20))
+    (tmp_path / "ok.png").write_bytes(data)
+    check_image_file(tmp_path / "ok.png")
+    (tmp_path / "torn.png").write_bytes(data[:-30])  # the header and size still read
+    assert Image.open(tmp_path / "torn.png").size == (20, 20)
+    with pytest.raises(ValueError, match="torn.png'.*cannot be decoded"):
+        check_image_file(tmp_path / "torn.png")
+    with pytest.raises(FileNotFoundError, match="'nope.png': file not found"):
+        check_image_file("nope.png")
+
+
+def test_a_strip_too_long_to_pad_is_refused_before_the_canvas_is_made():
+    strip = Image.new("RGB", (9000, 8))  # 72,000 pixels, but padding makes 81,000,000
+    with pytest.raises(ValueError, match=r"'strip': 9000x8 pads to a 9000x9000 square"):
+        ml.ImageProcessor(image_size=32, aspect="pad")([strip], names=["strip"])
+    assert ml.ImageProcessor(image_size=32, aspect="square")([strip]).shape == (1, 3, 32, 32)

@@ -43,6 +43,8 @@ def parse_record(raw, image_dir: Path | None, where: str, check_files: bool = Tr
     where = f"{where} (id '{rid}')" if rid is not None else where
     if rid is None:
         raise DataError(f"{where}: missing 'id'")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or not str(rid).strip():
+        raise DataError(f"{where}: 'id' must be a non-empty string or an integer, got {rid!r}")
     convs = raw.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise DataError(f"{where}: 'conversations' must be a non-empty list")
@@ -50,9 +52,7 @@ def parse_record(raw, image_dir: Path | None, where: str, check_files: bool = Tr
         messages = from_llava(convs)
     except (ValueError, TypeError, KeyError) as e:
         raise DataError(f"{where}: {e}") from None
-    if not any(m["role"] == "assistant" and str(m["content"]).strip() for m in messages):
-        raise DataError(f"{where}: no answer (training needs one to learn from; evaluation needs the "
-                        "reference answer)")
+    check_turns(messages, where)
     image = raw.get("image")
     paths = [] if image is None else [image] if isinstance(image, str) else image
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
@@ -67,6 +67,22 @@ def parse_record(raw, image_dir: Path | None, where: str, check_files: bool = Tr
                 raise DataError(f"{where}: image '{p}' not found")
     meta = {k: v for k, v in raw.items() if k not in ("id", "image", "conversations")}
     return Record(id=str(rid), images=resolved, messages=messages, meta=meta)
+
+
+def check_turns(messages: list[dict], where: str) -> None:
+    """Turns alternate user, assistant, user, ... after an optional system message, as LLaVA's preprocessing
+    asserts, and every answer says something (an empty one would train the end-of-turn token alone)."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    for i, m in enumerate(turns):
+        expected = ("user", "assistant")[i % 2]
+        if m["role"] != expected:
+            raise DataError(f"{where}: turn {i} is from '{m['role']}', expected '{expected}' (turns alternate "
+                            "human, gpt, human, ...)")
+        if expected == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}: turn {i} is an empty answer")
+    if not any(m["role"] == "assistant" for m in turns):
+        raise DataError(f"{where}: no answer (training needs one to learn from; evaluation needs the "
+                        "reference answer)")
 
 
 def load_records(path: str | Path, image_dir: str | Path | None = None, check_files: bool = True) -> list[Record]:
