@@ -37,7 +37,8 @@ from .zoo import COMPONENTS
 class Scale:
     """How big everything is. FULL is what ships; TOY checks the pipeline in seconds."""
 
-    n_train: int = 30000
+    n_train: int = 30000  # train scenes: CLIP, the tokenizer, stage 1 and stage 2's first round see these
+    n_fresh: int = 90000  # more train scenes, seen by stage 2's second round alone, once each
     n_val: int = 500
     n_test: int = 1000
     n_comp: int = 500
@@ -50,6 +51,9 @@ class Scale:
     stage2: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=8.0, lr=1e-3,
                                                       save_every=500))  # resumable: hours on a CPU
     text_in_stage2: int = 4000  # text-only chats mixed into stage 2, as llava_v1_5_mix665k has
+    stage2_fresh: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=1.0, lr=3e-4,
+                                                            save_every=500))  # the second round
+    text_in_fresh: int = 10000  # text-only chats mixed into the second round
     caption_docs: int = 4000  # documents of captions, one a line, in the LM's pretraining text (see `lm_corpus`)
     n_eval: int | None = None  # evaluate on this many test (and told-scene) records (None: all)
 
@@ -62,7 +66,8 @@ TOY = Scale(n_train=24, n_val=4, n_test=8, n_comp=4, n_text=64, n_text_val=8, vo
                            sft_batch_size=4),
             stage1=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3),
             stage2=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3), text_in_stage2=4, caption_docs=4,
-            n_eval=4)
+            n_eval=4, n_fresh=8, stage2_fresh=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=3e-4),
+            text_in_fresh=4)
 SCALES = {"full": FULL, "toy": TOY}
 
 
@@ -225,6 +230,9 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
     times["data"] = time.perf_counter() - t_all
     data = {name: load_records(work / f"{name}.json", check_files=not name.startswith("text"))
             for name in ("captions_train", "captions_test", "text_train", "text_val", "instruct_train")}
+    data["instruct_fresh"] = data["instruct_train"][scale.n_train:]  # stage 2's second round alone
+    for name in ("captions_train", "instruct_train"):
+        data[name] = data[name][: scale.n_train]
     corpus = lm_corpus(data["text_train"], data["captions_train"], scale.caption_docs)
     if "tiny-clip" in steps:  # the tokenizer is made with tiny-clip and shared by tiny-lm
         tokenizer = pt.train_tokenizer(corpus + pt.chat_texts(data["instruct_train"]), scale.vocab,
@@ -235,7 +243,7 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
         tokenizer = AutoTokenizer.from_pretrained(str(out / "tiny-clip"))
     jobs = {"tiny-clip": lambda: build_clip(out, scale, data, tokenizer, dev, progress),
             "tiny-lm": lambda: build_lm(out, scale, data, corpus, tokenizer, dev, progress),
-            "tiny-llava-stage1": lambda: build_stage1(out, scale, work, seed, dev, progress),
+            "tiny-llava-stage1": lambda: build_stage1(out, scale, work, data, seed, dev, progress),
             "tiny-llava": lambda: build_stage2(out, scale, work, data, seed, dev, progress)}
     with zoo_at(out):  # stage 1 names its backbones by zoo name
         for name in steps:
@@ -329,9 +337,11 @@ def build_lm(out: Path, scale: Scale, data: dict, corpus: list[str], tokenizer, 
     return metrics
 
 
-def build_stage1(out: Path, scale: Scale, work: Path, seed: int, dev: torch.device, progress: bool) -> dict:
+def build_stage1(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev: torch.device,
+                 progress: bool) -> dict:
     """LLaVA's stage 1 (feature alignment) from the zoo's tiny-clip and tiny-lm -> tiny-llava-stage1."""
-    s1 = train(TrainConfig(stage=1, data=str(work / "captions_train.json"), out=str(out / "tiny-llava-stage1"),
+    save_records(data["captions_train"], work / "captions_stage1.json", image_dir=work)  # the first n_train
+    s1 = train(TrainConfig(stage=1, data=str(work / "captions_stage1.json"), out=str(out / "tiny-llava-stage1"),
                            vision="tiny-clip", lm="tiny-lm", seed=seed, progress=progress, device=str(dev),
                            **scale.stage1))
     model1, _ = load_stage1(s1.out, template="plain", aspect="square")
@@ -346,21 +356,41 @@ def build_stage1(out: Path, scale: Scale, work: Path, seed: int, dev: torch.devi
 def build_stage2(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev: torch.device,
                  progress: bool) -> dict:
     """LLaVA's stage 2 (visual instruction tuning) from tiny-llava-stage1, with some text-only chats mixed in
-    as llava_v1_5_mix665k has -> tiny-llava, stored in float16."""
-    mix = data["instruct_train"] + data["text_train"][: scale.text_in_stage2]
-    save_records(mix, work / "mix_train.json", image_dir=work)
-    s2 = train(TrainConfig(stage=2, data=str(work / "mix_train.json"), out=str(out / "tiny-llava"),
-                           init=str(out / "tiny-llava-stage1"), seed=seed, progress=progress, device=str(dev),
-                           **scale.stage2))
-    store_half(s2.out)
-    write_card(s2.out, "tiny-llava", "The tiny LLaVA after stage 2 (visual instruction tuning, `vicuna_v1`): "
+    as llava_v1_5_mix665k has -> tiny-llava, stored in float16. Two rounds: `stage2` (several epochs over the
+    scenes stage 1 saw), then, when `n_fresh`, `stage2_fresh` from where it ended (one pass over new scenes at
+    a lower learning rate: new scenes teach what more epochs of the same ones no longer do)."""
+    rounds = [("mix_train", data["instruct_train"] + data["text_train"][: scale.text_in_stage2], scale.stage2)]
+    if scale.n_fresh:
+        rounds.append(("mix_fresh", data["instruct_fresh"] + data["text_train"][: scale.text_in_fresh],
+                       scale.stage2_fresh))
+    init, done = out / "tiny-llava-stage1", []
+    for i, (name, mix, settings) in enumerate(rounds):
+        save_records(mix, work / f"{name}.json", image_dir=work)
+        dest = out / "tiny-llava" if i == len(rounds) - 1 else work / f"stage2-round{i + 1}"
+        r = train(TrainConfig(stage=2, data=str(work / f"{name}.json"), out=str(dest), init=str(init), seed=seed,
+                              progress=progress, device=str(dev), **settings))
+        store_half(r.out)  # each round starts from the weights as a shipped checkpoint holds them
+        if init != out / "tiny-llava-stage1":  # the final run.json holds the earlier rounds' runs too
+            run = read_json(r.out / "run.json", what="training run")
+            earlier = read_json(init / "run.json", what="training run")
+            write_json(r.out / "run.json", {**run, "earlier_rounds": [*earlier.pop("earlier_rounds", []), earlier]})
+        init = r.out
+        done.append({"records": len(mix), "steps": r.steps, "train time": f"{r.seconds:.0f} s",
+                     "hardware": hardware(dev), **settings})
+    write_stage2_card(out / "tiny-llava", done, r.final_loss)
+    return {"final_train_loss": r.final_loss}
+
+
+def write_stage2_card(folder: Path, rounds: list[dict], final_loss: float) -> None:
+    """tiny-llava's model card; `rounds`: the settings and measurements of each round of stage 2."""
+    facts = {f"round {i + 1}": ", ".join(f"{k} {v}" for k, v in r.items()) for i, r in enumerate(rounds)}
+    write_card(folder, "tiny-llava", "The tiny LLaVA after stage 2 (visual instruction tuning, `vicuna_v1`): "
                "tiny-clip's tower (frozen), the stage-1 projector and tiny-lm, projector and LM trained on "
-               "ShapesWorld instructions plus some text-only chats; weights stored in float16 (`store_half`). "
-               "Accuracy is measured with `minillava.eval` on held-out test scenes (greedy decoding, "
-               "teacher-forced history, float32 compute).",
-               {"steps": s2.steps, "train time": f"{s2.seconds:.0f} s", "training records": len(mix),
-                "hardware": hardware(dev), **scale.stage2}, {"final_train_loss": s2.final_loss})
-    return {"final_train_loss": s2.final_loss}
+               "ShapesWorld instructions plus some text-only chats, in two rounds: several epochs over the scenes "
+               "stage 1 saw, then one pass over new scenes at a lower learning rate; weights stored in float16 "
+               "(`store_half`). Accuracy is measured with `minillava.eval` on held-out test scenes (greedy "
+               "decoding, teacher-forced history, float32 compute).",
+               {"steps": " + ".join(str(r["steps"]) for r in rounds), **facts}, {"final_train_loss": final_loss})
 
 
 def store_half(folder: Path) -> None:
@@ -375,7 +405,7 @@ def store_half(folder: Path) -> None:
 
 def build_data(work: Path, scale: Scale, seed: int) -> dict:
     """The ShapesWorld datasets of `scale` in `work` (reused when `work` already holds exactly them)."""
-    return sw.ensure_built(work, n_train=scale.n_train, n_val=scale.n_val, n_test=scale.n_test,
+    return sw.ensure_built(work, n_train=scale.n_train + scale.n_fresh, n_val=scale.n_val, n_test=scale.n_test,
                            n_comp=scale.n_comp, n_text=scale.n_text, n_text_val=scale.n_text_val, seed=seed,
                            image_size=scale.clip.image_size)
 

@@ -45,6 +45,24 @@ def test_toy_build_writes_every_component_with_a_card(toy_zoo):
     assert "caption_test" in json.loads((data / "tiny-llava-stage1" / "metrics.json").read_text())
 
 
+def test_stage2_second_round_sees_only_new_scenes(toy_zoo):
+    data, _ = toy_zoo
+    work, toy = data.parent / "work", build_zoo.TOY
+    ids = lambda name: [r["id"] for r in json.loads((work / f"{name}.json").read_text())]  # noqa: E731
+    first = [f"train-{i:06d}" for i in range(toy.n_train)]
+    fresh = [f"train-{i:06d}" for i in range(toy.n_train, toy.n_train + toy.n_fresh)]
+    assert len(ids("captions_stage1")) == toy.n_train  # stage 1 (and CLIP) see the first n_train scenes
+    assert [i for i in ids("mix_train") if i.startswith("train-")] == first
+    assert [i for i in ids("mix_fresh") if i.startswith("train-")] == fresh
+    assert len(ids("mix_fresh")) == toy.n_fresh + toy.text_in_fresh
+    run = json.loads((data / "tiny-llava" / "run.json").read_text())
+    assert run["train_config"]["init"].endswith("stage2-round1") and run["train_config"]["lr"] == 3e-4
+    (earlier,) = run["earlier_rounds"]  # the first round's run, its curve and settings, kept beside the last
+    assert earlier["train_config"]["init"].endswith("tiny-llava-stage1") and len(earlier["metrics"]) == 2
+    facts = json.loads((data / "tiny-llava" / "card.json").read_text())["facts"]
+    assert facts["steps"] == "2 + 2" and "records 12" in facts["round 2"]
+
+
 def test_eval_only_measures_again_and_reuses_the_data(toy_zoo, tmp_path):
     data, summary = toy_zoo
     work = data.parent / "work"
