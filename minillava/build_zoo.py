@@ -386,8 +386,9 @@ def write_stage2_card(folder: Path, rounds: list[dict], final_loss: float) -> No
     facts = {f"round {i + 1}": ", ".join(f"{k} {v}" for k, v in r.items()) for i, r in enumerate(rounds)}
     write_card(folder, "tiny-llava", "The tiny LLaVA after stage 2 (visual instruction tuning, `vicuna_v1`): "
                "tiny-clip's tower (frozen), the stage-1 projector and tiny-lm, projector and LM trained on "
-               "ShapesWorld instructions plus some text-only chats, in two rounds: several epochs over the scenes "
-               "stage 1 saw, then one pass over new scenes at a lower learning rate; weights stored in float16 "
+               "ShapesWorld instructions plus some text-only chats"
+               + (", in two rounds: several epochs over the scenes stage 1 saw, then one pass over new scenes at a "
+                  "lower learning rate" if len(rounds) > 1 else "") + "; weights stored in float16 "
                "(`store_half`). Accuracy is measured with `minillava.eval` on held-out test scenes (greedy "
                "decoding, teacher-forced history, float32 compute).",
                {"steps": " + ".join(str(r["steps"]) for r in rounds), **facts}, {"final_train_loss": final_loss})
