@@ -38,7 +38,8 @@ class Scale:
     """How big everything is. FULL is what ships; TOY checks the pipeline in seconds."""
 
     n_train: int = 30000  # train scenes: CLIP, the tokenizer, stage 1 and stage 2's first round see these
-    n_fresh: int = 90000  # more train scenes, seen by stage 2's second round alone, once each
+    n_fresh: int = 180000  # more train scenes, seen by stage 2's later rounds alone, once each
+    fresh_rounds: int = 2  # n_fresh is split evenly over this many later rounds, each from where the last ended
     n_val: int = 500
     n_test: int = 1000
     n_comp: int = 500
@@ -52,8 +53,8 @@ class Scale:
                                                       save_every=500))  # resumable: hours on a CPU
     text_in_stage2: int = 4000  # text-only chats mixed into stage 2, as llava_v1_5_mix665k has
     stage2_fresh: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=1.0, lr=3e-4,
-                                                            save_every=500))  # the second round
-    text_in_fresh: int = 10000  # text-only chats mixed into the second round
+                                                            save_every=500))  # each later round
+    text_in_fresh: int = 10000  # text-only chats mixed into each later round (the same ones)
     caption_docs: int = 4000  # documents of captions, one a line, in the LM's pretraining text (see `lm_corpus`)
     n_eval: int | None = None  # evaluate on this many test (and told-scene) records (None: all)
 
@@ -66,8 +67,8 @@ TOY = Scale(n_train=24, n_val=4, n_test=8, n_comp=4, n_text=64, n_text_val=8, vo
                            sft_batch_size=4),
             stage1=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3),
             stage2=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3), text_in_stage2=4, caption_docs=4,
-            n_eval=4, n_fresh=8, stage2_fresh=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=3e-4),
-            text_in_fresh=4)
+            n_eval=4, n_fresh=8, fresh_rounds=2, text_in_fresh=4,
+            stage2_fresh=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=3e-4))
 SCALES = {"full": FULL, "toy": TOY}
 
 
@@ -230,7 +231,7 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
     times["data"] = time.perf_counter() - t_all
     data = {name: load_records(work / f"{name}.json", check_files=not name.startswith("text"))
             for name in ("captions_train", "captions_test", "text_train", "text_val", "instruct_train")}
-    data["instruct_fresh"] = data["instruct_train"][scale.n_train:]  # stage 2's second round alone
+    data["instruct_fresh"] = data["instruct_train"][scale.n_train:]  # stage 2's later rounds alone
     for name in ("captions_train", "instruct_train"):
         data[name] = data[name][: scale.n_train]
     corpus = lm_corpus(data["text_train"], data["captions_train"], scale.caption_docs)
@@ -356,13 +357,15 @@ def build_stage1(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev
 def build_stage2(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev: torch.device,
                  progress: bool) -> dict:
     """LLaVA's stage 2 (visual instruction tuning) from tiny-llava-stage1, with some text-only chats mixed in
-    as llava_v1_5_mix665k has -> tiny-llava, stored in float16. Two rounds: `stage2` (several epochs over the
-    scenes stage 1 saw), then, when `n_fresh`, `stage2_fresh` from where it ended (one pass over new scenes at
-    a lower learning rate: new scenes teach what more epochs of the same ones no longer do)."""
+    as llava_v1_5_mix665k has -> tiny-llava, stored in float16. In rounds: `stage2` (several epochs over the
+    scenes stage 1 saw), then, when `n_fresh`, `fresh_rounds` rounds of `stage2_fresh`, each from where the last
+    ended and one pass over its share of new scenes at a lower learning rate (new scenes teach what more epochs
+    of the same ones no longer do)."""
     rounds = [("mix_train", data["instruct_train"] + data["text_train"][: scale.text_in_stage2], scale.stage2)]
-    if scale.n_fresh:
-        rounds.append(("mix_fresh", data["instruct_fresh"] + data["text_train"][: scale.text_in_fresh],
-                       scale.stage2_fresh))
+    fresh, n = data["instruct_fresh"], scale.fresh_rounds if scale.n_fresh else 0
+    for k in range(n):  # round k's share: fresh scenes [k/n, (k+1)/n) of the way through
+        rounds.append((f"mix_fresh{k + 1}", fresh[k * len(fresh) // n:(k + 1) * len(fresh) // n]
+                       + data["text_train"][: scale.text_in_fresh], scale.stage2_fresh))
     init, done = out / "tiny-llava-stage1", []
     for i, (name, mix, settings) in enumerate(rounds):
         save_records(mix, work / f"{name}.json", image_dir=work)
@@ -387,8 +390,10 @@ def write_stage2_card(folder: Path, rounds: list[dict], final_loss: float) -> No
     write_card(folder, "tiny-llava", "The tiny LLaVA after stage 2 (visual instruction tuning, `vicuna_v1`): "
                "tiny-clip's tower (frozen), the stage-1 projector and tiny-lm, projector and LM trained on "
                "ShapesWorld instructions plus some text-only chats"
-               + (", in two rounds: several epochs over the scenes stage 1 saw, then one pass over new scenes at a "
-                  "lower learning rate" if len(rounds) > 1 else "") + "; weights stored in float16 "
+               + (f", in {len(rounds)} rounds: several epochs over the scenes stage 1 saw, then "
+                  + ("one pass over new scenes" if len(rounds) == 2 else f"{len(rounds) - 1} more, each one pass over "
+                     "scenes no round saw before,") + " at a lower learning rate" if len(rounds) > 1 else "")
+               + "; weights stored in float16 "
                "(`store_half`). Accuracy is measured with `minillava.eval` on held-out test scenes (greedy "
                "decoding, teacher-forced history, float32 compute).",
                {"steps": " + ".join(str(r["steps"]) for r in rounds), **facts}, {"final_train_loss": final_loss})
@@ -411,6 +416,15 @@ def build_data(work: Path, scale: Scale, seed: int) -> dict:
                            image_size=scale.clip.image_size)
 
 
+def eval_data(work: Path, scale: Scale, seed: int) -> dict:
+    """The held-out splits that `evaluate` reads: those of the full build in `work` when it holds them, else a
+    build of them alone (no train scenes nor train chats: every split is generated on its own, so its files are
+    the same either way)."""
+    held_out = dict(n_val=scale.n_val, n_test=scale.n_test, n_comp=scale.n_comp, n_text_val=scale.n_text_val,
+                    seed=seed, image_size=scale.clip.image_size)
+    return sw.built_with(work, **held_out) or sw.ensure_built(work, n_train=0, n_text=0, **held_out)
+
+
 EVALUATIONS = ("clip_zero_shot", "lm_text_qa_val", "stage1_caption_test", "text_qa_val", "vqa_test", "vqa_test_short",
                "vqa_compositional", "multi_image_test", "pope_test", "caption_test",
                *(f"vqa_test_{t}" for t in OTHER_TEMPLATES))
@@ -430,7 +444,7 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
     unknown = [k for k in only if k not in EVALUATIONS]
     if unknown:
         raise ValueError(f"unknown evaluation(s) {unknown}; known: {', '.join(EVALUATIONS)}")
-    build_data(work, scale, seed)
+    eval_data(work, scale, seed)
     t = time.perf_counter()
     summary = read_json(out / "zoo_build.json", what="zoo build summary")
     if "clip_zero_shot" in only:

@@ -388,3 +388,5 @@ def test_ensure_built_reuses_only_the_same_build(tmp_path):
     other = sw.ensure_built(tmp_path / "d", **{**args, "n_train": 7})
     assert other["splits"]["train"] == 7 and other["arguments"]["n_train"] == 7
     assert sw.ensure_built(tmp_path / "d", **{**args, "n_train": 7, "kinds": ("detail",)})["kinds"] == ["detail"]
+    assert sw.built_with(tmp_path / "d", n_train=7, seed=1) and not sw.built_with(tmp_path / "d", n_train=6)
+    assert sw.built_with(tmp_path / "nothing", n_train=7) is None

@@ -45,22 +45,27 @@ def test_toy_build_writes_every_component_with_a_card(toy_zoo):
     assert "caption_test" in json.loads((data / "tiny-llava-stage1" / "metrics.json").read_text())
 
 
-def test_stage2_second_round_sees_only_new_scenes(toy_zoo):
+def test_stage2_later_rounds_each_see_only_new_scenes(toy_zoo):
     data, _ = toy_zoo
     work, toy = data.parent / "work", build_zoo.TOY
     ids = lambda name: [r["id"] for r in json.loads((work / f"{name}.json").read_text())]  # noqa: E731
-    first = [f"train-{i:06d}" for i in range(toy.n_train)]
-    fresh = [f"train-{i:06d}" for i in range(toy.n_train, toy.n_train + toy.n_fresh)]
+    scenes = lambda lo, hi: [f"train-{i:06d}" for i in range(lo, hi)]  # noqa: E731
     assert len(ids("captions_stage1")) == toy.n_train  # stage 1 (and CLIP) see the first n_train scenes
-    assert [i for i in ids("mix_train") if i.startswith("train-")] == first
-    assert [i for i in ids("mix_fresh") if i.startswith("train-")] == fresh
-    assert len(ids("mix_fresh")) == toy.n_fresh + toy.text_in_fresh
+    assert [i for i in ids("mix_train") if i.startswith("train-")] == scenes(0, toy.n_train)
+    share = toy.n_fresh // toy.fresh_rounds
+    assert toy.fresh_rounds == 2 and share > 0
+    for k in range(toy.fresh_rounds):  # each later round: its own new scenes, then the same text chats
+        lo = toy.n_train + k * share
+        assert [i for i in ids(f"mix_fresh{k + 1}") if i.startswith("train-")] == scenes(lo, lo + share)
+        assert len(ids(f"mix_fresh{k + 1}")) == share + toy.text_in_fresh
     run = json.loads((data / "tiny-llava" / "run.json").read_text())
-    assert run["train_config"]["init"].endswith("stage2-round1") and run["train_config"]["lr"] == 3e-4
-    (earlier,) = run["earlier_rounds"]  # the first round's run, its curve and settings, kept beside the last
-    assert earlier["train_config"]["init"].endswith("tiny-llava-stage1") and len(earlier["metrics"]) == 2
+    assert run["train_config"]["init"].endswith("stage2-round2") and run["train_config"]["lr"] == 3e-4
+    first, second = run["earlier_rounds"]  # the earlier rounds' runs, curves and settings, kept beside the last
+    assert first["train_config"]["init"].endswith("tiny-llava-stage1") and len(first["metrics"]) == 2
+    assert second["train_config"]["init"].endswith("stage2-round1") and "earlier_rounds" not in second
     facts = json.loads((data / "tiny-llava" / "card.json").read_text())["facts"]
-    assert facts["steps"] == "2 + 2" and "records 12" in facts["round 2"]
+    assert facts["steps"] == "2 + 2 + 2" and "records 8" in facts["round 3"]
+    assert "in 3 rounds" in (data / "tiny-llava" / "README.md").read_text()
 
 
 def test_eval_only_measures_again_and_reuses_the_data(toy_zoo, tmp_path):
@@ -82,6 +87,20 @@ def test_eval_only_measures_again_and_reuses_the_data(toy_zoo, tmp_path):
     assert json.loads((data / "tiny-llava" / "metrics.json").read_text())["pope_test"] == card_pope(summary)
     with pytest.raises(FileNotFoundError, match="model card"):
         build_zoo.update_card(tmp_path, {"x": 1})
+
+
+def test_eval_data_builds_the_held_out_splits_alone_and_alike(toy_zoo, tmp_path):
+    """Measuring needs no train scenes: in a fresh folder only the held-out splits are made, byte for byte those
+    of the full build; the full build's folder is reused as it is."""
+    data, _ = toy_zoo
+    work, toy = data.parent / "work", build_zoo.TOY
+    assert build_zoo.eval_data(work, toy, seed=0) == json.loads((work / "manifest.json").read_text())
+    alone = build_zoo.eval_data(tmp_path / "held-out", toy, seed=0)
+    assert alone["splits"]["train"] == 0 and "instruct_train.json" not in alone["files"]
+    for name in ("instruct_test.json", "instruct_compositional.json", "captions_test.json", "text_val.json"):
+        assert (tmp_path / "held-out" / name).read_bytes() == (work / name).read_bytes(), name
+    more = build_zoo.Scale(**{**vars(toy), "n_test": toy.n_test + 1})  # other held-out splits: built again
+    assert build_zoo.eval_data(tmp_path / "held-out", more, seed=0)["splits"]["test"] == toy.n_test + 1
 
 
 def test_zero_shot_ensembles(toy_zoo):
@@ -211,6 +230,29 @@ def test_zoo_loads_offline_from_the_build(toy_zoo, monkeypatch):
                       [ml.load_image(next((data.parent / "work" / "images").iterdir()))], add_generation_prompt=True)
         assert model.generate(b["input_ids"], b["attention_mask"], b["images"], max_new_tokens=2).shape[0] == 1
     assert processor.template.name == "vicuna_v1"
+
+
+def test_the_shipped_zoo_is_what_full_describes():
+    """`make zoo` rebuilds what ships: data/zoo_build.json records FULL's scale, and tiny-llava's run.json holds
+    one run per round of stage 2, each with FULL's settings for that round and as many steps as its data gives."""
+    from dataclasses import asdict
+
+    full = build_zoo.FULL
+    summary = json.loads((zoo.data_dir() / "zoo_build.json").read_text())
+    assert summary["scale"] == json.loads(json.dumps(asdict(full)))
+    assert summary["data"]["train"] == full.n_train + full.n_fresh
+    last = json.loads((zoo.path("tiny-llava") / "run.json").read_text())
+    rounds = [*last.pop("earlier_rounds"), last]
+    assert len(rounds) == 1 + full.fresh_rounds
+    records = [full.n_train + full.text_in_stage2] + [full.n_fresh // full.fresh_rounds + full.text_in_fresh] * (
+        full.fresh_rounds)
+    for k, (run, settings, n) in enumerate(zip(rounds, [full.stage2] + [full.stage2_fresh] * full.fresh_rounds,
+                                               records)):
+        cfg = run["train_config"]
+        assert {key: cfg[key] for key in settings} == settings, k
+        assert len(run["metrics"]) == np.ceil(cfg["epochs"] * (n // cfg["batch_size"])), k  # full batches
+    facts = json.loads((zoo.path("tiny-llava") / "card.json").read_text())["facts"]
+    assert facts["steps"] == " + ".join(str(len(r["metrics"])) for r in rounds)
 
 
 def test_stage1_records_zoo_names_not_paths(toy_zoo):

@@ -739,6 +739,18 @@ def _arguments(arguments: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in arguments.items() if k != "out_dir"}
 
 
+def built_with(out_dir: str | Path, **arguments) -> dict | None:
+    """The manifest of the build in out_dir if this version of the module made it with these `build` arguments
+    (those not named may be anything), else None."""
+    previous = Path(out_dir) / "manifest.json"
+    if not previous.is_file():
+        return None
+    old = read_json(previous, "manifest")
+    same = old.get("code_sha256") == _code_sha256() and all(old.get("arguments", {}).get(k) == v
+                                                             for k, v in _arguments(arguments).items())
+    return old if same else None
+
+
 def ensure_built(out_dir: str | Path, **kwargs) -> dict:
     """`build(out_dir, **kwargs)`, unless out_dir already holds exactly that build (the same arguments, made by
     the same version of this module); returns the manifest."""
@@ -746,13 +758,7 @@ def ensure_built(out_dir: str | Path, **kwargs) -> dict:
 
     bound = inspect.signature(build).bind(out_dir, **kwargs)
     bound.apply_defaults()
-    wanted = _arguments(bound.arguments)
-    previous = Path(out_dir) / "manifest.json"
-    if previous.is_file():
-        old = read_json(previous, "manifest")
-        if old.get("arguments") == wanted and old.get("code_sha256") == _code_sha256():
-            return old
-    return build(out_dir, **kwargs)
+    return built_with(out_dir, **_arguments(bound.arguments)) or build(out_dir, **kwargs)
 
 
 def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: int = 1000, n_comp: int = 500,
