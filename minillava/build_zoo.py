@@ -38,8 +38,8 @@ class Scale:
     """How big everything is. FULL is what ships; TOY checks the pipeline in seconds."""
 
     n_train: int = 30000  # train scenes: CLIP, the tokenizer, stage 1 and stage 2's first round see these
-    n_fresh: int = 180000  # more train scenes, seen by stage 2's later rounds alone, once each
-    fresh_rounds: int = 2  # n_fresh is split evenly over this many later rounds, each from where the last ended
+    n_fresh: int = 270000  # more train scenes, seen by stage 2's later rounds alone, once each
+    fresh_rounds: int = 3  # n_fresh is split evenly over this many later rounds, each from where the last ended
     n_val: int = 500
     n_test: int = 1000
     n_comp: int = 500
