@@ -373,7 +373,7 @@ def build_stage2(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev
         r = train(TrainConfig(stage=2, data=str(work / f"{name}.json"), out=str(dest), init=str(init), seed=seed,
                               progress=progress, device=str(dev), **settings))
         store_half(r.out)  # each round starts from the weights as a shipped checkpoint holds them
-        if init != out / "tiny-llava-stage1":  # the final run.json holds the earlier rounds' runs too
+        if i:  # the final run.json holds the earlier rounds' runs too
             run = read_json(r.out / "run.json", what="training run")
             earlier = read_json(init / "run.json", what="training run")
             write_json(r.out / "run.json", {**run, "earlier_rounds": [*earlier.pop("earlier_rounds", []), earlier]})
@@ -387,13 +387,13 @@ def build_stage2(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev
 def write_stage2_card(folder: Path, rounds: list[dict], final_loss: float) -> None:
     """tiny-llava's model card; `rounds`: the settings and measurements of each round of stage 2."""
     facts = {f"round {i + 1}": ", ".join(f"{k} {v}" for k, v in r.items()) for i, r in enumerate(rounds)}
+    later = len(rounds) - 1
+    how = (f", in {len(rounds)} rounds: several epochs over the scenes stage 1 saw, then "
+           + ("one pass over new scenes" if later == 1 else f"{later} more, each one pass over scenes no round saw "
+              "before,") + " at a lower learning rate") if later else ""
     write_card(folder, "tiny-llava", "The tiny LLaVA after stage 2 (visual instruction tuning, `vicuna_v1`): "
                "tiny-clip's tower (frozen), the stage-1 projector and tiny-lm, projector and LM trained on "
-               "ShapesWorld instructions plus some text-only chats"
-               + (f", in {len(rounds)} rounds: several epochs over the scenes stage 1 saw, then "
-                  + ("one pass over new scenes" if len(rounds) == 2 else f"{len(rounds) - 1} more, each one pass over "
-                     "scenes no round saw before,") + " at a lower learning rate" if len(rounds) > 1 else "")
-               + "; weights stored in float16 "
+               f"ShapesWorld instructions plus some text-only chats{how}; weights stored in float16 "
                "(`store_half`). Accuracy is measured with `minillava.eval` on held-out test scenes (greedy "
                "decoding, teacher-forced history, float32 compute).",
                {"steps": " + ".join(str(r["steps"]) for r in rounds), **facts}, {"final_train_loss": final_loss})
