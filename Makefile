@@ -68,16 +68,16 @@ check-book: $(STAMP)
 # Rebuild every shipped component in data/ from scratch (fixed seeds; minutes on one GPU, hours on 2 CPU
 # cores), then measure it. `make zoo-eval` measures the weights in data/ again (about 7 minutes on 2 cores).
 zoo: $(STAMP)
-	$(RUN_ENV) $(BIN)/python -m minillava.build_zoo --out data --work build/shapesworld
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_zoo --out data --work build/shapesworld
 
 zoo-eval: $(STAMP)
-	$(RUN_ENV) $(BIN)/python -m minillava.build_zoo --out data --work build/shapesworld --eval-only
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_zoo --out data --work build/shapesworld --eval-only
 
 # Regenerate data/results/ablations.json (each variant trains both stages; about 6 minutes on one H200 with
 # the 7 variants side by side, hours on 2 CPU cores).
 ABLATION_JOBS ?= 1  # variants side by side: 7 on a GPU (make ablations ABLATION_JOBS=7), 1 on a laptop
 ablations: $(STAMP)
-	$(RUN_ENV) $(BIN)/python -m minillava.ablations --out data/results/ablations.json --jobs $(ABLATION_JOBS)
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.ablations --out data/results/ablations.json --jobs $(ABLATION_JOBS)
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache *.egg-info build dist

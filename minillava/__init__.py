@@ -1,43 +1,69 @@
 """minillava: LLaVA, the Large Language and Vision Assistant, small enough to read and run on a laptop.
 
-The public API, by chapter of the book:
+The library, in the order the book builds it (one module each):
 
-- vision features: `VisionTower`, `ImageProcessor`, `load_image`
-- the projector: `build_projector`
-- chat templates: `get_template`, `Template`, `from_llava`, `to_llava`, `IGNORE_INDEX`
-- the model: `LlavaModel` (merge, forward, generate, save/load), `Processor` (text + images -> batches)
-- training: `TrainConfig`, `train.train(config)`, `merge_lora`
-- the chat assistant: `ChatSession`, `ChatWidget`, `transcript_html`
-- evaluation: `minillava.eval`
-- transformers interop: `export_hf`, `load_hf`
-- the shipped weights: `zoo`
+- `vision`: the frozen vision tower and image preprocessing (`VisionTower`, `ImageProcessor`, `load_image`)
+- `projector`: the only part learned from scratch (`build_projector`)
+- `templates`: the chat templates LLaVA models were trained with (`get_template`, `Template`, `IGNORE_INDEX`)
+- `model`: the merge of image features into the token sequence, and the forward pass (`LlavaModel`)
+- `decoding`: prefill, KV caches and the compiled decoding step behind `LlavaModel.generate`
+- `processor`: conversations + images -> model inputs (`Processor`)
+- `checkpoints`: every on-disk format behind one loader (`load`, `save`, `merge_lora`, `load_vision`, `load_lm`)
+- `hf`: transformers' Llava format both ways (`export_hf`, `from_hf_model`)
+- `data`: LLaVA-format records and ShapesWorld, the synthetic world the zoo is trained on
+- `training`: the two stages (`TrainConfig`, `train`, `RECIPES`)
+- `chat`, `widget`: the assistant (`ChatSession`, `ChatWidget`, `transcript_html`)
+- `evaluation`: VQA accuracy, POPE metrics, answer scoring
+- `pretrain`: pretraining the zoo's tiny backbones (CLIP's contrastive loss, a chat LM)
+- `zoo`: the shipped components, by name; `display`: the helpers the book's chapters share
+- `utils`: devices, atomic writes, safetensors I/O
+
+Maintainer tooling (the zoo builder, ablations, the benchmark) lives in `minillava.tools`, which the library never
+imports; `cli` is the `minillava` command.
 """
 
-from . import train, zoo
+from . import (
+    chat,
+    checkpoints,
+    data,
+    decoding,
+    display,
+    evaluation,
+    hf,
+    model,
+    pretrain,
+    processor,
+    projector,
+    templates,
+    training,
+    utils,
+    vision,
+    widget,
+    zoo,
+)
 from .chat import ChatSession
-from .hf import export_hf, from_hf_model, load_hf
+from .checkpoints import load, load_clip, load_lm, load_vision, merge_lora, save
+from .hf import export_hf, from_hf_model
 from .model import LlavaModel, LlavaOutput
 from .processor import Processor
 from .projector import build_projector
-from .templates import (
-    IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
-    TEMPLATES,
-    Template,
-    from_llava,
-    get_template,
-    to_llava,
-)
-from .train import TrainConfig, merge_lora
+from .templates import IGNORE_INDEX, IMAGE_PLACEHOLDER, TEMPLATES, Template, from_llava, get_template, to_llava
+from .training import RECIPES, TrainConfig, train
 from .utils import pick_device, pick_dtype
 from .vision import ImageProcessor, VisionTower, load_image
 from .widget import ChatWidget, transcript_html
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "ChatSession", "ChatWidget", "IGNORE_INDEX", "IMAGE_PLACEHOLDER", "ImageProcessor", "LlavaModel", "LlavaOutput",
-    "Processor", "TEMPLATES", "Template", "TrainConfig", "VisionTower", "build_projector", "export_hf",
-    "from_hf_model", "from_llava", "get_template", "load_hf", "load_image", "merge_lora", "pick_device",
-    "pick_dtype", "to_llava", "train", "transcript_html", "zoo",
+    # modules
+    "chat", "checkpoints", "data", "decoding", "display", "evaluation", "hf", "model", "pretrain", "processor",
+    "projector", "templates", "training", "utils", "vision", "widget", "zoo",
+    # loading and saving
+    "load", "save", "load_vision", "load_clip", "load_lm", "merge_lora", "export_hf", "from_hf_model",
+    # the model
+    "VisionTower", "ImageProcessor", "load_image", "build_projector", "LlavaModel", "LlavaOutput", "Processor",
+    "Template", "TEMPLATES", "get_template", "from_llava", "to_llava", "IGNORE_INDEX", "IMAGE_PLACEHOLDER",
+    # training and use
+    "TrainConfig", "RECIPES", "train", "ChatSession", "ChatWidget", "transcript_html", "pick_device", "pick_dtype",
 ]

@@ -18,7 +18,6 @@ cache only decides how much work is skipped.
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import decoding
 from .templates import IMAGE_PLACEHOLDER, Template, to_llava
 from .vision import load_image
 
@@ -211,8 +211,8 @@ class ChatSession:
     def _answer(self, turns: list[Turn], ids: list[int], keys: list[int], start: float):
         """Prefill what the cache lacks of the prompt `ids`, then decode; yields the answer's text pieces."""
         if not self.reuse_cache or self._cache is None:
-            self._cache, self._cache_keys = self.model.new_cache(), []
-        reused = _common_prefix(self._cache_keys, keys)
+            self._cache, self._cache_keys = decoding.new_cache(self.model), []
+        reused = common_prefix(self._cache_keys, keys)
         _crop(self._cache, reused)
         self._cache_keys = self._cache_keys[:reused]
         by_key = {im.key: im for t in turns for im in t.images}
@@ -234,13 +234,13 @@ class ChatSession:
                     break
                 text = self.processor.decode(new)
                 stopped = bool(stop_str) and stop_str in text
-                visible = self._visible(text, final=stopped)
+                visible = self.visible_text(text, final=stopped)
                 if visible.startswith(shown) and len(visible) > len(shown):
                     shown, piece = visible, visible[len(shown):]
                     yield piece
                 if stopped:
                     break
-            visible = self._visible(self.processor.decode([t for t in new if t not in self.stop_ids]), final=True)
+            visible = self.visible_text(self.processor.decode([t for t in new if t not in self.stop_ids]), final=True)
             if visible.startswith(shown) and len(visible) > len(shown):
                 shown, piece = visible, visible[len(shown):]
                 yield piece
@@ -271,7 +271,7 @@ class ChatSession:
             return None, 0
         return torch.stack([encoded[im.key] if im.key in encoded else im.features for im in images]), len(todo)
 
-    def _visible(self, text: str, final: bool) -> str:
+    def visible_text(self, text: str, final: bool) -> str:
         """The part of the decoded answer `text` to show: cut at the stop string, without "<image>", stripped.
         Unless `final`, also hold back what may still change: the start of a stop string or of "<image>", an
         unfinished UTF-8 character (decoded as U+FFFD), trailing spaces."""
@@ -285,7 +285,7 @@ class ChatSession:
         return text.rstrip()
 
 
-def _common_prefix(cached: list[int], keys: list[int]) -> int:
+def common_prefix(cached: list[int], keys: list[int]) -> int:
     """How many leading `keys` the cache already holds: the longest common prefix, backed off to the start of an
     image it would cut, and leaving at least one token to prefill (its logits give the first new token)."""
     n, most = 0, min(len(cached), len(keys) - 1)
@@ -306,68 +306,3 @@ def _crop(cache, n: int) -> None:
 def _partial_suffix(text: str, marker: str) -> int:
     """The length of the longest end of `text` that is a proper start of `marker` (0 if none)."""
     return next((k for k in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:k])), 0)
-
-
-# ---- the command line: `minillava chat` ----------------------------------------------------------------------
-COMMANDS = "/image PATH attaches an image to the next question, /reset starts over, /quit exits"
-
-
-def run_cli(model: str = "tiny-llava", images=(), max_new_tokens: int = 128, temperature: float = 0.0) -> int:
-    """Chat on stdin/stdout, a line per question, answers streamed; works through a pipe. Returns the exit code.
-
-    `model`: a zoo name or a folder, as `zoo.load_model` takes (minillava or transformers Llava folders)."""
-    from .zoo import load_model
-
-    chat = ChatSession(*load_model(model), template=None, max_new_tokens=max_new_tokens, temperature=temperature)
-    pending: list[str] = []
-
-    def attach(path: str) -> None:
-        if not path:
-            raise ValueError("usage: /image PATH")
-        load_image(path)
-        pending.append(path)
-        print(f"(image '{path}' attached to the next question)", flush=True)
-
-    print(f"minillava chat with '{model}' ({chat.processor.template.name} template). {COMMANDS}.", flush=True)
-    for path in images:
-        _or_report(attach, path)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):  # end of input, or Ctrl-C at the prompt
-            print()
-            return 0
-        command, _, arg = line.partition(" ")
-        if command in ("/quit", "/exit"):
-            return 0
-        if command == "/reset":
-            chat.reset()
-            pending.clear()
-            print("(conversation cleared)", flush=True)
-        elif command == "/image":
-            _or_report(attach, arg.strip())
-        elif command.startswith("/"):
-            print(f"error: unknown command '{command}'; {COMMANDS}", file=sys.stderr, flush=True)
-        elif line and _or_report(_answer_cli, chat, line, pending):
-            pending.clear()
-
-
-def _answer_cli(chat: ChatSession, question: str, images: list[str]) -> bool:
-    pieces = chat.stream(question, images)  # checks the question first: nothing printed if it is refused
-    print("assistant> ", end="", flush=True)
-    try:
-        for piece in pieces:
-            print(piece, end="", flush=True)
-    except KeyboardInterrupt:  # Ctrl-C stops this answer (the turn is dropped), not the chat
-        print(" [interrupted]", end="")
-    print(flush=True)
-    return True
-
-
-def _or_report(fn, *args):
-    """Call `fn`; a bad input is reported on stderr and the chat goes on."""
-    try:
-        return fn(*args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return None

@@ -1,52 +1,166 @@
-"""The `minillava` command line: `minillava train ...`, `minillava merge-lora ...` and friends.
+"""The `minillava` command line, every subcommand in one place: train, merge-lora, chat, eval, bench.
 
-Options of `train` are generated from `TrainConfig`'s fields, so the command line and Python take exactly the
-same settings with the same defaults.
+Options of `train` are generated from `TrainConfig`'s fields, and each option's help is the comment written beside
+its field, so the command line and Python take exactly the same settings, with the same defaults and documentation.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import sys
 import typing
 
-from .train import TrainConfig
+from .training.config import TrainConfig
+
+# ---- train: options from TrainConfig --------------------------------------------------------------------------
+
+
+def field_docs(cls) -> dict[str, str]:
+    """{field: the comment on its line} for a dataclass written as `name: type = default  # what it is`."""
+    source = inspect.getsource(cls)
+    lines = source.splitlines()
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            line = lines[node.end_lineno - 1]
+            if "#" in line:
+                docs[node.target.id] = line.split("#", 1)[1].strip()
+    return docs
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
-    hints = typing.get_type_hints(cls)
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name == "extra":
             continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        said = "default" in docs[f.name] or default in (None, "")  # (None and "" are said in the comment, if at all)
+        help_text = docs[f.name] + ("" if said else f" (default: {default})")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        parser.add_argument(flag, type=base, default=f.default, help=f"(default: {f.default})")
+        parser.add_argument(flag, type=base, default=default, help=help_text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minillava", description="LLaVA from the ground up.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train stage 1 (feature alignment) or 2 (visual instruction tuning)")
+# ---- chat: a conversation on the terminal ----------------------------------------------------------------------
+COMMANDS = "/image PATH attaches an image to the next question, /reset starts over, /quit exits"
+
+
+def chat_command(model: str = "tiny-llava", images=(), max_new_tokens: int = 128, temperature: float = 0.0) -> int:
+    """Chat on stdin/stdout, a line per question, answers streamed; works through a pipe. Returns the exit code.
+    `model`: anything `minillava.load` takes (a zoo name, a minillava or transformers Llava folder)."""
+    from .chat import ChatSession
+    from .checkpoints import load
+    from .vision import load_image
+
+    chat = ChatSession(*load(model), template=None, max_new_tokens=max_new_tokens, temperature=temperature)
+    pending: list[str] = []
+
+    def attach(path: str) -> None:
+        if not path:
+            raise ValueError("usage: /image PATH")
+        load_image(path)
+        pending.append(path)
+        print(f"(image '{path}' attached to the next question)", flush=True)
+
+    print(f"minillava chat with '{model}' ({chat.processor.template.name} template). {COMMANDS}.", flush=True)
+    for path in images:
+        _or_report(attach, path)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):  # end of input, or Ctrl-C at the prompt
+            print()
+            return 0
+        command, _, arg = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return 0
+        if command == "/reset":
+            chat.reset()
+            pending.clear()
+            print("(conversation cleared)", flush=True)
+        elif command == "/image":
+            _or_report(attach, arg.strip())
+        elif command.startswith("/"):
+            print(f"error: unknown command '{command}'; {COMMANDS}", file=sys.stderr, flush=True)
+        elif line and _or_report(_answer, chat, line, pending):
+            pending.clear()
+
+
+def _answer(chat, question: str, images: list[str]) -> bool:
+    pieces = chat.stream(question, images)  # checks the question first: nothing printed if it is refused
+    print("assistant> ", end="", flush=True)
+    try:
+        for piece in pieces:
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C stops this answer (the turn is dropped), not the chat
+        print(" [interrupted]", end="")
+    print(flush=True)
+    return True
+
+
+def _or_report(fn, *args):
+    """Call `fn`; a bad input is reported on stderr and the chat goes on."""
+    try:
+        return fn(*args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+
+
+# ---- eval ------------------------------------------------------------------------------------------------------
+def eval_command(args) -> dict:
+    """`minillava eval`: load, evaluate, print the table, write JSON."""
+    from .checkpoints import load
+    from .data import shapesworld as sw
+    from .data.records import load_records
+    from .evaluation import SHORT_ANSWER, format_table, questions, score_answer_file
+    from .utils import write_json
+
+    records = load_records(args.data, args.images)[: args.limit]
+    suffix = SHORT_ANSWER if args.short_answer else ""
+    if args.answers:
+        result = score_answer_file(questions(records, suffix), args.answers)
+        result["table"] = format_table(result)
+    else:
+        model, processor = load(args.model, template=args.template)
+        result = sw.evaluate(model, processor, records, args.kind, suffix)
+    result.update(model=str(args.model), data=str(args.data), kind=args.kind, suffix=suffix,
+                  template=args.template)
+    print(result["table"])
+    if args.out:
+        write_json(args.out, result)
+        print(f"results -> {args.out}")
+    return result
+
+
+# ---- the parser ------------------------------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minillava", description="LLaVA from the ground up.")
+    sub = p.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train stage 1 (feature alignment) or 2 (visual instruction tuning)",
+                             description="Train one stage of LLaVA; every option is a field of TrainConfig.")
     _add_dataclass_options(p_train, TrainConfig)
     p_merge = sub.add_parser("merge-lora", help="merge a stage-2 LoRA adapter into a full model folder")
-    p_merge.add_argument("adapter")
-    p_merge.add_argument("out")
+    p_merge.add_argument("adapter", help="the folder a `train --stage 2 --lora` run wrote")
+    p_merge.add_argument("out", help="the full model folder to write (new, empty, or one minillava wrote)")
     p_chat = sub.add_parser("chat", help="chat about images on the terminal (reads stdin line by line)")
     p_chat.add_argument("--model", default="tiny-llava", help="a zoo name or a model folder (default: tiny-llava)")
     p_chat.add_argument("--image", nargs="+", action="extend", default=[], metavar="PATH",
                         help="images for the first question")
-    p_chat.add_argument("--max-new-tokens", type=int, default=128)
-    p_chat.add_argument("--temperature", type=float, default=0.0)
+    p_chat.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default: 128)")
+    p_chat.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 answers greedily (default: 0)")
     p_eval = sub.add_parser("eval", help="evaluate a model on a LLaVA-format question file with reference answers")
     p_eval.add_argument("--model", default="tiny-llava", help="a zoo name or a model folder (default: tiny-llava)")
     p_eval.add_argument("--data", required=True, help="LLaVA-format JSON with reference answers")
     p_eval.add_argument("--images", default=None, help="image folder (default: the JSON file's folder)")
-    p_eval.add_argument("--kind", choices=("vqa", "pope", "caption", "multi-image"), default="vqa")
+    p_eval.add_argument("--kind", choices=("vqa", "pope", "caption", "multi-image"), default="vqa",
+                        help="what to measure; pope and caption need ShapesWorld scenes (default: vqa)")
     p_eval.add_argument("--template", default=None, help="render prompts with this template instead of the model's")
     p_eval.add_argument("--short-answer", action="store_true",
                         help="append LLaVA-1.5's 'Answer the question using a single word or phrase.'")
@@ -54,26 +168,31 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--answers", default=None, help="score these answers (JSON list of {id, turn, answer}) "
                                                        "instead of generating")
     p_eval.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+    sub.add_parser("bench", help="time minillava against transformers side by side (see `minillava bench -h`)",
+                   add_help=False)
+    return p
 
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark is maintainer tooling with options of its own
+        from .tools.bench import main as bench_main
+
+        return bench_main(argv[1:]) or 0
+    args = parser().parse_args(argv)
     try:
         if args.command == "train":
-            from .train import train
+            from .training import train
 
-            cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k != "command"})
-            train(cfg)
+            train(TrainConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
         elif args.command == "merge-lora":
-            from .train import merge_lora
+            from .checkpoints import merge_lora
 
             print(f"merged -> {merge_lora(args.adapter, args.out)}")
         elif args.command == "eval":
-            from .eval import eval_command
-
             eval_command(args)
         elif args.command == "chat":
-            from .chat import run_cli
-
-            return run_cli(args.model, args.image, args.max_new_tokens, args.temperature)
+            return chat_command(args.model, args.image, args.max_new_tokens, args.temperature)
     except (ValueError, OSError) as e:  # FileNotFoundError, FileExistsError, NotADirectoryError, ...
         print(f"minillava {args.command}: error: {e}", file=sys.stderr)
         return 2

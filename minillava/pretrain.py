@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .data.records import Record
 from .templates import IGNORE_INDEX, get_template
-from .train import lr_at
+from .utils import lr_at
 from .vision import ImageProcessor
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"]  # </s> is not id 2: see

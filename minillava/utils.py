@@ -1,4 +1,4 @@
-"""Small shared helpers: device and dtype choice, atomic file writes, safetensors I/O.
+"""Small shared helpers: device and dtype choice, atomic file writes, safetensors I/O, the LR schedule.
 
 Everything that touches the disk goes through `atomic_dir` or `atomic_file`, so an interrupted save never
 leaves a half-written checkpoint behind: we write into a temporary sibling and rename it into place.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -167,3 +168,11 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         raise ValueError(f"weights '{path}': cannot be read as safetensors ({e})") from None
+
+
+def lr_at(step: int, total: int, warmup: int) -> float:
+    """Cosine schedule with linear warmup, as a factor of the peak (transformers' cosine schedule)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -242,3 +242,9 @@ class VisionTower(nn.Module):
         if self.has_cls and self.select == "patch":
             feats = feats[:, 1:]
         return feats
+
+
+def noise_image(size: int = 64, seed: int = 0) -> Image.Image:
+    """A picture of nothing: uniform RGB noise (size, size), for probing what a model says about no content."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")

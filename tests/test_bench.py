@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from minillava import bench
+from minillava.tools import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 SAVED = ROOT / "data" / "results" / "bench_cpu_tiny.json"
@@ -84,14 +84,14 @@ def test_markdown_has_a_row_per_figure(result):
 
 
 def test_performance_page_shows_the_saved_table(capsys):
-    """The page's table is exactly what `python -m minillava.bench --markdown` prints from the saved JSON:
+    """The page's table is exactly what `minillava bench --markdown` prints from the saved JSON:
     after re-running the benchmark, paste its output between the markers."""
     page = PAGE.read_text()
     found = re.search(r"<!-- bench:cpu:start -->\n(.*?)\n<!-- bench:cpu:end -->", page, re.S)
     assert found, "book/performance.md lacks the <!-- bench:cpu:start/end --> markers"
     assert bench.main(["--markdown", str(SAVED)]) == 0
     assert found.group(1).strip() == capsys.readouterr().out.strip(), (
-        f"the table in {PAGE.name} is stale: paste `python -m minillava.bench --markdown "
+        f"the table in {PAGE.name} is stale: paste `minillava bench --markdown "
         f"data/results/{SAVED.name}` between the markers")
     saved = json.loads(SAVED.read_text())
     assert saved["config"]["name"] == "tiny" and saved["device_type"] == "cpu"

@@ -16,7 +16,7 @@ import torch
 from conftest import make_model, random_image
 
 import minillava as ml
-from minillava.chat import ChatSession, _common_prefix
+from minillava.chat import ChatSession, common_prefix
 from minillava.data.records import parse_record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,9 +143,9 @@ def test_multi_token_stop_string_never_leaks(tokenizer, processor):
 
 def test_common_prefix_never_cuts_an_image():
     image = [-7] * 4
-    assert _common_prefix([1, 2, *image[:2]], [1, 2, *image, 3]) == 2
-    assert _common_prefix([1, 2, *image, 9], [1, 2, *image, 3]) == 6
-    assert _common_prefix([1, 2, 3], [1, 2, 3]) == 2  # one token is always prefilled
+    assert common_prefix([1, 2, *image[:2]], [1, 2, *image, 3]) == 2
+    assert common_prefix([1, 2, *image, 9], [1, 2, *image, 3]) == 6
+    assert common_prefix([1, 2, 3], [1, 2, 3]) == 2  # one token is always prefilled
 
 
 # ---- context ---------------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_widget_handlers(model, processor):
 @pytest.fixture(scope="module")
 def saved_model(model, processor, tmp_path_factory):
     folder = tmp_path_factory.mktemp("chat") / "tiny"
-    model.save_pretrained(folder, processor=processor)
+    ml.save(model, processor, folder)
     random_image().save(folder.parent / "a.png")
     (folder.parent / "bad.png").write_bytes(b"garbage")
     return folder
@@ -348,7 +348,7 @@ def test_cli_quit_and_bad_model(saved_model, monkeypatch, capsys):
 
 # ---- the benchmark's report ------------------------------------------------------------------------------------
 def test_chat_ttft_reports_both_ways(model, processor):
-    from minillava.bench import BENCHMARKS, chat_ttft
+    from minillava.tools.bench import BENCHMARKS, chat_ttft
 
     result = chat_ttft(model, processor, random_image(), turns=2, repeats=1, max_new_tokens=3)
     for key in ["session_turn_1_s", "session_turn_2_s", "reprefill_turn_1_s", "reprefill_turn_2_s", "ratio_turn_2"]:

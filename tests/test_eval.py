@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from minillava import eval as ev
+import minillava as ml
+from minillava import evaluation as ev
 from minillava.data.records import Record
 
 
@@ -66,8 +67,8 @@ def test_pope_records_are_balanced_and_true():
 
     data = sw.generate_records("test", 30, seed=3, kinds=("conversation",))
     freq = sw.combo_frequencies(data.scenes.values())
-    for strategy in ev.POPE_STRATEGIES:
-        probes = ev.pope_records(data.instruct, strategy, freq=freq)
+    for strategy in sw.POPE_STRATEGIES:
+        probes = sw.pope_records(data.instruct, strategy, freq=freq)
         yes = [p for p in probes if p.messages[1]["content"] == "Yes."]
         assert len(yes) * 2 == len(probes) > 0
         for p in probes:
@@ -75,7 +76,7 @@ def test_pope_records_are_balanced_and_true():
             color, shape = p.messages[0]["content"].split("Is there a ")[1].split()[:2]
             assert ((color, shape) in sw.objects_present(scene)) == (p.messages[1]["content"] == "Yes.")
     with pytest.raises(ValueError, match="POPE strategy 'weird'"):
-        ev.pope_records(data.instruct, "weird")
+        sw.pope_records(data.instruct, "weird")
 
 
 def test_caption_metrics_on_known_captions():
@@ -84,23 +85,23 @@ def test_caption_metrics_on_known_captions():
     bg = sw.Background((250, 250, 250), (240, 240, 240), 0, 0)
     scene = sw.Scene((sw.Obj("circle", "red", "large", (0, 0)), sw.Obj("star", "blue", "small", (1, 1))), bg)
     perfect = "A large red circle at the top left and a small blue star in the center."
-    m = ev.caption_metrics([perfect], [scene])
+    m = sw.caption_metrics([perfect], [scene])
     assert m["object_precision"] == 1.0 and m["object_recall"] == 1.0
     assert m["size_accuracy"] == 1.0 and m["position_accuracy"] == 1.0
     wrong = "A small red circle at the bottom and a green square."
-    m = ev.caption_metrics([wrong], [scene])
+    m = sw.caption_metrics([wrong], [scene])
     assert m["object_precision"] == 0.5 and m["object_recall"] == 0.5
     assert m["size_accuracy"] == 0.0 and m["position_accuracy"] == 0.0
-    m = ev.caption_metrics([sw.describe(scene)], [scene])  # the detailed-description form: counts are no mentions
+    m = sw.caption_metrics([sw.describe(scene)], [scene])  # the detailed-description form: counts are no mentions
     assert m["mentions_per_caption"] == 2 and m["object_precision"] == 1.0 and m["position_accuracy"] == 1.0
     moved = sw.describe(sw.Scene((sw.Obj("circle", "red", "large", (2, 2)),), bg))
-    m = ev.caption_metrics([moved], [scene])
+    m = sw.caption_metrics([moved], [scene])
     assert m["object_precision"] == 1.0 and m["object_recall"] == 0.5 and m["position_accuracy"] == 0.0
-    assert ev.caption_mentions("There are 2 red circles and no blue stars. Two squares.") == []  # no one object
+    assert sw.caption_mentions("There are 2 red circles and no blue stars. Two squares.") == []  # no one object
     late = "A red circle. A large red circle at the top left."  # the placed mention gets the object it names
-    assert ev.caption_metrics([late], [scene])["position_accuracy"] == 1.0
+    assert sw.caption_metrics([late], [scene])["position_accuracy"] == 1.0
     twice = "A large red circle at the top left. A red circle in the center."  # one red circle, said twice
-    m = ev.caption_metrics([twice], [scene])
+    m = sw.caption_metrics([twice], [scene])
     assert m["object_precision"] == 0.5 and m["object_recall"] == 0.5 and m["position_accuracy"] == 1.0
 
 
@@ -119,7 +120,7 @@ def eval_files(tmp_path, model, processor):
         r.messages[:] = r.messages[:2]
         r.meta["qtypes"] = r.meta["qtypes"][:1]
     save_records(data.instruct, tmp_path / "q.json", image_dir=tmp_path)
-    model.save_pretrained(tmp_path / "model", processor=processor)
+    ml.save(model, processor, tmp_path / "model")
     return tmp_path, data
 
 
@@ -161,4 +162,4 @@ def test_eval_cli_bad_input(eval_files, capsys):
     (d / "notmodel").mkdir()
     (d / "notmodel" / "config.json").write_text('{"model_type": "bert"}')
     assert main(["eval", "--model", str(d / "notmodel"), "--data", str(d / "q.json")]) == 2
-    assert "not a minillava" in capsys.readouterr().err
+    assert "names no model minillava knows" in capsys.readouterr().err

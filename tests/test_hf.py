@@ -8,6 +8,7 @@ from conftest import make_model, make_processor, random_image, text_config, visi
 from safetensors import safe_open
 
 import minillava as ml
+from minillava.hf import load_hf
 
 TWO_IMAGES = [{"role": "user", "content": "<image> and <image>: which has more shapes?"},
               {"role": "assistant", "content": "The first."}]
@@ -34,7 +35,7 @@ def test_load_hf_gives_transformers_logits(tmp_path, tokenizer, kind):
     hf = hf_llava(tokenizer, kind)
     hf.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    model, processor = ml.load_hf(tmp_path, device="cpu")
+    model, processor = ml.load(tmp_path, device="cpu")
     b = processor(TWO_IMAGES, [random_image(seed=1), random_image(24, 50, seed=2)])
     with torch.no_grad():
         ours = model(**b).logits
@@ -78,7 +79,7 @@ def test_export_writes_the_legacy_layout(tmp_path, tokenizer, model, processor):
 
 def test_roundtrip_through_transformers(tmp_path, model, processor):
     ml.export_hf(model, processor, tmp_path / "hf")
-    back, proc = ml.load_hf(tmp_path / "hf", device="cpu")
+    back, proc = ml.load(tmp_path / "hf", device="cpu")
     b = proc(TWO_IMAGES, [random_image(seed=3), random_image(seed=4)])
     assert torch.equal(back(**b).logits, model(**b).logits)
     assert proc.image_processor == processor.image_processor
@@ -104,12 +105,12 @@ def test_interop_errors(tmp_path, tokenizer, model, processor):
     with pytest.raises(ValueError, match="projector 'linear' has no equivalent"):
         ml.export_hf(linear, processor, tmp_path / "x")
     assert not (tmp_path / "x").exists()
-    with pytest.raises(FileNotFoundError, match="not found"):
-        ml.load_hf(tmp_path / "missing")
-    model.save_pretrained(tmp_path / "native")
+    with pytest.raises(FileNotFoundError, match="no such zoo component or folder"):
+        ml.load(tmp_path / "missing")
+    ml.save(model, processor, tmp_path / "native")
     with pytest.raises(ValueError, match="not a transformers Llava folder"):
-        ml.load_hf(tmp_path / "native")
+        load_hf(tmp_path / "native")
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / "config.json").write_text(json.dumps({"model_type": "clip"}))
     with pytest.raises(ValueError, match="model_type 'clip'"):
-        ml.load_hf(tmp_path / "clip")
+        ml.load(tmp_path / "clip")

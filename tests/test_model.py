@@ -250,9 +250,8 @@ def test_generation_respects_context(model):
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
 def test_save_and_load_roundtrip(tmp_path, model, processor):
-    model.save_pretrained(tmp_path / "ckpt", processor=processor)
-    loaded = ml.LlavaModel.from_pretrained(tmp_path / "ckpt", device="cpu")
-    proc = ml.Processor.from_pretrained(tmp_path / "ckpt")
+    ml.save(model, processor, tmp_path / "ckpt")
+    loaded, proc = ml.load(tmp_path / "ckpt", device="cpu")
     b = proc(chat("<image>\nWhat?", "Red."), [random_image()])
     assert torch.equal(loaded(**b).logits, model(**b).logits)
     assert proc.template.name == processor.template.name and proc.num_image_tokens == processor.num_image_tokens
@@ -263,24 +262,24 @@ def test_saved_config_does_not_name_the_folders_of_its_backbones(tmp_path, token
     m = make_model(tokenizer)
     m.language_model.config._name_or_path = str(tmp_path / "my-lm")  # as from_pretrained sets it
     m.vision_tower.model.config._name_or_path = str(tmp_path / "my-clip")
-    m.save_pretrained(tmp_path / "ckpt")
+    ml.save(m, make_processor(tokenizer, m), tmp_path / "ckpt")
     assert str(tmp_path) not in (tmp_path / "ckpt" / "config.json").read_text()
-    assert ml.LlavaModel.from_pretrained(tmp_path / "ckpt").config == m.config
+    assert ml.load(tmp_path / "ckpt")[0].config == m.config
     ml.export_hf(m, make_processor(tokenizer, m), tmp_path / "hf")  # nor does transformers' Llava export
     assert str(tmp_path) not in (tmp_path / "hf" / "config.json").read_text()
 
 
 def test_broken_checkpoints_get_clear_errors(tmp_path, tokenizer, model):
-    with pytest.raises(FileNotFoundError, match="model folder 'nowhere': not found"):
-        ml.LlavaModel.from_pretrained("nowhere")
-    model.save_pretrained(tmp_path / "ok")
+    with pytest.raises(FileNotFoundError, match="model 'nowhere': no such zoo component or folder"):
+        ml.load("nowhere")
+    ml.save(model, make_processor(tokenizer, model), tmp_path / "ok")
     from safetensors.torch import load_file, save_file
 
     state = load_file(tmp_path / "ok" / "model.safetensors")
     state.pop("projector.0.weight")
     save_file(state, tmp_path / "ok" / "model.safetensors")
     with pytest.raises(ValueError, match="missing: projector.0.weight"):
-        ml.LlavaModel.from_pretrained(tmp_path / "ok")
+        ml.load(tmp_path / "ok")
     other = make_model(tokenizer)
     other.projector = ml.build_projector("mlp2x_gelu", 32, 48)
     other.projector[2] = torch.nn.Linear(48, 48, bias=True)
@@ -288,13 +287,13 @@ def test_broken_checkpoints_get_clear_errors(tmp_path, tokenizer, model):
     state["projector.2.weight"] = torch.zeros(7, 48)
     save_file(state, tmp_path / "ok" / "model.safetensors")
     with pytest.raises(ValueError, match="wrong shape: projector.2.weight"):
-        ml.LlavaModel.from_pretrained(tmp_path / "ok")
+        ml.load(tmp_path / "ok")
     (tmp_path / "ok" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot be read as safetensors"):
-        ml.LlavaModel.from_pretrained(tmp_path / "ok")
+        ml.load(tmp_path / "ok")
     (tmp_path / "ok" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        ml.LlavaModel.from_pretrained(tmp_path / "ok")
+        ml.load(tmp_path / "ok")
 
 
 def test_failed_save_leaves_nothing_half_written(tmp_path, model):
@@ -302,10 +301,10 @@ def test_failed_save_leaves_nothing_half_written(tmp_path, model):
         def save_pretrained(self, path):
             raise RuntimeError("disk full")
 
-    model.save_pretrained(tmp_path / "ckpt")
+    ml.save(model, None, tmp_path / "ckpt")
     before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
     with pytest.raises(RuntimeError, match="disk full"):
-        model.save_pretrained(tmp_path / "ckpt", processor=Exploding())
+        ml.save(model, Exploding(), tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 

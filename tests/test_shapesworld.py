@@ -33,6 +33,7 @@ from minillava.data.shapesworld import (
     render,
     render_background,
     sample_scene,
+    scenes,
     text_chats,
 )
 
@@ -363,8 +364,8 @@ def test_hard_negatives_change_one_thing_and_never_a_held_out_pair():
         text = sw.caption(scene, rng)
         neg = sw.hard_negative(text, rng)
         assert neg is not None and neg != text
-        before = [m.groups() for m in sw._PHRASE.finditer(text)]
-        after = [m.groups() for m in sw._PHRASE.finditer(neg)]
+        before = [m.groups() for m in scenes._PHRASE.finditer(text)]
+        after = [m.groups() for m in scenes._PHRASE.finditer(neg)]
         assert len(before) == len(after) == len(scene.objects)  # the same objects, in the same places
         diff = [(a, b) for a, b in zip(before, after) if a != b]
         slots = {i for a, b in diff for i in range(4) if a[i] != b[i]}

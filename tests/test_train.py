@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 import minillava as ml
 import minillava.cli
-from minillava import train as mt
 from minillava.data.records import DataError
-from minillava.train import TrainConfig, train
+from minillava.training import TrainConfig, train
+from minillava.training import loop as mt
 
 
 def write_json(path, obj):
@@ -107,13 +107,12 @@ def test_stage2_full_from_stage1(world, s1, tmp_path):
     res = train(TrainConfig(stage=2, data=world["instruct"], images=world["images"], out=str(tmp_path / "s2"),
                             init=str(s1.out), batch_size=8, micro_batch_size=4, max_steps=3, lr=1e-3,
                             progress=False))
-    model = ml.LlavaModel.from_pretrained(res.out, device="cpu")
-    proc = ml.Processor.from_pretrained(res.out)
+    model, proc = ml.load(res.out, device="cpu")
     assert proc.template.name == "vicuna_v1" and proc.image_processor.aspect == "pad"
-    base, _ = ml.zoo.load_lm(world["lm"])
+    base, _ = ml.load_lm(world["lm"])
     tuned = model.language_model.state_dict()
     assert any(not torch.equal(v, tuned[k]) for k, v in base.state_dict().items())  # the LM trained
-    vision = ml.zoo.load_vision(world["vision"])[0].state_dict()
+    vision = ml.load_vision(world["vision"])[0].state_dict()
     assert all(torch.equal(v, model.vision_tower.model.state_dict()[k]) for k, v in vision.items())  # frozen
 
 
@@ -123,25 +122,24 @@ def test_stage2_lora_and_merge(world, s1, tmp_path):
                             max_steps=2, progress=False))
     assert (res.out / "adapter" / "adapter_model.safetensors").is_file()
     merged = ml.merge_lora(res.out, tmp_path / "merged")
-    model = ml.LlavaModel.from_pretrained(merged, device="cpu")
-    proc = ml.Processor.from_pretrained(merged)
+    model, proc = ml.load(merged, device="cpu")
     b = proc([{"role": "user", "content": "<image>\nWhat color?"}], [random_image()], add_generation_prompt=True)
     assert model.generate(b["input_ids"], b["attention_mask"], b["images"], max_new_tokens=3).shape == (1, 3)
 
 
 def test_resume_gives_the_same_losses(world, tmp_path, monkeypatch):
     full = stage1(world, tmp_path / "full", max_steps=6, lr=1e-2)
-    original = mt._checkpoint
+    original = mt.save_state
 
     def checkpoint_then_die(*args, **kwargs):
         original(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mt, "_checkpoint", checkpoint_then_die)
+    monkeypatch.setattr(mt, "save_state", checkpoint_then_die)
     with pytest.raises(KeyboardInterrupt):
         stage1(world, tmp_path / "cut", max_steps=6, lr=1e-2, save_every=3)
     assert (tmp_path / "cut.partial" / "state.json").is_file() and not (tmp_path / "cut").exists()
-    monkeypatch.setattr(mt, "_checkpoint", original)
+    monkeypatch.setattr(mt, "save_state", original)
     resumed = stage1(world, tmp_path / "cut", max_steps=6, lr=1e-2, save_every=3)
     assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
     assert not (tmp_path / "cut.partial").exists()
@@ -224,16 +222,16 @@ def test_a_folder_of_other_files_is_never_replaced(world, tmp_path):
 
 
 def test_a_checkpoint_of_another_run_is_not_resumed(world, tmp_path, monkeypatch):
-    original = mt._checkpoint
+    original = mt.save_state
 
     def checkpoint_then_die(*args, **kwargs):
         original(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mt, "_checkpoint", checkpoint_then_die)
+    monkeypatch.setattr(mt, "save_state", checkpoint_then_die)
     with pytest.raises(KeyboardInterrupt):  # interrupted after the checkpoint of step 2
         stage1(world, tmp_path / "run", lr=1e-2, save_every=2)
-    monkeypatch.setattr(mt, "_checkpoint", original)
+    monkeypatch.setattr(mt, "save_state", original)
     with pytest.raises(ValueError, match=r"left by a run with other settings: lr \(0.01 there, 0.5 now\)"):
         stage1(world, tmp_path / "run", lr=0.5, save_every=2)
     assert not (tmp_path / "run").exists()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import minillava as ml
-from minillava import build_zoo, zoo
+from minillava import zoo
+from minillava.tools import build_zoo
 from minillava.utils import pick_device
 
 
@@ -117,7 +118,7 @@ def test_zero_shot_ensembles(toy_zoo):
     rng = np.random.default_rng(0)
     scenes = [sw.sample_scene(rng, n_objects=1, image_size=clip.config.vision_config.image_size) for _ in range(5)]
     pixels = pretrain.render_pixels([sw.render(s) for s in scenes], clip.config.vision_config.image_size)
-    many = build_zoo.object_prompts("color", sw.COLORS)
+    many = sw.object_prompts("color", sw.COLORS)
     one = {c: ps[:1] for c, ps in many.items()}
     for prompts in (many, one):
         for ensemble in ("marginal", "mean"):
@@ -183,7 +184,7 @@ def test_chat_sft_learns_the_answers_and_blends_with_the_pretrained_weights(toy_
 
 
 def test_ablations_run_side_by_side_and_report_failures(toy_zoo, tmp_path, monkeypatch):
-    from minillava import ablations
+    from minillava.tools import ablations
 
     data, _ = toy_zoo
     monkeypatch.setenv("MINILLAVA_DATA", str(data))
@@ -206,7 +207,7 @@ def test_ablations_run_side_by_side_and_report_failures(toy_zoo, tmp_path, monke
 def test_ablation_backbones_name_the_weights_even_without_a_card(toy_zoo, tmp_path, monkeypatch):
     import shutil
 
-    from minillava import ablations
+    from minillava.tools import ablations
 
     data, _ = toy_zoo
     for name in ("tiny-clip", "tiny-lm"):
@@ -220,12 +221,12 @@ def test_ablation_backbones_name_the_weights_even_without_a_card(toy_zoo, tmp_pa
 def test_zoo_loads_offline_from_the_build(toy_zoo, monkeypatch):
     data, _ = toy_zoo
     monkeypatch.setenv("MINILLAVA_DATA", str(data))
-    clip, tok, ip = zoo.load("tiny-clip")
+    clip, tok, ip = ml.load_clip("tiny-clip")
     assert type(clip).__name__ == "CLIPModel" and tok.eos_token_id != 2  # see pretrain.SPECIALS
-    lm, tok = zoo.load("tiny-lm")
+    lm, tok = ml.load_lm("tiny-lm")
     assert tok.convert_tokens_to_ids("<image>") != tok.unk_token_id
     for name in ("tiny-llava-stage1", "tiny-llava"):
-        model, processor = zoo.load(name)
+        model, processor = ml.load(name)
         b = processor([{"role": "user", "content": "<image>\nWhat color is the circle?"}],
                       [ml.load_image(next((data.parent / "work" / "images").iterdir()))], add_generation_prompt=True)
         assert model.generate(b["input_ids"], b["attention_mask"], b["images"], max_new_tokens=2).shape[0] == 1
@@ -264,7 +265,7 @@ def test_stage1_records_zoo_names_not_paths(toy_zoo):
 def test_tokenizer_speaks_the_template(toy_zoo, monkeypatch):
     data, _ = toy_zoo
     monkeypatch.setenv("MINILLAVA_DATA", str(data))
-    _, tok = zoo.load("tiny-lm")
+    _, tok = ml.load_lm("tiny-lm")
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}]
     assert tok.apply_chat_template(msgs, tokenize=False) == ml.get_template("vicuna_v1").render(msgs)
     assert tok("a")["input_ids"][0] == tok.bos_token_id  # adds BOS, as Llama's tokenizer does
@@ -273,9 +274,11 @@ def test_tokenizer_speaks_the_template(toy_zoo, monkeypatch):
 def test_missing_zoo_files_get_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MINILLAVA_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="zoo component 'tiny-llava': no weights at"):
-        zoo.load("tiny-llava")
+        ml.load("tiny-llava")
     with pytest.raises(ValueError, match="unknown zoo component 'huge-llava'"):
-        zoo.load("huge-llava")
+        zoo.path("huge-llava")
+    with pytest.raises(ValueError, match="'tiny-lm' is a backbone"):
+        ml.load("tiny-lm")
     with pytest.raises(FileNotFoundError, match="no such zoo component or folder"):
         zoo.resolve("./nowhere")
 

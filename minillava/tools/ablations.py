@@ -4,7 +4,7 @@ Each variant changes one thing from the baseline (stage 1 then stage 2, `mlp2x_g
 fine-tune of the LM, single- and multi-image data), trains both stages from the zoo's tiny-clip and tiny-lm with
 identical data, steps and seeds, and is scored on the same held-out questions:
 
-    python -m minillava.ablations --out data/results/ablations.json [--device cuda] [--jobs 7]
+    python -m minillava.tools.ablations --out data/results/ablations.json [--device cuda] [--jobs 7]
 
 The shipped results were run on one GPU, the variants side by side (`--jobs`); on 2 CPU cores it takes hours.
 
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from . import eval as ev
-from .data import shapesworld as sw
-from .data.records import load_records
-from .train import TrainConfig, train
-from .utils import read_json, write_json
-from .zoo import data_dir
+from .. import evaluation as ev
+from ..data import shapesworld as sw
+from ..data.records import load_records
+from ..training import TrainConfig, train
+from ..utils import read_json, write_json
+from ..zoo import data_dir
 
 VARIANTS = {
     "baseline": {},
@@ -93,12 +93,12 @@ def run_variant(name: str, change: dict, work: Path, scale: AblationScale, seed:
     seconds = time.perf_counter() - t0
     out = s2.out
     if tune.get("lora"):
-        from .train import merge_lora
+        from ..checkpoints import merge_lora
 
         out = merge_lora(s2.out, work / name / "merged")
-    from .zoo import load_model
+    from ..checkpoints import load
 
-    model, processor = load_model(out, device=device, dtype=torch.float32)  # scored as on a CPU, as the zoo is
+    model, processor = load(out, device=device, dtype=torch.float32)  # scored as on a CPU, as the zoo is
     # every variant is scored on the same questions: the full-kinds test split
     test = load_records(_data(work, sw.KINDS, scale, seed) / "instruct_test.json")
     result = ev.evaluate_vqa(model, processor, test, progress=False)
@@ -163,8 +163,8 @@ def run(out: str | Path, variants: list[str] | None = None, scale: AblationScale
                 continue
             print(f"{name:<20} exact {r['overall']['exact']:.1%}  contains {r['overall']['contains']:.1%}  "
                   f"({r['train_seconds']:.0f} s)")
+    from ..utils import pick_device
     from .build_zoo import hardware
-    from .utils import pick_device
 
     summary = {"scale": {"n_train": scale.n_train, "n_test": scale.n_test, "stage1": scale.stage1,
                          "stage2": scale.stage2}, "seed": seed, "hardware": hardware(pick_device(device)),
@@ -174,7 +174,7 @@ def run(out: str | Path, variants: list[str] | None = None, scale: AblationScale
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m minillava.ablations", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m minillava.tools.ablations", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="data/results/ablations.json")
     p.add_argument("--only", nargs="+", choices=list(VARIANTS))
     p.add_argument("--work", default=None, help="keep the runs here (default: a temporary folder)")

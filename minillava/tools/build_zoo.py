@@ -1,4 +1,4 @@
-"""Rebuild every shipped component from scratch, with fixed seeds: `python -m minillava.build_zoo --out data`.
+"""Rebuild every shipped component from scratch, with fixed seeds: `python -m minillava.tools.build_zoo --out data`.
 
 1. ShapesWorld datasets (images + LLaVA JSON) in a work folder;
 2. the tokenizer, the tiny CLIP and the tiny chat LM (`pretrain.py`), each evaluated;
@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import eval as ev
-from . import pretrain as pt
-from .data import shapesworld as sw
-from .data.records import load_records, save_records
-from .train import TrainConfig, load_stage1, train
-from .utils import atomic_dir, device_name, load_tensors, pick_device, read_json, save_tensors, write_json
-from .zoo import COMPONENTS
+from .. import pretrain as pt
+from ..checkpoints import load, load_stage1
+from ..data import shapesworld as sw
+from ..data.records import load_records, save_records
+from ..training import TrainConfig, train
+from ..utils import atomic_dir, device_name, load_tensors, pick_device, read_json, save_tensors, write_json
+from ..zoo import COMPONENTS
 
 
 @dataclass
@@ -95,8 +95,8 @@ def write_card(folder: Path, title: str, summary: str, facts: dict, metrics: dic
     Every number comes from this build."""
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
     text = (f"# {title}\n\n{summary}\n\n| | |\n|---|---|\n{rows}\n\n## Metrics\n\n{_metrics_md(metrics)}\n\n"
-            "Rebuild: `python -m minillava.build_zoo --out data` (fixed seeds); measure again: "
-            "`python -m minillava.build_zoo --out data --eval-only`.\n")
+            "Rebuild: `python -m minillava.tools.build_zoo --out data` (fixed seeds); measure again: "
+            "`python -m minillava.tools.build_zoo --out data --eval-only`.\n")
     (folder / "README.md").write_text(text)
     write_json(folder / "metrics.json", metrics)
     write_json(folder / "card.json", {"title": title, "summary": summary, "facts": facts})
@@ -183,19 +183,12 @@ def clip_metrics(clip, tokenizer, image_size: int, captions_test: list, n: int =
         for attr, values, name in (("color", sw.COLORS, "color"), ("shape", sw.SHAPES, "shape")):
             labels = [getattr(s.objects[0], attr) for s in scenes]
             metrics[f"zero_shot_{name}_acc{suffix}"] = pt.zero_shot(clip, tokenizer, pixels, labels,
-                                                                    object_prompts(attr, values), ensemble)
+                                                                    sw.object_prompts(attr, values), ensemble)
     metrics["n_single_object_images"] = n
     metrics["retrieval_r1_test"] = pt.retrieval_at_1(
         clip, tokenizer, pt.render_pixels([r.images[0] for r in captions_test], image_size),
         [r.messages[1]["content"] for r in captions_test])
     return metrics
-
-
-def object_prompts(attr: str, values) -> dict[str, list[str]]:
-    """{value: every object phrase of ShapesWorld whose `attr` ("color", "shape") is value, as a caption}."""
-    objs = [sw.Obj(s, c, z, (r, q)) for s in sw.SHAPES for c in sw.COLORS for z in sw.SIZES for r in range(3)
-            for q in range(3)]
-    return {v: [f"{sw._cap(o.phrase())}." for o in objs if getattr(o, attr) == v] for v in values}
 
 
 def lm_corpus(text_chats: list, captions: list, n_docs: int, per_doc: int = 8) -> list[str]:
@@ -459,7 +452,7 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
     if "lm_text_qa_val" in only:  # stage 1 trains the projector alone: tiny-llava-stage1 holds tiny-lm unchanged
         with zoo_at(out):
             model0, proc0 = load_stage1(out / "tiny-llava-stage1", template="vicuna_v1")
-        r = ev.run_eval(model0.to(pick_device(device)), proc0, told_scenes(work, scale), "vqa", progress=progress)
+        r = sw.evaluate(model0.to(pick_device(device)), proc0, told_scenes(work, scale), "vqa", progress=progress)
         print(f"tiny-lm, text_qa_val:\n{r['table']}")
         told = {k: r[k] for k in ("overall", "by_type")}
         update_card(out / "tiny-lm", {"text_qa_val": told})
@@ -468,7 +461,7 @@ def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "
         with zoo_at(out):
             model1, proc1 = load_stage1(out / "tiny-llava-stage1", template="plain", aspect="square")
         caps = load_records(work / "captions_test.json")[: scale.n_eval or 300]
-        cap = ev.run_eval(model1.to(pick_device(device)), proc1, caps, "caption", progress=progress)
+        cap = sw.evaluate(model1.to(pick_device(device)), proc1, caps, "caption", progress=progress)
         update_card(out / "tiny-llava-stage1", {"caption_test": cap["caption"], "examples": cap["examples"][:5]})
         summary["tiny-llava-stage1"] = {**summary.get("tiny-llava-stage1", {}), "caption_test": cap["caption"]}
         print(f"tiny-llava-stage1 captions:\n{cap['table']}")
@@ -491,11 +484,7 @@ def told_scenes(work: Path, scale: Scale) -> list:
 def _evaluate_stage2(out: Path, scale: Scale, work: Path, seed: int, progress: bool, device: str | None,
                      only: list[str]) -> dict:
     """The measurements of tiny-llava named in `only`, written into its card; returns them."""
-    from .model import LlavaModel
-    from .processor import Processor
-
-    model = LlavaModel.from_pretrained(out / "tiny-llava", device=device, dtype=torch.float32)  # as on a CPU
-    processor = Processor.from_pretrained(out / "tiny-llava")
+    model, processor = load(out / "tiny-llava", device=device, dtype=torch.float32)  # as on a CPU
     test = load_records(work / "instruct_test.json")[: scale.n_eval]
     comp = load_records(work / "instruct_compositional.json")[: scale.n_eval]
     runs = {"vqa_test": (test, "vqa", ""), "vqa_test_short": (test, "vqa", sw.SHORT_ANSWER),
@@ -511,7 +500,7 @@ def _evaluate_stage2(out: Path, scale: Scale, work: Path, seed: int, progress: b
             print("tiny-llava, multi_image_test: skipped, no two-image record among the test records")
             continue
         proc = processor.with_template(template[0]) if template else processor
-        r = ev.run_eval(model, proc, recs, kind, suffix, progress=progress, seed=seed)
+        r = sw.evaluate(model, proc, recs, kind, suffix, progress=progress, seed=seed)
         print(f"tiny-llava, {name}:\n{r['table']}")
         metrics[name] = {k: r[k] for k in ("overall", "by_type", "pope", "caption") if k in r}
     update_card(out / "tiny-llava", metrics)
@@ -519,7 +508,7 @@ def _evaluate_stage2(out: Path, scale: Scale, work: Path, seed: int, progress: b
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m minillava.build_zoo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m minillava.tools.build_zoo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="data")
     p.add_argument("--work", default="build/shapesworld")
     p.add_argument("--scale", choices=sorted(SCALES), default="full")

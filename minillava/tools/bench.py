@@ -1,6 +1,6 @@
 """Benchmarks: minillava side by side with transformers' `LlavaForConditionalGeneration`.
 
-`python -m minillava.bench [--device cpu|cuda] [--config tiny|small|base] [--json]` builds one randomly
+`minillava bench [--device cpu|cuda] [--config tiny|small|base] [--json]` builds one randomly
 initialised LLaVA, exports it with `export_hf` and loads the export with transformers, so both sides hold the
 same weights; then, in one process, it times each side on the same batches, alternating between them:
 
@@ -39,12 +39,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .chat import ChatSession
-from .utils import device_name, write_json
+from ..chat import ChatSession
+from ..utils import device_name, write_json
+from ..vision import noise_image
 
 QUESTIONS = ["What color is the circle?", "Where is it?", "How many shapes are there?", "Is there a star?",
              "What is at the top left?", "Describe the image."]
@@ -96,11 +96,11 @@ def _reprefill_ttft(model, processor, messages: list[dict], images: list) -> flo
 # ---- what the chat_ttft benchmark runs on --------------------------------------------------------------------
 def random_tiny_llava(seed: int = 0):
     """A randomly initialised LlavaModel with the zoo's tiny-llava shapes, and its Processor."""
-    from .model import LlavaModel
-    from .pretrain import ClipConfig, LMConfig, new_clip, new_lm, train_tokenizer
-    from .processor import Processor
-    from .templates import get_template
-    from .vision import ImageProcessor, VisionTower
+    from ..model import LlavaModel
+    from ..pretrain import ClipConfig, LMConfig, new_clip, new_lm, train_tokenizer
+    from ..processor import Processor
+    from ..templates import get_template
+    from ..vision import ImageProcessor, VisionTower
 
     texts = [get_template("vicuna_v1").system, *QUESTIONS, "The circle is red. There are two shapes."]
     tokenizer = train_tokenizer(texts, vocab_size=512)
@@ -114,19 +114,14 @@ def random_tiny_llava(seed: int = 0):
 
 def bench_model():
     """(model, processor, description): the zoo's tiny-llava if its weights are there, else a random twin."""
-    from . import zoo
+    from .. import checkpoints
 
     try:
-        model, processor = zoo.load("tiny-llava")
+        model, processor = checkpoints.load("tiny-llava")
         return model, processor, "zoo tiny-llava"
     except FileNotFoundError:
         model, processor = random_tiny_llava()
         return model, processor, "randomly initialised tiny model (zoo tiny-llava not found)"
-
-
-def noise_image(size: int = 64, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
 
 
 def _run_chat_ttft(args) -> dict:
@@ -334,13 +329,13 @@ def build_pair(cfg: BenchConfig, device: torch.device, workdir: Path, compile_hf
     """ShapesWorld data in `workdir`, a random minillava model, its transformers export loaded back."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from .data.records import load_records
-    from .data.shapesworld import build
-    from .hf import export_hf
-    from .model import LlavaModel
-    from .pretrain import ClipConfig, chat_texts, new_clip, train_tokenizer
-    from .processor import Processor
-    from .vision import ImageProcessor, VisionTower
+    from ..data.records import load_records
+    from ..data.shapesworld import build
+    from ..hf import export_hf
+    from ..model import LlavaModel
+    from ..pretrain import ClipConfig, chat_texts, new_clip, train_tokenizer
+    from ..processor import Processor
+    from ..vision import ImageProcessor, VisionTower
 
     n = max(cfg.epoch_images, 2 * cfg.batch)
     build(workdir / "shapes", n_train=n, n_val=0, n_test=0, n_comp=0, n_text=0, n_text_val=0, seed=seed,
@@ -386,7 +381,7 @@ def fixed_length_batch(pair: Pair, stage: int) -> dict:
     Stage 2: `vicuna_v1` conversations (an image record's turns, then turns of the next records, text only),
     answers supervised. Cut to `cfg.seq` tokens. Returns input_ids, labels, attention_mask (B, T), images.
     """
-    from .templates import get_template
+    from ..templates import get_template
 
     cfg, tok, P = pair.cfg, pair.processor.tokenizer, pair.model.num_image_tokens
     records = pair.captions if stage == 1 else pair.instruct
@@ -458,7 +453,7 @@ def _guard_compiled(pair: Pair, fn, side: str = "hf") -> None:
 
 
 def _lr(stage: int) -> float:
-    from .train import RECIPES
+    from ..training import RECIPES
 
     return RECIPES[stage].lr
 
@@ -529,9 +524,8 @@ def phase_train_step(pair: Pair, stage: int, warmup: int, repeats: int) -> dict:
 def phase_stage1_epoch(pair: Pair, warmup: int, repeats: int) -> dict:
     """A second stage-1 epoch over image files + captions: minillava with its feature cache, transformers with
     its processor on every batch. Same batches (one fixed shuffle), same optimizer settings."""
-    from .cache import FeatureCache
-    from .templates import IGNORE_INDEX, get_template
-    from .train import _collate, encode_all
+    from ..templates import IGNORE_INDEX, get_template
+    from ..training import FeatureCache, collate, encode_all
 
     pair.restore()
     pair.model.train()
@@ -554,7 +548,7 @@ def phase_stage1_epoch(pair: Pair, warmup: int, repeats: int) -> dict:
 
     def ml_epoch():
         for idx in batches:
-            inputs = _collate([examples[i] for i in idx], plain, cache, device)
+            inputs = collate([examples[i] for i in idx], plain, cache, device)
             with cast:
                 loss = pair.model(**inputs, return_logits=False).loss
             _optimizer_step(loss, ml_params, ml_opt)
@@ -575,7 +569,7 @@ def phase_stage1_epoch(pair: Pair, warmup: int, repeats: int) -> dict:
             _optimizer_step(loss, hf_params, hf_opt)
 
     # both sides see the same tokens and the same pixels
-    first = _collate([examples[i] for i in batches[0]], plain, None, device)
+    first = collate([examples[i] for i in batches[0]], plain, None, device)
     theirs = hf_inputs(batches[0])
     same = bool(torch.equal(first["input_ids"], theirs["input_ids"]) and torch.equal(first["labels"], theirs["labels"])
                 and torch.allclose(first["images"], theirs["pixel_values"], atol=1e-5))
@@ -754,7 +748,7 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
     measured; `result["complete"]` says whether every phase asked for ran."""
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     if compile_hf is None:
         compile_hf = device.type == "cuda"
@@ -858,7 +852,7 @@ def merge(results: list[dict]) -> dict:
     first, out, runs = results[0], {}, []
     for i, r in enumerate(results):
         if not isinstance(r, dict) or "phases" not in r:
-            raise ValueError(f"merge: result {i + 1} is not a saved `python -m minillava.bench --json` result")
+            raise ValueError(f"merge: result {i + 1} is not a saved `minillava bench --json` result")
         differ = [k for k in SAME_SETTING if r.get(k) != first.get(k)]
         if differ:
             raise ValueError(f"merge: result {i + 1} was measured in another setting than result 1 "
@@ -995,7 +989,7 @@ def _run_compare(args) -> dict:
 def _command(argv: list[str]) -> str:
     """The command that reproduces a run, less where it was saved (`--out FILE`)."""
     kept = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")]
-    return " ".join(["python -m minillava.bench", *kept])
+    return " ".join(["minillava bench", *kept])
 
 
 BENCHMARKS = {"chat_ttft": _run_chat_ttft, "compare": _run_compare}
@@ -1009,7 +1003,7 @@ def _print_plain(name: str, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m minillava.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="minillava bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--config", choices=list(CONFIGS), default="tiny")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")

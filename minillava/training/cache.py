@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .utils import load_tensors, save_tensors
-from .vision import ImageProcessor, VisionTower
+from ..utils import load_tensors, save_tensors
+from ..vision import ImageProcessor, VisionTower
 
 
 def tower_fingerprint(tower: VisionTower, image_processor: ImageProcessor) -> str:

@@ -1,0 +1,163 @@
+"""Evaluation: visual question answering accuracy per question type, on any LLaVA-format file with answers.
+
+Each assistant turn of a record is one question: the model sees the conversation up to that question with the
+reference answers of earlier turns (teacher forcing, as multi-turn VQA is usually scored), generates greedily,
+and the answer is compared with the reference after normalisation, in two forms:
+
+- **exact**: the normalised answer equals the normalised reference;
+- **contains**: the reference's normalised words appear, in order, in the answer (lenient, for chatty models).
+
+LLaVA-1.5 evaluates short-answer benchmarks with the suffix "Answer the question using a single word or
+phrase."; `suffix=SHORT_ANSWER` adds it to every question.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .data.records import Record
+from .model import LlavaModel
+from .processor import Processor
+from .utils import read_json
+
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalize(text: str) -> str:
+    """Lower-case, drop punctuation and articles, spell numbers as digits: "The Red circle." -> "red circle"."""
+    text = re.sub(r"[^\w\s\[\]\.,]", " ", text.lower())
+    text = re.sub(r"(?<!\d)[.,]|[.,](?!\d)", " ", text)  # a dot between digits stays: "0.25"
+    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    return " ".join(words)
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize(prediction) == normalize(reference)
+
+
+def contains(prediction: str, reference: str) -> bool:
+    """The reference's words appear as a contiguous phrase in the prediction."""
+    pred, ref = f" {normalize(prediction)} ", f" {normalize(reference)} "
+    return ref.strip() != "" and ref in pred
+
+
+def questions(records: list[Record], suffix: str = "") -> list[dict]:
+    """Records -> one question per assistant turn: {"id", "turn", "qtype", "messages", "images", "reference"}."""
+    out = []
+    for r in records:
+        qtypes = r.meta.get("qtypes") or []
+        turn = 0
+        for i, m in enumerate(r.messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = [dict(x) for x in r.messages[:i]]
+            prompt[-1]["content"] += suffix
+            out.append({"id": r.id, "turn": turn, "qtype": qtypes[turn] if turn < len(qtypes) else "unknown",
+                        "messages": prompt, "images": r.images, "reference": m["content"]})
+            turn += 1
+    return out
+
+
+@torch.no_grad()
+def answer(model: LlavaModel, processor: Processor, qs: list[dict], batch_size: int = 32,
+           max_new_tokens: int = 96, progress: bool = True) -> list[str]:
+    """Greedy answers to `questions`, batched with left padding; the end-of-turn separator is stripped.
+    96 new tokens hold the longest ShapesWorld answer (a detailed description of 4 objects: 73 tokens)."""
+    from tqdm.auto import tqdm
+
+    stop = processor.stop_token_ids()
+    order = sorted(range(len(qs)), key=lambda i: len(qs[i]["images"]))  # similar prompts batch together
+    by_index = {}
+    for start in tqdm(range(0, len(order), batch_size), desc="answering", disable=not progress, mininterval=2.0):
+        idx = order[start:start + batch_size]
+        batch = processor([qs[i]["messages"] for i in idx], [qs[i]["images"] for i in idx],
+                          add_generation_prompt=True, sample_ids=[_name(qs[i], i) for i in idx])
+        out = model.generate(batch["input_ids"], batch["attention_mask"], batch["images"],
+                             max_new_tokens=max_new_tokens, eos_token_id=stop)
+        for i, row in zip(idx, out.tolist()):
+            text = processor.decode([t for t in row if t not in stop])
+            by_index[i] = text.split(processor.template.stop_str)[0].strip()
+    return [by_index[i] for i in range(len(qs))]
+
+
+def _name(q: dict, i: int) -> str:
+    """How an error names a question: its record and turn where it has them, else its position."""
+    return f"{q['id']}, turn {q.get('turn', 0)}" if "id" in q else f"question {i}"
+
+
+def score(qs: list[dict], answers: list[str]) -> dict:
+    """Accuracy overall and per question type: {"overall": {...}, "by_type": {qtype: {"n", "exact", "contains"}}}."""
+    if len(qs) != len(answers):
+        raise ValueError(f"{len(answers)} answers for {len(qs)} questions")
+    table: dict[str, list] = {}
+    for q, a in zip(qs, answers):
+        table.setdefault(q["qtype"], []).append((exact_match(a, q["reference"]), contains(a, q["reference"])))
+
+    def summarise(rows):
+        n = len(rows)
+        return {"n": n, "exact": sum(e for e, _ in rows) / n, "contains": sum(c for _, c in rows) / n}
+
+    return {"overall": summarise([r for rows in table.values() for r in rows]),
+            "by_type": {k: summarise(v) for k, v in sorted(table.items())}}
+
+
+def evaluate_vqa(model: LlavaModel, processor: Processor, records: list[Record], suffix: str = "",
+                 batch_size: int = 32, max_new_tokens: int = 96, progress: bool = True) -> dict:
+    """Answer every question of `records` and score it; returns the scores plus the per-question rows."""
+    qs = questions(records, suffix)
+    if not qs:
+        raise ValueError("no questions with reference answers in the records")
+    answers = answer(model, processor, qs, batch_size, max_new_tokens, progress)
+    result = score(qs, answers)
+    result["predictions"] = [{"id": q["id"], "turn": q["turn"], "qtype": q["qtype"], "reference": q["reference"],
+                              "answer": a} for q, a in zip(qs, answers)]
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of a `score` result."""
+    lines = [f"{'question type':<16}{'n':>6}{'exact':>9}{'contains':>10}"]
+    for k, v in {**result["by_type"], "overall": result["overall"]}.items():
+        lines.append(f"{k:<16}{v['n']:>6}{v['exact']:>9.1%}{v['contains']:>10.1%}")
+    return "\n".join(lines)
+
+
+def pope_metrics(answers: list[str], references: list[str]) -> dict:
+    """Accuracy, precision, recall, F1 of "yes" (the positive class) and the ratio of "yes" answers.
+    An answer counts as yes when its first word is "yes"."""
+    if len(answers) != len(references) or not answers:
+        raise ValueError(f"{len(answers)} answers for {len(references)} POPE questions")
+
+    def yes(text):
+        return normalize(text).split()[:1] == ["yes"]
+
+    pred = [yes(a) for a in answers]
+    gold = [yes(r) for r in references]
+    tp = sum(p and g for p, g in zip(pred, gold))
+    fp = sum(p and not g for p, g in zip(pred, gold))
+    fn = sum(g and not p for p, g in zip(pred, gold))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {"n": len(pred), "accuracy": sum(p == g for p, g in zip(pred, gold)) / len(pred),
+            "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "yes_ratio": sum(pred) / len(pred)}
+
+
+def score_answer_file(qs: list[dict], path) -> dict:
+    """Score answers written elsewhere: a JSON list of {"id", "turn", "answer"}, one per question of `qs`."""
+    rows = read_json(path, what="answer file")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"id", "answer"} <= set(r) for r in rows):
+        raise ValueError(f"answer file '{path}': expected a JSON list of {{\"id\", \"turn\", \"answer\"}} objects")
+    given = {(str(r["id"]), int(r.get("turn", 0))): str(r["answer"]) for r in rows}
+    wanted = [(q["id"], q["turn"]) for q in qs]
+    missing = [k for k in wanted if k not in given]
+    extra = [k for k in given if k not in set(wanted)]
+    if missing or extra:
+        raise ValueError(f"answer file '{path}' does not match the questions: {len(missing)} questions have no "
+                         f"answer (e.g. {missing[:3]}), {len(extra)} answers match no question (e.g. {extra[:3]})")
+    return score(qs, [given[k] for k in wanted])

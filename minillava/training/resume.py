@@ -1,0 +1,57 @@
+"""Resumable training state: trainable weights, optimizer state and the RNG, saved atomically every few steps.
+
+A checkpoint remembers the settings its run's losses depend on (`resume_settings`); a run with other settings
+refuses to resume it, naming each setting that differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from .config import TrainConfig
+
+
+def resume_settings(cfg: TrainConfig, n_samples: int, world: int) -> dict:
+    """What a run's losses depend on besides its weights: a checkpoint resumes only a run with the same."""
+    keep = ("stage", "init", "vision", "lm", "projector", "feature_layer", "template", "lora", "freeze_lm",
+            "lora_r", "lora_alpha", "lora_dropout", "micro_batch_size", "epochs", "max_steps", "warmup_ratio",
+            "weight_decay", "max_grad_norm", "group_by_length", "seed")
+    return {**{k: getattr(cfg, k) for k in keep}, "lr": cfg.resolved_lr(), "batch_size": cfg.resolved_batch_size(),
+            "samples": n_samples, "processes": world}
+
+
+def save_state(path: Path, opt, trainable, step: int, metrics: list[dict], settings: dict) -> None:
+    """Write the trainable weights, AdamW's moments and the RNG state into the folder `path`, atomically."""
+    tensors = {f"param/{n}": p.detach().cpu() for n, p in trainable}
+    for n, p in trainable:
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"opt/{n}/{k}"] = torch.as_tensor(v).detach().cpu()
+    tensors["rng/torch"] = torch.get_rng_state()  # LoRA dropout draws from it
+    with atomic_dir(path) as tmp:
+        save_tensors(tensors, tmp / "state.safetensors")
+        write_json(tmp / "state.json", {"step": step, "metrics": metrics, "settings": settings})
+
+
+def restore_state(path: Path, opt, trainable, settings: dict) -> tuple[int, list[dict]]:
+    """Load a `save_state` folder into the trainable weights and `opt`; returns (step, metrics so far)."""
+    state = read_json(path / "state.json", what="checkpoint state")
+    saved = state.get("settings")  # absent in checkpoints of older versions
+    if saved is not None:
+        differ = [f"{k} ({saved.get(k)!r} there, {v!r} now)" for k, v in settings.items() if saved.get(k) != v]
+        if differ:
+            raise ValueError(f"checkpoint '{path}': left by a run with other settings: {'; '.join(differ)}. "
+                             "Run with the same settings to resume it, or delete it to start afresh.")
+    tensors = load_tensors(path / "state.safetensors")
+    with torch.no_grad():
+        for n, p in trainable:
+            if f"param/{n}" not in tensors:
+                raise ValueError(f"checkpoint '{path}': has no weight '{n}' (a different model or recipe?)")
+            p.copy_(tensors[f"param/{n}"])
+            st = {k.split("/")[-1]: v for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
+            if st:
+                opt.state[p] = {k: (v if k != "step" else v.clone()) for k, v in st.items()}
+    torch.set_rng_state(tensors["rng/torch"])
+    return state["step"], state["metrics"]
