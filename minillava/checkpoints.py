@@ -22,7 +22,17 @@ from torch import nn
 from . import zoo
 from .model import LlavaModel
 from .processor import Processor
-from .utils import atomic_dir, load_tensors, pick_device, pick_dtype, read_json, save_tensors, write_json
+from .utils import (
+    atomic_dir,
+    load_tensors,
+    peft_quietly,
+    pick_device,
+    pick_dtype,
+    quiet_loading,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from .vision import CLIP_MEAN, CLIP_STD, ImageProcessor, VisionTower, vision_model_of
 
 FORMAT, STAGE1_FORMAT, LORA_FORMAT = "minillava", "minillava-stage1", "minillava-lora"
@@ -127,7 +137,8 @@ def load_vision(name_or_path: str | Path, dtype=None) -> tuple[nn.Module, ImageP
 
     where = zoo.resolve(name_or_path)
     config = AutoConfig.from_pretrained(where)
-    model = AutoModel.from_pretrained(where, **({"dtype": dtype} if dtype else {}))
+    with quiet_loading():
+        model = AutoModel.from_pretrained(where, **({"dtype": dtype} if dtype else {}))
     vision = vision_model_of(model)
     siglip = "siglip" in getattr(config, "model_type", "")
     mean, std = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) if siglip else (CLIP_MEAN, CLIP_STD)
@@ -139,7 +150,8 @@ def load_clip(name_or_path: str | Path = "tiny-clip"):
     from transformers import AutoModel, AutoTokenizer
 
     where = zoo.resolve(name_or_path)
-    clip = AutoModel.from_pretrained(where).eval()
+    with quiet_loading():
+        clip = AutoModel.from_pretrained(where).eval()
     return clip, AutoTokenizer.from_pretrained(where), ImageProcessor(image_size=clip.config.vision_config.image_size)
 
 
@@ -148,7 +160,8 @@ def load_lm(name_or_path: str | Path, dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = zoo.resolve(name_or_path)
-    lm = AutoModelForCausalLM.from_pretrained(where, **({"dtype": dtype} if dtype else {}))
+    with quiet_loading():
+        lm = AutoModelForCausalLM.from_pretrained(where, **({"dtype": dtype} if dtype else {}))
     tokenizer = AutoTokenizer.from_pretrained(where)
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -211,7 +224,8 @@ def _load_lora(folder: Path, meta: dict) -> tuple[LlavaModel, Processor]:
     else:
         model, processor = assemble(meta["vision"], meta["lm"], meta["projector"], meta["feature_layer"])
     load_state(model.projector, load_tensors(folder / PROJECTOR_NAME), f"projector in '{folder}'")
-    model.language_model = PeftModel.from_pretrained(model.language_model, str(folder / ADAPTER_DIR))
+    with peft_quietly():
+        model.language_model = PeftModel.from_pretrained(model.language_model, str(folder / ADAPTER_DIR))
     model.language_model = model.language_model.merge_and_unload()
     if (folder / "minillava_processor.json").is_file():  # (older LoRA outputs saved no processor)
         processor = Processor.from_pretrained(folder)

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -176,3 +177,26 @@ def lr_at(step: int, total: int, warmup: int) -> float:
         return step / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """Wrapping a model with peft: hide the FutureWarning peft 0.21 raises by reading transformers' deprecated
+    `is_gradient_checkpointing` (nothing minillava or its user can change)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Load with transformers without its "Loading weights" progress bar in the middle of a run's output."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()

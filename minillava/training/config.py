@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..model import LlavaModel
-from ..utils import check_replaceable
+from ..utils import check_replaceable, peft_quietly
 
 PARTS = ("vision_tower", "projector", "language_model")
 
@@ -137,7 +137,8 @@ def apply_recipe(model: LlavaModel, tune: dict, cfg: TrainConfig) -> list[str]:
         model.language_model.requires_grad_(False)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules="all-linear", bias="none")
-        model.language_model = get_peft_model(model.language_model, lora)
+        with peft_quietly():
+            model.language_model = get_peft_model(model.language_model, lora)
     for part in PARTS:
         if tune[part] != "lora":
             getattr(model, part).requires_grad_(tune[part] == "full")
