@@ -1,7 +1,8 @@
 # minillava: build the environment, lint, test, and build the executable book.
 #
 #   make book    create .venv if needed, execute every chapter once, render _build/html/
-#   make test    run the unit tests (offline)
+#   make test    run every test (offline)
+#   make test-fast  the tests not marked slow (no compilation, toy zoo build, torchrun or benchmark run)
 #   make lint    ruff
 #
 # Everything runs offline except the package installs in `make venv`.
@@ -25,7 +26,7 @@ BOOK_SRC   := build/book
 BOOK_HTML  := _build/html
 NB_TIMEOUT ?= 600
 
-.PHONY: venv lint test book check-book zoo zoo-eval ablations clean distclean
+.PHONY: venv lint test test-fast book check-book zoo zoo-eval ablations clean distclean
 
 venv: $(STAMP)
 
@@ -40,6 +41,9 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m pytest tests
+
+test-fast: $(STAMP)
+	$(RUN_ENV) $(BIN)/python -m pytest tests -m "not slow"
 
 book: $(STAMP)
 	rm -rf $(BOOK_SRC) $(BOOK_HTML) _build/.doctrees _build/jupyter_execute
