@@ -69,11 +69,7 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
-    if model.max_length:  # never run past the context: stop early, or refuse a prompt that fills it
-        if past + T >= model.max_length:
-            raise ValueError(f"prompt of {past + T} tokens leaves no room in the language model's context "
-                             f"of {model.max_length} tokens")
-        max_new_tokens = min(max_new_tokens, model.max_length - past - T)
+    max_new_tokens = _room(model, past + T, max_new_tokens)
     if max_new_tokens <= 0:
         return
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -85,15 +81,10 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     embeds = model.embed(input_ids, images, image_features)  # prefill input
     done = torch.zeros(B, dtype=torch.bool, device=device)
     seq = embeds  # the uncached path keeps the whole sequence's embeddings
-    for step in range(max_new_tokens):
-        if compile:  # the mask's not yet written rest is hidden by causality; `where` names the positions
-            # written for transformers releases that read it (newer static caches count them themselves)
-            t, filled = embeds.shape[1], T + step - 1 if step else 0
-            where = torch.arange(filled, filled + t, device=device)
-            decode = _compiled_step(device.type) if step else _one_step
-            positions = position_ids[:, -t:].clone(memory_format=torch.contiguous_format)  # fixed strides
-            hidden = decode(model, embeds, attention_mask, positions, cache, where)
-        elif use_cache:  # prefill (step 0), then decode one token at a time
+    for step in range(max_new_tokens):  # step 0 is the prefill, every later step decodes one token
+        if compile:
+            hidden = _static_step(model, step, T, embeds, attention_mask, position_ids, cache)
+        elif use_cache:
             hidden = _decode(model, embeds, attention_mask, position_ids[:, -embeds.shape[1]:], cache)
         else:
             seq = seq if step == 0 else torch.cat([seq, embeds], dim=1)
@@ -109,6 +100,27 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         if not compile:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
         position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
+
+def _room(model, prompt_length: int, max_new_tokens: int) -> int:
+    """How many new tokens fit: never run past the context; refuse a prompt that fills it."""
+    if not model.max_length:
+        return max_new_tokens
+    if prompt_length >= model.max_length:
+        raise ValueError(f"prompt of {prompt_length} tokens leaves no room in the language model's context "
+                         f"of {model.max_length} tokens")
+    return min(max_new_tokens, model.max_length - prompt_length)
+
+
+def _static_step(model, step: int, T: int, embeds, attention_mask, position_ids, cache) -> torch.Tensor:
+    """Hidden states (B, t, H) of step `step` through the static cache: the prefill (t = T) runs eagerly, each
+    later step (t = 1) through the compiled one-token step. The mask spans the whole cache; its not yet written
+    rest is hidden by causality. `where` names the positions written, for transformers releases that read it."""
+    t, filled = embeds.shape[1], T + step - 1 if step else 0
+    where = torch.arange(filled, filled + t, device=embeds.device)
+    decode = _compiled_step(embeds.device.type) if step else _one_step
+    positions = position_ids[:, -t:].clone(memory_format=torch.contiguous_format)  # fixed strides
+    return decode(model, embeds, attention_mask, positions, cache, where)
+
 
 def _decode(model, embeds, attention_mask, position_ids, cache, cache_position=None) -> torch.Tensor:
     """LM hidden states (B, t, H) for embeddings (B, t, H), the mask covering cache + these t tokens
