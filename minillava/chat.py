@@ -26,8 +26,7 @@ import torch
 from PIL import Image
 
 from . import decoding
-from .templates import IMAGE_PLACEHOLDER, Template, to_llava
-from .vision import load_image
+from .templates import IMAGE_PLACEHOLDER, Template, check_text, to_llava
 
 CONTEXT_POLICIES = ("error", "drop_oldest")
 _image_keys = itertools.count()  # identifies each image of every session, so the cache can tell images apart
@@ -76,6 +75,9 @@ class ChatSession:
     prefilled_tokens (T - reused), images_encoded, dropped_turns, new_token_ids (what the model generated,
     the stop token included) and ttft_s (seconds from the question to the first token).
     """
+
+    # What a context overflow error suggests; a front end with other controls (the CLI) says its own.
+    overflow_hint = "reset() the chat, or use context_policy='drop_oldest' to forget the oldest turns"
 
     def __init__(self, model, processor, template: str | Template | None = "vicuna_v1", max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, system: str | None = None, seed: int = 0,
@@ -158,18 +160,22 @@ class ChatSession:
 
         A question without "<image>" gets its images before it ("<image>\\n" each, in order, as LLaVA does); a
         question with placeholders needs exactly one image per placeholder. Everything is checked here, before
-        the iterator exists: a bad question or image raises (ValueError, FileNotFoundError) and changes nothing.
-        The turn joins `history` when its answer is complete (or the iterator is closed early).
+        the iterator exists: a bad question (not valid Unicode, a special token's text), an image that cannot
+        be loaded or preprocessed, or a turn that does not fit the context raises (ValueError,
+        FileNotFoundError) and leaves the session exactly as it was. The turn joins `history` when its answer
+        is complete (or the iterator is closed early).
         """
         start = time.perf_counter()
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question: empty; ask something (images go with a question)")
+        check_text(question, "question")
         if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
             images = [images]
         new = []
         for source in images:
             path = str(source) if isinstance(source, (str, Path)) else None
-            new.append(ChatImage(load_image(source, name=path), path, next(_image_keys)))
+            image = self.processor.image_processor.load(source, name=path)
+            new.append(ChatImage(image, path, next(_image_keys)))
         question, n_slots = question.strip(), question.count(IMAGE_PLACEHOLDER)
         if n_slots and n_slots != len(new):
             raise ValueError(f"question: {n_slots} '{IMAGE_PLACEHOLDER}' placeholders but {len(new)} images; give "
@@ -200,8 +206,7 @@ class ChatSession:
         if limit and len(ids) + room > limit:
             used = len(self._tokenize(turns[:-1], generation_prompt=False)[0]) if len(turns) > 1 else 0
             n_images = len(turns[-1].images)
-            hint = ("even with all older turns dropped" if self.context_policy == "drop_oldest" else
-                    "reset() the chat, or use context_policy='drop_oldest' to forget the oldest turns")
+            hint = "even with all older turns dropped" if self.context_policy == "drop_oldest" else self.overflow_hint
             raise ValueError(f"context: this turn needs {len(ids) - used + room} tokens ({len(ids) - used} for the "
                              f"question and its {n_images} image(s) of {self.model.num_image_tokens} tokens each, "
                              f"{room} for the answer), but only {max(limit - used, 0)} of the model's {limit} are "
@@ -213,11 +218,11 @@ class ChatSession:
         if not self.reuse_cache or self._cache is None:
             self._cache, self._cache_keys = decoding.new_cache(self.model), []
         reused = common_prefix(self._cache_keys, keys)
-        _crop(self._cache, reused)
-        self._cache_keys = self._cache_keys[:reused]
         by_key = {im.key: im for t in turns for im in t.images}
         rest = [by_key[-1 - k] for k in dict.fromkeys(k for k in keys[reused:] if k < 0)]
-        features, encoded = self._features(rest)
+        features, encoded = self._features(rest)  # before the cache changes: a failure here leaves it whole
+        _crop(self._cache, reused)
+        self._cache_keys = self._cache_keys[:reused]
         self.stats = {"prompt_tokens": len(ids), "reused_tokens": reused, "prefilled_tokens": len(ids) - reused,
                       "images_encoded": encoded, "dropped_turns": len(self._turns) + 1 - len(turns),
                       "new_token_ids": [], "ttft_s": None}

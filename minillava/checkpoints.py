@@ -1,11 +1,11 @@
 """Checkpoints: every on-disk format minillava reads or writes, behind one loader, `load(name_or_path)`.
 
-| format (config.json)            | holds                                                  | written by          |
-|---------------------------------|--------------------------------------------------------|---------------------|
-| `"format": "minillava"`         | the whole model (model.safetensors) + processor files  | `save`, stage 2     |
-| `"format": "minillava-stage1"`  | the projector alone + the names of its backbones       | stage 1             |
-| `"format": "minillava-lora"`    | projector + LoRA adapters (peft) + where they started  | stage 2 with LoRA   |
-| `"model_type": "llava"`         | transformers' `LlavaForConditionalGeneration` folder   | `hf.export_hf`      |
+- `"format": "minillava"` in config.json: the whole model (model.safetensors) and the processor's files;
+  written by `save` and by stage 2;
+- `"format": "minillava-stage1"`: the projector alone and the names of its backbones; written by stage 1;
+- `"format": "minillava-lora"`: the projector, peft's LoRA adapter and what the run started from; stage 2 with
+  LoRA;
+- `"model_type": "llava"`: transformers' `LlavaForConditionalGeneration` folder; written by `hf.export_hf`.
 
 Backbones (a CLIP vision tower, a causal LM) load by zoo name, folder or hub id with `load_vision` and `load_lm`;
 `assemble` puts them together with a fresh projector, as stage 1 starts. Weights are safetensors only, and every
@@ -24,6 +24,8 @@ from .model import LlavaModel
 from .processor import Processor
 from .utils import (
     atomic_dir,
+    check_replaceable,
+    check_weights,
     load_tensors,
     peft_quietly,
     pick_device,
@@ -82,7 +84,8 @@ def load(name_or_path: str | Path, device=None, dtype=None,
 
 # ---- minillava's own format ------------------------------------------------------------------------------------
 def save(model: LlavaModel, processor: Processor | None, out_dir: str | Path) -> Path:
-    """Write config.json + model.safetensors (+ the processor's files) atomically into `out_dir`."""
+    """Write config.json + model.safetensors (+ the processor's files) atomically into `out_dir`: a new or empty
+    folder, or one a minillava save wrote (`utils.check_replaceable`)."""
     with atomic_dir(out_dir, marker=CONFIG_NAME) as tmp:
         write_model_files(model, processor, tmp)
     return Path(out_dir)
@@ -110,11 +113,7 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in state
              if k in own and state[k].shape != own[k].shape]
-    problems = [(missing, "missing"), (unexpected, "unexpected"), (wrong, "wrong shape")]
-    msg = "; ".join(f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                    for keys, label in problems if keys)
-    if msg:
-        raise ValueError(f"{what}: weights do not match the model ({msg})")
+    check_weights(what, missing, unexpected, wrong)
     module.load_state_dict(state, strict=False)
 
 
@@ -238,6 +237,7 @@ def _format(folder: str | Path) -> str | None:
 
 def merge_lora(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """A stage-2 LoRA output -> a full model folder with the adapter merged into the LM weights."""
+    check_replaceable(out_dir, CONFIG_NAME)  # before the minutes of loading, not after
     adapter_dir = Path(adapter_dir)
     meta = read_json(adapter_dir / CONFIG_NAME, what="LoRA output config")
     if meta.get("format") != LORA_FORMAT:

@@ -49,34 +49,46 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
 
 # ---- chat: a conversation on the terminal ----------------------------------------------------------------------
 COMMANDS = "/image PATH attaches an image to the next question, /reset starts over, /quit exits"
+OVERFLOW_HINT = "/reset the chat, or start it with --context-policy drop_oldest to forget the oldest turns"
 
 
-def chat_command(model: str = "tiny-llava", images=(), max_new_tokens: int = 128, temperature: float = 0.0) -> int:
+def chat_command(model: str = "tiny-llava", images=(), max_new_tokens: int = 128, temperature: float = 0.0,
+                 context_policy: str = "error") -> int:
     """Chat on stdin/stdout, a line per question, answers streamed; works through a pipe. Returns the exit code.
-    `model`: anything `minillava.load` takes (a zoo name, a minillava or transformers Llava folder)."""
+    `model`: anything `minillava.load` takes (a zoo name, a minillava or transformers Llava folder).
+
+    `images` (--image) go with the first question; one that cannot be used raises, so the chat does not start.
+    Later, a bad line (a bad /image, a refused question, bytes that are not UTF-8) is reported on stderr and
+    the chat goes on; a refused question also detaches the images attached for it.
+    """
     from .chat import ChatSession
     from .checkpoints import load
-    from .vision import load_image
 
-    chat = ChatSession(*load(model), template=None, max_new_tokens=max_new_tokens, temperature=temperature)
+    chat = ChatSession(*load(model), template=None, max_new_tokens=max_new_tokens, temperature=temperature,
+                       context_policy=context_policy)
+    chat.overflow_hint = OVERFLOW_HINT
     pending: list[str] = []
 
     def attach(path: str) -> None:
         if not path:
             raise ValueError("usage: /image PATH")
-        load_image(path)
+        chat.processor.image_processor.load(path)  # refused now, naming the file, if it cannot be used
         pending.append(path)
         print(f"(image '{path}' attached to the next question)", flush=True)
 
     print(f"minillava chat with '{model}' ({chat.processor.template.name} template). {COMMANDS}.", flush=True)
     for path in images:
-        _or_report(attach, path)
+        attach(path)
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as lone surrogates, not an exception
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
-            line = input("you> ").strip()
+            line = _read_line()
         except (EOFError, KeyboardInterrupt):  # end of input, or Ctrl-C at the prompt
             print()
             return 0
+        if line is None:
+            continue
         command, _, arg = line.partition(" ")
         if command in ("/quit", "/exit"):
             return 0
@@ -88,8 +100,24 @@ def chat_command(model: str = "tiny-llava", images=(), max_new_tokens: int = 128
             _or_report(attach, arg.strip())
         elif command.startswith("/"):
             print(f"error: unknown command '{command}'; {COMMANDS}", file=sys.stderr, flush=True)
-        elif line and _or_report(_answer, chat, line, pending):
+        elif line:
+            if not _or_report(_answer, chat, line, pending) and pending:  # refused: its images go with it
+                print(f"({len(pending)} image(s) detached with it; /image them again to ask about them)",
+                      file=sys.stderr, flush=True)
             pending.clear()
+
+
+def _read_line() -> str | None:
+    """The next line of stdin, stripped; None (said on stderr) for a line that is not UTF-8 text."""
+    from .templates import check_text
+
+    try:
+        line = input("you> ").strip()
+        check_text(line, "line")  # (its non-UTF-8 bytes arrive as lone surrogates)
+    except ValueError:  # UnicodeDecodeError too, from a stdin that could not be reconfigured
+        print("error: that line is not valid UTF-8 text; ignored (type it again)", file=sys.stderr, flush=True)
+        return None
+    return line
 
 
 def _answer(chat, question: str, images: list[str]) -> bool:
@@ -140,6 +168,8 @@ def eval_command(args) -> dict:
 
 # ---- the parser ------------------------------------------------------------------------------------------------
 def parser() -> argparse.ArgumentParser:
+    from .chat import CONTEXT_POLICIES
+
     p = argparse.ArgumentParser(prog="minillava", description="LLaVA from the ground up.")
     sub = p.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train stage 1 (feature alignment) or 2 (visual instruction tuning)",
@@ -155,6 +185,9 @@ def parser() -> argparse.ArgumentParser:
     p_chat.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default: 128)")
     p_chat.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature; 0 answers greedily (default: 0)")
+    p_chat.add_argument("--context-policy", choices=CONTEXT_POLICIES, default="error",
+                        help="when a turn does not fit the context: 'error' refuses it, 'drop_oldest' forgets the "
+                             "oldest turns (default: error)")
     p_eval = sub.add_parser("eval", help="evaluate a model on a LLaVA-format question file with reference answers")
     p_eval.add_argument("--model", default="tiny-llava", help="a zoo name or a model folder (default: tiny-llava)")
     p_eval.add_argument("--data", required=True, help="LLaVA-format JSON with reference answers")
@@ -192,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             eval_command(args)
         elif args.command == "chat":
-            return chat_command(args.model, args.image, args.max_new_tokens, args.temperature)
+            return chat_command(args.model, args.image, args.max_new_tokens, args.temperature, args.context_policy)
     except (ValueError, OSError) as e:  # FileNotFoundError, FileExistsError, NotADirectoryError, ...
         print(f"minillava {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ def normalize(text: str) -> str:
 
 
 def exact_match(prediction: str, reference: str) -> bool:
+    """The normalised answer equals the normalised reference: "The red circle." matches "red circle"."""
     return normalize(prediction) == normalize(reference)
 
 

@@ -2,14 +2,18 @@
 
 `export_hf` writes a folder that transformers 4.x and 5.x both load: the "legacy" key layout below, a
 `LlavaConfig`, the tokenizer (with `<image>`), and a `LlavaProcessor` that expands `<image>` into as many
-tokens as the vision tower yields features. `load_hf` reads such folders -- real llava-1.5-hf checkpoints
-included -- into minillava's `LlavaModel` and `Processor`, reusing transformers' own loading.
+tokens as the vision tower yields features. `load_hf` (what `minillava.load` calls for such a folder) reads
+them -- real llava-1.5-hf checkpoints included -- into minillava's `LlavaModel` and `Processor`, reusing
+transformers' own loading, as strictly as minillava's own format: a missing, unexpected or misshapen weight,
+or an unreadable weights file, is an error that names it (transformers would initialise the missing ones at
+random and carry on).
 
 Key map (minillava -> transformers legacy layout), written out so it can be audited:
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -17,7 +21,16 @@ import torch
 from .model import LlavaModel
 from .processor import Processor
 from .projector import build_projector
-from .utils import atomic_dir, pick_device, pick_dtype, read_json, save_tensors, write_json
+from .utils import (
+    atomic_dir,
+    check_weights,
+    pick_device,
+    pick_dtype,
+    quiet_loading,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from .vision import CLIP_MEAN, CLIP_STD, ImageProcessor, VisionTower
 
 KEY_MAP = {
@@ -120,7 +133,9 @@ def from_hf_model(hf) -> LlavaModel:
 
 def load_hf(path: str | Path, device=None, dtype=None, template: str = "vicuna_v1") -> tuple[LlavaModel, Processor]:
     """Load a transformers Llava folder (e.g. llava-1.5-hf) as (LlavaModel, Processor). Local folders only
-    unless `path` is a hub id and the user has network access. Weights are read as safetensors."""
+    unless `path` is a hub id and the user has network access. Weights are read as safetensors, strictly:
+    ValueError names an unreadable file, or the weights that are missing, unexpected (a config with fewer
+    layers than the file) or of the wrong shape."""
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     path = Path(path)
@@ -131,15 +146,56 @@ def load_hf(path: str | Path, device=None, dtype=None, template: str = "vicuna_v
         if config.get("model_type") != "llava":
             raise ValueError(f"'{path}': config.json has model_type '{config.get('model_type')}', "
                              "not a transformers Llava folder ('llava')")
+        _check_weight_files(path)
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
-    hf = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    with quiet_loading(), _no_load_report():  # its problems are raised below, named, instead of logged
+        hf, info = LlavaForConditionalGeneration.from_pretrained(
+            str(path), dtype=dtype, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True)
+    _check_loading_info(info, f"model folder '{path}'")
     model = from_hf_model(hf).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     ip = _image_processor(path, model.vision_tower)
     processor = Processor(tokenizer, ip, model.num_image_tokens, template,
                           max_length=getattr(hf.config.text_config, "max_position_embeddings", None))
     return model, processor
+
+
+def _check_weight_files(folder: Path) -> None:
+    """Every safetensors file in `folder` has a complete header and data (a truncated download does not):
+    ValueError naming the file."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+            raise ValueError(f"weights '{file}': cannot be read as safetensors ({e})") from None
+
+
+def _check_loading_info(info: dict, what: str) -> None:
+    """transformers' `output_loading_info` -> ValueError listing missing, unexpected and misshapen weights
+    (by transformers' names for them), the wording of `checkpoints.load_state`."""
+    wrong = [f"{k} {tuple(theirs)} != {tuple(ours)}" for k, theirs, ours in info.get("mismatched_keys", [])]
+    check_weights(what, info.get("missing_keys", []), info.get("unexpected_keys", []), wrong)
+
+
+@contextlib.contextmanager
+def _no_load_report():
+    """Hide the "LOAD REPORT" table transformers logs about missing or mismatched weights. (A filter, not a
+    higher log level: transformers 5 runs a tensor-parallel check, and warns, when that level is raised.)"""
+    from transformers.utils import logging
+
+    def not_the_report(record) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+    logger = logging.get_logger("transformers.modeling_utils")
+    logger.addFilter(not_the_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_the_report)
 
 
 def _image_processor(path: Path, tower: VisionTower) -> ImageProcessor:

@@ -56,12 +56,16 @@ class Processor:
                sample_id: str | None = None) -> dict:
         """One conversation -> {"input_ids": (T,), "labels": (T,), "images": (N, 3, S, S)}.
 
-        Every `<image>` placeholder in the messages must have exactly one image, in order.
+        Every `<image>` placeholder in the messages must have exactly one image, in order. Message content
+        is a string or transformers' typed parts (see `templates.content_text`).
         """
         images = list(images or [])
-        n_slots = sum(str(m.get("content", "")).count(IMAGE_PLACEHOLDER) for m in messages)
+        who = f"sample '{sample_id}'" if sample_id is not None else "conversation"
+        try:  # the template's checks first: "<image>" in an answer is an error of its own, not a miscount
+            n_slots = self.template.render(messages, add_generation_prompt).count(IMAGE_PLACEHOLDER)
+        except ValueError as e:
+            raise ValueError(f"{who}: {e}") from None
         if n_slots != len(images):
-            who = f"sample '{sample_id}'" if sample_id is not None else "conversation"
             raise ValueError(f"{who}: {n_slots} '{IMAGE_PLACEHOLDER}' placeholders but {len(images)} images")
         ids = self.template.tokenize(messages, self.tokenizer, add_generation_prompt=add_generation_prompt,
                                      num_image_tokens=self.num_image_tokens, max_length=self.max_length,

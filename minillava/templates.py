@@ -8,7 +8,9 @@ trained on, so the layouts here are LLaVA v1.5's, character for character: the s
 
 A conversation is a list of messages `{"role": "system" | "user" | "assistant", "content": str}`: an
 optional system message first (it replaces the template's default system text), then user and assistant
-turns alternating, starting with the user. Image positions are marked by the placeholder "<image>".
+turns alternating, starting with the user. Image positions are marked by the placeholder "<image>". The
+content may also be transformers' typed parts, `[{"type": "image"}, {"type": "text", "text": "..."}]`: they
+are joined in order, each image part becoming "<image>" (`content_text`), and render the same.
 
 Three decisions differ from the reference and are worth knowing:
 
@@ -25,6 +27,7 @@ Three decisions differ from the reference and are worth knowing:
   where the user put them, so several images can be interleaved with text.
 """
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -34,23 +37,35 @@ IMAGE_PLACEHOLDER = "<image>"
 
 
 # The Jinja twin of Template.segments; each @name@ becomes a JSON literal (a string or true/false).
+# `text_of` is the twin of content_text: a string as is, typed parts joined with each image as "<image>".
 _JINJA = """
+{%- macro text_of(content) -%}
+  {%- if content is string -%}{{- content -}}
+  {%- else -%}
+    {%- for part in content -%}
+      {%- if part['type'] == 'image' -%}{{- @image@ -}}
+      {%- elif part['type'] == 'text' -%}{{- part['text'] -}}
+      {%- else -%}{{- raise_exception('content parts must be of type image or text, got ' ~ part['type']) -}}
+      {%- endif -%}
+    {%- endfor -%}
+  {%- endif -%}
+{%- endmacro -%}
 {%- set system_in_first_user = @system_in_first_user@ -%}
 {%- set caption_only = @caption_only@ -%}
 {%- set ns = namespace(system=@system@, images=0) -%}
 {%- set msgs = messages -%}
 {%- if messages and messages[0]['role'] == 'system' -%}
-  {%- set ns.system = messages[0]['content'] -%}
+  {%- set ns.system = text_of(messages[0]['content']) -%}
   {%- set msgs = messages[1:] -%}
 {%- endif -%}
-{%- for m in msgs -%}{%- set ns.images = ns.images + m['content'].count(@image@) -%}{%- endfor -%}
+{%- for m in msgs -%}{%- set ns.images = ns.images + text_of(m['content']).count(@image@) -%}{%- endfor -%}
 {%- set sys_block = (@system_open@ + ns.system + @system_close@) if ns.system else '' -%}
 {%- if not system_in_first_user -%}{{- sys_block -}}{%- endif -%}
 {%- for m in msgs -%}
   {%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}
     {{- raise_exception('turns must alternate user/assistant, starting with user') -}}
   {%- endif -%}
-  {%- set c = m['content'] -%}
+  {%- set c = text_of(m['content']) -%}
   {%- if m['role'] == 'user' -%}
     {%- if caption_only -%}
       {%- set c = @image@ * c.count(@image@) -%}
@@ -132,17 +147,18 @@ class Template:
     def _parse(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[list]]:
         """Check `messages`; return the system text and the rounds `[question, answer or None]`."""
         for i, message in enumerate(messages):
-            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
-                raise ValueError(f"message {i}: expected {{'role': str, 'content': str}}, got {message!r}")
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message):
+                raise ValueError(f"message {i}: expected {{'role': str, 'content': str or typed parts}}, "
+                                 f"got {message!r}")
+        contents = [content_text(m["content"], f"message {i}") for i, m in enumerate(messages)]
         system, start = self.system, 0
         if messages and messages[0]["role"] == "system":
             if self.caption_only:
                 raise ValueError(f"message 0: template {self.name!r} takes no system message")
-            system, start = messages[0]["content"], 1
+            system, start = contents[0], 1
         rounds: list[list] = []
         for i in range(start, len(messages)):
-            role, content = messages[i]["role"], messages[i]["content"]
+            role, content = messages[i]["role"], contents[i]
             expected = "user" if (i - start) % 2 == 0 else "assistant"
             if role != expected:
                 raise ValueError(f"message {i}: expected role {expected!r}, got {role!r} (after an optional "
@@ -177,8 +193,9 @@ class Template:
         """The same layout as a Jinja chat template, for `tokenizer.chat_template` and other runtimes.
 
         `tokenizer.apply_chat_template(messages, chat_template=t.to_jinja(), tokenize=False,
-        add_generation_prompt=g) == t.render(messages, g)` for valid messages; the Jinja checks only the
-        role order, `render` checks the rest.
+        add_generation_prompt=g) == t.render(messages, g)` for valid messages, their content a string or
+        transformers' typed parts (what its processors and pipelines pass); the Jinja checks only the role
+        order and the part types, `render` checks the rest.
         """
         values = {"system": self.system, "system_open": self.system_wrap[0],
                   "system_close": self.system_wrap[1],
@@ -199,14 +216,16 @@ class Template:
         Out: {"input_ids": list[int] (T,), "labels": list[int] (T,)} where each "<image>" became N copies of
         its id and labels are the ids on supervised tokens, IGNORE_INDEX elsewhere (BOS, system, user turns,
         role tags, images). Raises ValueError, naming `sample_id`, when the token/character alignment breaks,
-        when the tokenizer cannot return offsets or lacks the image token, and when T > `max_length`
-        (nothing is ever truncated).
+        when the tokenizer cannot return offsets or lacks the image token, when T > `max_length`
+        (nothing is ever truncated), and when a message holds the text of a special token (see
+        `check_special_text`: refused, never escaped).
         """
         where = "sample" if sample_id is None else f"sample {sample_id!r}"
         try:
             segments = self.segments(messages, add_generation_prompt)
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
+        check_special_text(messages, tokenizer, where)
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"{where}: tokenizer {type(tokenizer).__name__} cannot return character "
                              "offsets; load a fast (tokenizers-backed) tokenizer")
@@ -215,7 +234,7 @@ class Template:
         text = "".join(piece for piece, _ in segments)
         num_images = text.count(IMAGE_PLACEHOLDER)
         image_id = _image_token_id(tokenizer, where) if num_images else None
-        ids, labels = _label_by_offsets(segments, tokenizer, where)
+        ids, labels = label_by_offsets(segments, tokenizer, where)
 
         bos_id = tokenizer.bos_token_id
         if add_bos is None:
@@ -236,7 +255,67 @@ class Template:
         return {"input_ids": input_ids, "labels": out_labels}
 
 
-def _label_by_offsets(segments: list[tuple[str, bool]], tokenizer, where: str) -> tuple[list[int], list[int]]:
+def content_text(content, what: str = "content") -> str:
+    """A message's content as text: a string as is; transformers' typed parts `[{"type": "image"},
+    {"type": "text", "text": str}, ...]` joined in order with nothing between them, each image part becoming
+    "<image>". ValueError, naming `what`, for other content, other part types, and text that is not valid
+    Unicode (see `check_text`)."""
+    if isinstance(content, list):
+        pieces = []
+        for k, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image":
+                pieces.append(IMAGE_PLACEHOLDER)
+            elif kind == "text" and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            else:
+                raise ValueError(f"{what}: part {k} must be {{'type': 'image'}} or {{'type': 'text', 'text': str}}, "
+                                 f"got {part!r}")
+        content = "".join(pieces)
+    if not isinstance(content, str):
+        raise ValueError(f"{what}: content must be a string or a list of typed parts, got {type(content).__name__}")
+    check_text(content, what)
+    return content
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse a string that is not valid Unicode text: a lone surrogate (an unpaired "\\udcff" escape in JSON,
+    or bytes that were not UTF-8 read with errors="surrogateescape") cannot be encoded, so no tokenizer can
+    read it. ValueError names `what` and where the character is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what}: not valid Unicode text (lone surrogate {text[e.start]!r} at character "
+                         f"{e.start}; bytes that were not UTF-8, or an unpaired \\u escape in JSON)") from None
+
+
+def check_special_text(messages: list[dict], tokenizer, where: str) -> None:
+    """Refuse messages whose text holds a special token's text, "<image>" aside.
+
+    The tokenizer reads "</s>" in an answer as the end-of-sequence token, not as four characters, so the
+    model would be taught to stop mid-answer (and a user's "<|im_end|>" would end their turn). Such text is
+    refused, not escaped: escaping would need a tokenization of messages apart from the template's own
+    special tokens, and chat and training would have to agree on it. ValueError names `where`, the message
+    and the token.
+    """
+    specials = tuple(t for t in getattr(tokenizer, "all_special_tokens", []) if t and t != IMAGE_PLACEHOLDER)
+    if not specials:
+        return
+    pattern = _any_of(specials)
+    for i, message in enumerate(messages):
+        found = pattern.search(content_text(message["content"], f"{where}: message {i}"))
+        if found:
+            raise ValueError(f"{where}: message {i} holds {found.group()!r}, the text of a special token of the "
+                             "tokenizer; it would be read as that token, not as text: remove or reword it")
+
+
+@functools.lru_cache(maxsize=16)
+def _any_of(texts: tuple[str, ...]) -> re.Pattern:
+    """A regex matching any of `texts`, longest first (one search beats a loop over hundreds of tokens)."""
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+def label_by_offsets(segments: list[tuple[str, bool]], tokenizer, where: str) -> tuple[list[int], list[int]]:
     """Tokenize the joined `segments` once; label each token by the characters it covers.
 
     A token is supervised iff it overlaps a supervised segment. Whitespace may ride along (" A" holds the
@@ -354,5 +433,6 @@ def _convert(items: list[dict], key: str, text_key: str, mapping: dict, noun: st
         if not isinstance(item[text_key], str):
             kind = type(item[text_key]).__name__
             raise ValueError(f"{noun} {i}: {text_key!r} must be a string, got {kind}")
+        check_text(item[text_key], f"{noun} {i}: {text_key!r}")
         out.append((mapping[item[key]], item[text_key]))
     return out

@@ -5,6 +5,11 @@ images are padded to a square with the CLIP mean colour, resized (shortest edge,
 scaled to [0, 1] and normalised; the tower returns the hidden states of the second-to-last layer with the CLS
 token dropped. Any transformers vision model works as the tower (CLIP, SigLIP, ...); SigLIP has no CLS token,
 so nothing is dropped there.
+
+16-bit greyscale images (PIL modes "I;16", "I;16B", "I;16L", e.g. 16-bit PNGs) keep their top 8 bits
+(value >> 8), so the picture survives the trip to 8 bits. transformers' image processors differ here on
+purpose: they convert with PIL's `convert("RGB")`, which saturates, so every value above 255 turns white
+and a typical 16-bit image comes out almost all white.
 """
 
 from __future__ import annotations
@@ -91,12 +96,15 @@ def _check_size(image: Image.Image, name: str, max_pixels: int) -> None:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB (alpha composited on white; 16-bit and float scaled to 8 bits)."""
+    """Convert any PIL mode to RGB: alpha composited on white; 16-bit greyscale shifted to its top 8 bits
+    (value >> 8, see the module's docstring); 32-bit integer and float greyscale scaled by their maximum."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), "L")
+    elif image.mode in ("I", "F"):
         a = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(a.max()), 255.0)
+        top = max(float(a.max()), 255.0)
         image = Image.fromarray(np.clip(a / top * 255.0, 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -135,20 +143,39 @@ class ImageProcessor:
             raise ValueError(f"image aspect '{self.aspect}': expected 'pad' or 'square'")
         self.mean, self.std = tuple(self.mean), tuple(self.std)
 
+    def load(self, source, name: str | None = None) -> Image.Image:
+        """`load_image`, then `check`: an image this preprocessing can take, or an error naming it now, when
+        it is attached, rather than when its pixels are first needed."""
+        name = name or (str(source) if isinstance(source, (str, Path)) else "<image>")
+        image = load_image(source, name=name)
+        self.check(image, name)
+        return image
+
+    def check(self, image: Image.Image, name: str = "<image>") -> None:
+        """Refuse an image whose working copy would exceed MAX_PIXELS: padded to a square ("pad"), or resized
+        to the shortest edge before the crop ("square"). A long strip (60000x2) is small, but not its square."""
+        w, h = image.size
+        if self.aspect == "pad" and max(w, h) ** 2 > MAX_PIXELS:
+            side = max(w, h)
+            raise ValueError(f"image '{name}': {w}x{h} pads to a {side}x{side} square, more than the "
+                             f"{MAX_PIXELS:,} pixels allowed; crop or resize it first")
+        if self.aspect == "square":
+            new_w, new_h = self._resized(w, h)
+            if new_w * new_h > MAX_PIXELS:
+                raise ValueError(f"image '{name}': {w}x{h} resizes to {new_w}x{new_h}, more than the "
+                                 f"{MAX_PIXELS:,} pixels allowed; crop it first")
+
+    def _resized(self, w: int, h: int) -> tuple[int, int]:
+        """The size (w, h) becomes when its shortest edge is resized to `resize` (default: image_size)."""
+        short = self.resize or self.image_size
+        return (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+
     def preprocess(self, image: Image.Image, name: str = "<image>") -> torch.Tensor:
         """One RGB PIL image -> normalised pixels (3, image_size, image_size), float32."""
+        self.check(image, name)
         if self.aspect == "pad":
-            side = max(image.size)
-            if side * side > MAX_PIXELS:
-                raise ValueError(f"image '{name}': {image.size[0]}x{image.size[1]} pads to a {side}x{side} square, "
-                                 f"more than the {MAX_PIXELS:,} pixels allowed; crop or resize it first")
             image = expand2square(image, mean_color(self.mean))
-        short = self.resize or self.image_size
-        w, h = image.size
-        if w <= h:
-            new_w, new_h = short, int(short * h / w)
-        else:
-            new_w, new_h = int(short * w / h), short
+        new_w, new_h = self._resized(*image.size)
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
         s = self.image_size
         left, top = (new_w - s) // 2, (new_h - s) // 2

@@ -14,7 +14,6 @@ import html
 import io
 
 from .templates import IMAGE_PLACEHOLDER
-from .vision import load_image
 
 _STYLE = "font-family:sans-serif;font-size:14px;line-height:1.4"
 _BUBBLE = "margin:4px 0;padding:6px 10px;border-radius:8px;white-space:pre-wrap;background:{}"
@@ -94,7 +93,7 @@ class ChatWidget:
     def _attach(self, name: str, source, what: str = "image") -> None:
         """Load `source` (bytes or PIL image) for the next question, or say what is wrong with `what` 'name'."""
         try:
-            self.pending.append((name, load_image(source, name=name)))
+            self.pending.append((name, self.session.processor.image_processor.load(source, name=name)))
         except ValueError as e:
             self._say(f"{what} '{name}': {_problem(e, name)} -- not attached; upload a PNG or JPEG image", error=True)
             return

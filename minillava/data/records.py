@@ -36,7 +36,9 @@ class DataError(ValueError):
 
 
 def parse_record(raw, image_dir: Path | None, where: str, check_files: bool = True) -> Record:
-    """One raw JSON record -> `Record`, or a `DataError` naming `where` (file and record) and the problem."""
+    """One raw JSON record -> `Record`, or a `DataError` naming `where` (file and record) and the problem:
+    malformed fields, turns out of order (`check_turns`), text that is not valid Unicode (a lone surrogate,
+    which no tokenizer reads), placeholders that do not match the images, missing image files."""
     if not isinstance(raw, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(raw).__name__}")
     rid = raw.get("id")
@@ -71,7 +73,8 @@ def parse_record(raw, image_dir: Path | None, where: str, check_files: bool = Tr
 
 def check_turns(messages: list[dict], where: str) -> None:
     """Turns alternate user, assistant, user, ... after an optional system message, as LLaVA's preprocessing
-    asserts, and every answer says something (an empty one would train the end-of-turn token alone)."""
+    asserts, and every answer says something (an empty one would train the end-of-turn token alone) and holds
+    no "<image>" (images go in the questions)."""
     turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
     for i, m in enumerate(turns):
         expected = ("user", "assistant")[i % 2]
@@ -80,6 +83,9 @@ def check_turns(messages: list[dict], where: str) -> None:
                             "human, gpt, human, ...)")
         if expected == "assistant" and not m["content"].strip():
             raise DataError(f"{where}: turn {i} is an empty answer")
+        if expected == "assistant" and IMAGE_PLACEHOLDER in m["content"]:
+            raise DataError(f"{where}: turn {i} is an answer holding '{IMAGE_PLACEHOLDER}'; images go in the "
+                            "human turns")
     if not any(m["role"] == "assistant" for m in turns):
         raise DataError(f"{where}: no answer (training needs one to learn from; evaluation needs the "
                         "reference answer)")

@@ -29,7 +29,17 @@ from ..checkpoints import load, load_stage1
 from ..data import shapesworld as sw
 from ..data.records import load_records, save_records
 from ..training import TrainConfig, train
-from ..utils import atomic_dir, device_name, load_tensors, pick_device, read_json, save_tensors, write_json
+from ..utils import (
+    atomic_dir,
+    check_replaceable,
+    device_name,
+    load_tensors,
+    mark_written,
+    pick_device,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from ..zoo import COMPONENTS
 
 
@@ -100,6 +110,7 @@ def write_card(folder: Path, title: str, summary: str, facts: dict, metrics: dic
     (folder / "README.md").write_text(text)
     write_json(folder / "metrics.json", metrics)
     write_json(folder / "card.json", {"title": title, "summary": summary, "facts": facts})
+    mark_written(folder, ["README.md", "metrics.json", "card.json"])  # the card is minillava's too
 
 
 OTHER_TEMPLATES = ("llava_hf", "llava_llama_2", "chatml_direct")  # prompt sensitivity: the test VQA under these
@@ -217,6 +228,8 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
     steps = STEPS[STEPS.index(start):]
     summary = read_json(out / "zoo_build.json", what="zoo build summary") if start != STEPS[0] else {}
     _check_kept(summary, scale, seed, STEPS[:STEPS.index(start)])
+    for name in steps:  # before hours of training: each folder to rebuild must be one minillava wrote
+        check_replaceable(out / name, "config.json", f"zoo component '{name}'")
     times = summary.setdefault("seconds", {})
     t_all = time.perf_counter()
     torch.manual_seed(seed)
@@ -283,7 +296,7 @@ def build_clip(out: Path, scale: Scale, data: dict, tokenizer, dev: torch.device
     del pixels
     metrics = clip_metrics(clip, tokenizer, scale.clip.image_size, data["captions_test"], n=clip_eval_n(scale))
     print(f"tiny-clip: {metrics}")
-    with atomic_dir(out / "tiny-clip") as tmp:
+    with atomic_dir(out / "tiny-clip", marker="config.json") as tmp:
         clip.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         write_card(tmp, "tiny-clip", "A transformers `CLIPModel` (vision + text towers) trained contrastively on "
@@ -314,7 +327,7 @@ def build_lm(out: Path, scale: Scale, data: dict, corpus: list[str], tokenizer, 
     metrics = {"perplexity_text_val": pt.perplexity(lm, tokenizer, pt.chat_texts(data["text_val"]),
                                                     scale.lm.context)}
     print(f"tiny-lm: {metrics}")
-    with atomic_dir(out / "tiny-lm") as tmp:
+    with atomic_dir(out / "tiny-lm", marker="config.json") as tmp:
         lm.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         write_card(tmp, "tiny-lm", "A transformers `LlamaForCausalLM` pretrained on ShapesWorld's text-only chats in "

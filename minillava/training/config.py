@@ -9,6 +9,7 @@ line is generated from its fields and their comments, so Python and `minillava t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..model import LlavaModel
 from ..utils import check_replaceable, peft_quietly
@@ -70,7 +71,7 @@ class TrainConfig:
     max_length: int | None = None  # longest sample in tokens, image tokens included (None: the LM's context)
     seed: int = 0  # seeds the projector's initialisation and the data order
     save_every: int = 0  # steps between resumable checkpoints (0: none)
-    resume: bool = True  # continue from `<out>.partial` if an interrupted run left one
+    resume: bool = True  # continue from `<out>.partial` if an interrupted run left one (with the same settings)
     device: str | None = None  # cpu, cuda, mps (None: the best available)
     compile: bool = False  # torch.compile the model's forward (pays off on GPUs for long runs; shapes vary)
     progress: bool = True  # show progress bars
@@ -117,6 +118,7 @@ class TrainConfig:
             raise ValueError("init: stage 1 starts from the backbones (vision, lm) and a new projector; init is "
                              "a stage-2 option")
         check_replaceable(self.out, "config.json", "out")
+        check_replaceable(f"{Path(self.out)}.partial", "state.json", "resumable checkpoint")
         if self.feature_cache not in ("memory", "disk", "off"):
             raise ValueError(f"feature cache '{self.feature_cache}': expected memory, disk or off")
         if self.feature_cache == "disk" and not self.cache_dir:

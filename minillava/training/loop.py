@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,16 @@ from .. import checkpoints
 from ..data.records import DataError, load_records
 from ..model import LlavaModel
 from ..processor import Processor
-from ..utils import atomic_dir, lr_at, pick_device, read_json, write_json
+from ..utils import (
+    atomic_dir,
+    check_replaceable,
+    lr_at,
+    output_lock,
+    pick_device,
+    read_json,
+    remove_leftovers,
+    write_json,
+)
 from .cache import FeatureCache
 from .config import COMPILE_BACKEND, TrainConfig, apply_recipe
 from .data import check_images, collate, encode_all, epoch_order
@@ -189,11 +199,20 @@ def train_step(run: Run, step: int, order: list[int]) -> dict:
 
 # ---- the whole run -----------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run one training stage as `cfg` says; returns where the result went and the per-step metrics."""
+    """Run one training stage as `cfg` says; returns where the result went and the per-step metrics. The output
+    is held (`output_lock`) while the run goes: a second run into it is refused."""
+    writer = int(os.environ.get("RANK", "0")) == 0  # process 0 alone writes the output
+    with output_lock(cfg.out) if writer else contextlib.nullcontext():
+        return run_stage(cfg)
+
+
+def run_stage(cfg: TrainConfig) -> TrainResult:
+    """`train` without the lock: setup, the steps (with resumable checkpoints), the result and the clean-up."""
     from tqdm.auto import tqdm
 
     run = setup(cfg)
-    partial = Path(f"{cfg.out}.partial")
+    out = Path(cfg.out)
+    partial = Path(f"{out}.partial")  # (through Path: "runs/x/" has it beside the folder too, not inside)
     settings = resume_settings(cfg, len(run.examples), run.world)
     start, metrics = 0, []
     if cfg.resume and (partial / "state.json").is_file():
@@ -219,10 +238,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             save_state(partial, run.opt, run.trainable, step + 1, metrics, settings)
     bar.close()
     seconds = time.perf_counter() - t0
-    out = Path(cfg.out)
     if run.rank == 0:
         save_result(out, cfg, run.model, run.processor, metrics)
-        shutil.rmtree(partial, ignore_errors=True)
+        clean_up(out, partial)
     if run.world > 1:
         torch.distributed.barrier()
     final = metrics[-1]["loss"] if metrics else float("nan")
@@ -245,3 +263,17 @@ def save_result(out: Path, cfg: TrainConfig, model: LlavaModel, processor: Proce
         else:
             checkpoints.write_model_files(model, processor, tmp)
         write_json(tmp / "run.json", {"train_config": dataclasses.asdict(cfg), "metrics": metrics})
+
+
+def clean_up(out: Path, partial: Path) -> None:
+    """What a finished run owns goes: its resumable checkpoint `partial` (if `save_state` wrote it) and the
+    temporary folders killed saves left beside `out` and `partial` (`remove_leftovers`). Prints what stays."""
+    notes = []
+    if partial.exists():
+        try:
+            check_replaceable(partial, "state.json", "resumable checkpoint")
+            shutil.rmtree(partial)
+        except OSError as e:
+            notes.append(f"left '{partial}' ({e})")
+    for note in notes + remove_leftovers(out) + remove_leftovers(partial):
+        print(f"clean-up of '{out}': {note}", file=sys.stderr)

@@ -1,16 +1,17 @@
 """Resumable training state: trainable weights, optimizer state and the RNG, saved atomically every few steps.
 
-A checkpoint remembers the settings its run's losses depend on (`resume_settings`); a run with other settings
-refuses to resume it, naming each setting that differs.
+A checkpoint remembers the settings its run's losses depend on (`resume_settings`), the contents of its data
+file and init checkpoint among them; a run with other settings refuses to resume it, naming each that differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 
-from ..utils import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from ..utils import MARKER, atomic_dir, load_tensors, read_json, save_tensors, write_json
 from .config import TrainConfig
 
 
@@ -20,7 +21,27 @@ def resume_settings(cfg: TrainConfig, n_samples: int, world: int) -> dict:
             "lora_r", "lora_alpha", "lora_dropout", "micro_batch_size", "epochs", "max_steps", "warmup_ratio",
             "weight_decay", "max_grad_norm", "group_by_length", "seed")
     return {**{k: getattr(cfg, k) for k in keep}, "lr": cfg.resolved_lr(), "batch_size": cfg.resolved_batch_size(),
-            "samples": n_samples, "processes": world}
+            "samples": n_samples, "processes": world, "data_sha256": fingerprint(cfg.data),
+            "init_sha256": fingerprint(cfg.init) if cfg.stage == 2 and cfg.init else None}
+
+
+# files of a checkpoint folder that change nothing a run computes: its run log, model card and MARKER
+NOT_WEIGHTS = {"README.md", "card.json", "metrics.json", "run.json", MARKER}
+
+
+def fingerprint(path: str | Path) -> str:
+    """The first 16 hex digits of a sha256 over a file's bytes, or over a folder's files (names and bytes, in
+    name order; its notes, `NOT_WEIGHTS`, left out)."""
+    path, sha = Path(path), hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+                                                 and p.relative_to(path).as_posix() not in NOT_WEIGHTS)
+    for f in files:
+        if f != path:  # a folder's file: its name counts too
+            sha.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                sha.update(chunk)
+    return sha.hexdigest()[:16]
 
 
 def save_state(path: Path, opt, trainable, step: int, metrics: list[dict], settings: dict) -> None:
@@ -30,7 +51,7 @@ def save_state(path: Path, opt, trainable, step: int, metrics: list[dict], setti
         for k, v in opt.state.get(p, {}).items():
             tensors[f"opt/{n}/{k}"] = torch.as_tensor(v).detach().cpu()
     tensors["rng/torch"] = torch.get_rng_state()  # LoRA dropout draws from it
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, marker="state.json") as tmp:
         save_tensors(tensors, tmp / "state.safetensors")
         write_json(tmp / "state.json", {"step": step, "metrics": metrics, "settings": settings})
 

@@ -81,7 +81,7 @@ def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: in
           kinds=KINDS) -> dict:
     """Write every dataset under out_dir, atomically, and return the manifest.
 
-    out_dir/images/*.png, captions_{train,test}.json, instruct_{train,val,test,compositional}.json,
+    ``out_dir/images/*.png``, captions_{train,test}.json, instruct_{train,val,test,compositional}.json,
     text_{train,val}.json (LLaVA JSON, images relative to out_dir) and manifest.json (counts, seed, sizes,
     sha256 of each JSON). Byte-identical for the same arguments. An existing out_dir is replaced only if it is
     empty or a previous build (it has a manifest.json); files with no records are not written.
