@@ -1,5 +1,6 @@
 """The chat assistant: multi-turn, multi-image chats with KV-cache reuse, stopping, context policies, bad input,
-export, the notebook widget, the command line and the benchmark's report (never its timings)."""
+export, the notebook widget, the command line and the benchmark's report (its timings only against a model
+slowed by a known amount per token)."""
 
 import dataclasses
 import datetime
@@ -347,14 +348,44 @@ def test_cli_quit_and_bad_model(saved_model, monkeypatch, capsys):
 
 
 # ---- the benchmark's report ------------------------------------------------------------------------------------
-def test_chat_ttft_reports_both_ways(model, processor):
-    from minillava.tools.bench import BENCHMARKS, chat_ttft
+def test_chat_ttft_times_the_prefill_of_each_way(model, processor, monkeypatch, capsys):
+    """With the language model made to take 4 ms per token it reads, each reported time covers the prefill of
+    the prompt its way reads before the first token: all of it when re-sent, only what the cache lacks in the
+    session; so at turn 2 the session is faster by at least the turn-1 prompt the cache holds."""
+    import json
+    import time
 
-    result = chat_ttft(model, processor, random_image(), turns=2, repeats=1, max_new_tokens=3)
-    for key in ["session_turn_1_s", "session_turn_2_s", "reprefill_turn_1_s", "reprefill_turn_2_s", "ratio_turn_2"]:
-        assert result[key] > 0
-    assert result["prefilled_tokens_turn_2"] < result["prompt_tokens_turn_2"]
-    assert "chat_ttft" in BENCHMARKS
+    from minillava.tools import bench
+
+    per_token, reads = 0.004, []
+
+    def slow(module, args, kwargs):
+        reads.append(kwargs["inputs_embeds"].shape[1])
+        time.sleep(per_token * reads[-1])
+
+    handle = model.language_model.get_decoder().register_forward_pre_hook(slow, with_kwargs=True)
+    try:
+        result = bench.chat_ttft(model, processor, random_image(), turns=2, repeats=1, max_new_tokens=3)
+    finally:
+        handle.remove()
+    first = prompt_length(processor, [{"role": "user", "content": "<image>\n" + bench.QUESTIONS[0]}])
+    prompt, prefilled = result["prompt_tokens_turn_2"], result["prefilled_tokens_turn_2"]
+    # the prefills, in order: the warm-up's turn 1, then re-sent and session turn 1, re-sent and session turn 2
+    assert [n for n in reads if n > 1] == [first, first, first, prompt, prefilled]
+    assert prompt > first and prefilled <= prompt - first  # the session's cache holds turn 1's prompt
+    assert result["reprefill_turn_1_s"] >= per_token * first and result["session_turn_1_s"] >= per_token * first
+    assert result["reprefill_turn_2_s"] >= per_token * prompt and result["session_turn_2_s"] >= per_token * prefilled
+    assert result["session_turn_2_s"] < result["reprefill_turn_2_s"] - 0.5 * per_token * first
+    assert result["ratio_turn_2"] == pytest.approx(result["session_turn_2_s"] / result["reprefill_turn_2_s"])
+
+    # `minillava bench --only chat_ttft` runs it on the benchmark's model
+    monkeypatch.setattr(bench, "bench_model", lambda: (model, processor, "the test's tiny model"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    assert bench.main(["--only", "chat_ttft", "--turns", "2", "--repeats", "1", "--json"]) == 0
+    ran = json.loads(capsys.readouterr().out)["chat_ttft"]
+    assert ran["model"] == "the test's tiny model" and ran["turns"] == 2 and ran["repeats"] == 1
+    assert ran["prefilled_tokens_turn_2"] < ran["prompt_tokens_turn_2"]
 
 
 def test_answer_room_must_leave_room_for_a_question(model, processor):

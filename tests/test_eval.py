@@ -126,12 +126,25 @@ def eval_files(tmp_path, model, processor):
 
 def test_eval_cli_vqa_and_pope(eval_files, capsys):
     from minillava.cli import main
+    from minillava.data import shapesworld as sw
 
-    d, _ = eval_files
+    d, data = eval_files
     assert main(["eval", "--model", str(d / "model"), "--data", str(d / "q.json"), "--out", str(d / "r.json")]) == 0
     out = capsys.readouterr().out
-    assert "overall" in out and (d / "r.json").is_file()
-    assert main(["eval", "--model", str(d / "model"), "--data", str(d / "q.json"), "--kind", "pope"]) == 0
+    saved = json.loads((d / "r.json").read_text())
+    # every question of the file answered once, and scored on those answers
+    qs = ev.questions(data.instruct)
+    assert [(p["id"], p["turn"], p["reference"]) for p in saved["predictions"]] == [
+        (q["id"], q["turn"], q["reference"]) for q in qs]
+    right = sum(ev.exact_match(p["answer"], p["reference"]) for p in saved["predictions"])
+    assert saved["overall"]["n"] == len(qs) == 6 and saved["overall"]["exact"] == right / 6
+    assert out.startswith(saved["table"] + "\n") and "overall" in saved["table"]
+    assert main(["eval", "--model", str(d / "model"), "--data", str(d / "q.json"), "--kind", "pope",
+                 "--out", str(d / "pope.json")]) == 0
+    pope = json.loads((d / "pope.json").read_text())["pope"]
+    # per image, up to 3 objects that are there and as many that are not
+    n = sum(2 * min(3, len(set(sw.objects_present(s)))) for s in data.scenes.values())
+    assert {k: v["n"] for k, v in pope.items()} == dict.fromkeys(sw.POPE_STRATEGIES, n)
     assert "adversarial" in capsys.readouterr().out
 
 

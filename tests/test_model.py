@@ -83,6 +83,7 @@ def test_loss_only_on_supervised_tokens(model, processor):
     assert supervised.strip() == "Red.</s>"
 
 
+@pytest.mark.slow
 def test_training_forward_compiles_to_one_graph(tokenizer, processor):
     """No data-dependent Python values or shapes in the forward: torch.compile traces it without a break."""
     model = make_model(tokenizer).train()
@@ -155,6 +156,7 @@ def test_cached_generation_equals_uncached(model, processor):
     assert cached.shape[1] > 1 and torch.equal(cached, uncached)
 
 
+@pytest.mark.slow
 def test_compiled_decoding_equals_eager_and_compiles_once(model, processor, monkeypatch):
     """generate(compile=True): a static KV cache and a compiled one-token step give exactly the eager tokens
     and scores (left padding, images, a row that stops early); a second call of the same shapes compiles
@@ -188,7 +190,8 @@ def test_compiled_decoding_equals_eager_and_compiles_once(model, processor, monk
     assert torch.equal(model.generate(*args, compile=True, **kw), eager)
     assert not torch._dynamo.utils.counters["stats"].get("unique_graphs")  # no recompilation
     assert not torch._dynamo.utils.counters["graph_break"]  # one whole graph per step
-    from minillava.model import _STATIC_CACHES
+    from minillava import decoding
+    from minillava.decoding import _STATIC_CACHES
 
     kept = _STATIC_CACHES[model][2]  # later calls that fit reuse the cache, emptied (fixed addresses)
     assert torch.equal(model.generate(*args, compile=True, max_new_tokens=4), eager[:, :4])
@@ -200,8 +203,8 @@ def test_compiled_decoding_equals_eager_and_compiles_once(model, processor, monk
     with torch.no_grad():
         twin.language_model.get_output_embeddings().weight.mul_(-1)
     assert torch.equal(twin.generate(*args, compile=True, **kw), twin.generate(*args, **kw))
-    seen, real = [], model._decode
-    monkeypatch.setattr(model, "_decode", lambda *a: seen.append(a[2]) or real(*a))
+    seen, real = [], decoding._decode
+    monkeypatch.setattr(decoding, "_decode", lambda *a: seen.append(a[3]) or real(*a))
     model.generate(*args, compile=True, **kw)  # the eager prefill counts positions over real tokens only
     assert torch.equal(seen[0], (b["attention_mask"].cumsum(-1) - 1).clamp(min=0))  # (RoPE hides a shift)
     with pytest.raises(ValueError, match="static KV cache of its own"):

@@ -9,6 +9,7 @@ import torch
 
 import minillava as ml
 from minillava import zoo
+from minillava.data.records import load_records
 from minillava.tools import build_zoo
 from minillava.utils import pick_device
 
@@ -20,6 +21,57 @@ def toy_zoo(tmp_path_factory):
     return root / "data", summary
 
 
+def clip_color_accuracy(folder, n: int) -> float:
+    """tiny-clip's zero-shot colour accuracy counted here: the most probable colour of each of the `n`
+    single-object scenes its card measures (seed 1234) against the colour of its object."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from minillava import pretrain
+    from minillava.data import shapesworld as sw
+
+    clip, tok = CLIPModel.from_pretrained(str(folder)).eval(), AutoTokenizer.from_pretrained(str(folder))
+    size, rng = clip.config.vision_config.image_size, np.random.default_rng(1234)
+    scenes = [sw.sample_scene(rng, n_objects=1, image_size=size) for _ in range(n)]
+    pixels = pretrain.render_pixels([sw.render(s) for s in scenes], size)
+    probs = pretrain.zero_shot_probs(clip, tok, pixels, sw.object_prompts("color", sw.COLORS))
+    colours = list(sw.COLORS)
+    return sum(colours[k] == s.objects[0].color for k, s in zip(probs.argmax(-1).tolist(), scenes)) / n
+
+
+def lm_perplexity(folder, records) -> float:
+    """exp(mean negative log-likelihood) of every next token of the chats, each chat alone (no padding)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    lm, tok = LlamaForCausalLM.from_pretrained(str(folder)).eval(), AutoTokenizer.from_pretrained(str(folder))
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in (ml.get_template("vicuna_v1").render(r.messages) for r in records):
+            ids = torch.tensor([tok(text)["input_ids"]])
+            logits = lm(input_ids=ids).logits[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return float(np.exp(nll / count))
+
+
+def assert_scores_the_questions(scores: dict, records) -> None:
+    """`scores` (overall and by_type: n, exact, contains) are of every answer turn of `records`: per question
+    type, n is how many turns have it, exact and contains count whole turns, an exact answer also contains the
+    reference, and overall is the mean over all turns."""
+    from collections import Counter
+
+    turns = Counter(t for r in records for t in r.meta["qtypes"][:sum(m["role"] == "assistant" for m in r.messages)])
+    assert {t: s["n"] for t, s in scores["by_type"].items()} == dict(turns)
+    n = scores["overall"]["n"]
+    assert n == sum(turns.values()) > 0
+    for s in [*scores["by_type"].values(), scores["overall"]]:
+        for key in ("exact", "contains"):
+            assert s[key] * s["n"] == pytest.approx(round(s[key] * s["n"]), abs=1e-9), (key, s)
+        assert s["exact"] <= s["contains"]
+    for key in ("exact", "contains"):
+        assert scores["overall"][key] == pytest.approx(sum(s["n"] * s[key] for s in scores["by_type"].values()) / n)
+
+
+@pytest.mark.slow
 def test_toy_build_writes_every_component_with_a_card(toy_zoo):
     data, summary = toy_zoo
     for name in zoo.COMPONENTS:
@@ -29,11 +81,16 @@ def test_toy_build_writes_every_component_with_a_card(toy_zoo):
         assert not list((data / name).glob("*.bin")) and not list((data / name).glob("*.pt"))
     assert set(summary["seconds"]) == {"data", *zoo.COMPONENTS, "total"}
     assert summary["hardware"] == dict.fromkeys(zoo.COMPONENTS, build_zoo.hardware(pick_device()))
-    assert 0 <= summary["tiny-clip"]["zero_shot_color_acc"] <= 1
-    assert summary["tiny-lm"]["perplexity_text_val"] > 1
+    work = data.parent / "work"
+    clip = summary["tiny-clip"]
+    assert clip["zero_shot_color_acc"] == clip_color_accuracy(data / "tiny-clip", clip["n_single_object_images"])
+    assert summary["tiny-lm"]["perplexity_text_val"] == pytest.approx(
+        lm_perplexity(data / "tiny-lm", load_records(work / "text_val.json", check_files=False)), rel=1e-4)
     lm_card = json.loads((data / "tiny-lm" / "metrics.json").read_text())
     assert lm_card["text_qa_val"] == summary["tiny-lm"]["text_qa_val"]  # the LM's reasoning, before any image
-    assert 0 <= lm_card["text_qa_val"]["overall"]["exact"] <= 1 and "fact" not in lm_card["text_qa_val"]["by_type"]
+    told = [r for r in load_records(work / "text_val.json", check_files=False) if r.meta["kind"] == "text"]
+    assert_scores_the_questions(lm_card["text_qa_val"], told[:build_zoo.TOY.n_eval])  # scenes told in words
+    assert "fact" not in lm_card["text_qa_val"]["by_type"]
     assert "### text_qa_val" in (data / "tiny-lm" / "README.md").read_text()
     kinds = set(build_zoo.EVALUATIONS) - {"clip_zero_shot", "stage1_caption_test", "lm_text_qa_val"}
     assert set(summary["tiny-llava"]) == kinds | {"final_train_loss"}
@@ -46,6 +103,7 @@ def test_toy_build_writes_every_component_with_a_card(toy_zoo):
     assert "caption_test" in json.loads((data / "tiny-llava-stage1" / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_stage2_later_rounds_each_see_only_new_scenes(toy_zoo):
     data, _ = toy_zoo
     work, toy = data.parent / "work", build_zoo.TOY
@@ -69,6 +127,7 @@ def test_stage2_later_rounds_each_see_only_new_scenes(toy_zoo):
     assert "in 3 rounds" in (data / "tiny-llava" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_eval_only_measures_again_and_reuses_the_data(toy_zoo, tmp_path):
     data, summary = toy_zoo
     work = data.parent / "work"
@@ -90,6 +149,7 @@ def test_eval_only_measures_again_and_reuses_the_data(toy_zoo, tmp_path):
         build_zoo.update_card(tmp_path, {"x": 1})
 
 
+@pytest.mark.slow
 def test_eval_data_builds_the_held_out_splits_alone_and_alike(toy_zoo, tmp_path):
     """Measuring needs no train scenes: in a fresh folder only the held-out splits are made, byte for byte those
     of the full build; the full build's folder is reused as it is."""
@@ -104,6 +164,7 @@ def test_eval_data_builds_the_held_out_splits_alone_and_alike(toy_zoo, tmp_path)
     assert build_zoo.eval_data(tmp_path / "held-out", more, seed=0)["splits"]["test"] == toy.n_test + 1
 
 
+@pytest.mark.slow
 def test_zero_shot_ensembles(toy_zoo):
     """Both prompt ensembles give class probabilities; with one prompt per class they are the same thing (CLIP's
     plain zero-shot), and `clip_zero_shot` measures the shipped card's numbers again."""
@@ -142,6 +203,27 @@ def card_pope(summary):
     return {"pope": summary["tiny-llava"]["pope_test"]["pope"]}
 
 
+def test_zero_shot_accuracy_on_known_probabilities(monkeypatch):
+    """Zero-shot accuracy is the share of images whose most probable class is their label: here the classes'
+    probabilities are given, and 3 of 4 images are classified right."""
+    from minillava import pretrain
+
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.4, 0.1], [0.2, 0.5, 0.3]])
+    seen = {}
+
+    def given(clip, tokenizer, pixels, prompts, ensemble):
+        seen.update(prompts=prompts, ensemble=ensemble)
+        return probs
+
+    monkeypatch.setattr(pretrain, "zero_shot_probs", given)
+    prompts = {"red": ["A red circle."], "blue": ["A blue circle."], "green": ["A green circle."]}
+    # predicted: red, green, red, blue
+    assert pretrain.zero_shot(None, None, None, ["red", "green", "blue", "blue"], prompts) == 0.75
+    assert seen == {"prompts": prompts, "ensemble": "marginal"}
+    assert pretrain.zero_shot(None, None, None, ["blue", "red", "green", "red"], prompts, "mean") == 0.0
+    assert seen["ensemble"] == "mean"
+
+
 def test_lm_corpus_has_chats_and_caption_lines():
     from minillava.data import shapesworld as sw
 
@@ -153,6 +235,7 @@ def test_lm_corpus_has_chats_and_caption_lines():
     assert doc == [r.messages[1]["content"] for r in data.captions[4:8]] and corpus[-1].endswith("\n")
 
 
+@pytest.mark.slow
 def test_chat_sft_learns_the_answers_and_blends_with_the_pretrained_weights(toy_zoo):
     import dataclasses
 
@@ -183,7 +266,9 @@ def test_chat_sft_learns_the_answers_and_blends_with_the_pretrained_weights(toy_
     assert all(torch.equal(v, start[k]) for k, v in kept.state_dict().items())  # weight 0: the pretrained LM
 
 
+@pytest.mark.slow
 def test_ablations_run_side_by_side_and_report_failures(toy_zoo, tmp_path, monkeypatch):
+    from minillava.data import shapesworld as sw
     from minillava.tools import ablations
 
     data, _ = toy_zoo
@@ -192,8 +277,10 @@ def test_ablations_run_side_by_side_and_report_failures(toy_zoo, tmp_path, monke
     summary = ablations.run(out, ["baseline", "linear_projector"], ablations.SCALES["toy"], tmp_path / "w", jobs=2)
     saved = json.loads(out.read_text())
     assert saved["results"].keys() == {"baseline", "linear_projector"} == summary["results"].keys()
-    for name, r in saved["results"].items():
-        assert 0 <= r["overall"]["exact"] <= 1 and r["by_type"] and bool(r["paper"]) == (name != "baseline")
+    test = load_records(tmp_path / "w" / f"data-{'-'.join(sw.KINDS)}" / "instruct_test.json")
+    for name, r in saved["results"].items():  # every variant scored on the same questions: the test split's
+        assert_scores_the_questions(r, test)
+        assert bool(r["paper"]) == (name != "baseline")
     lm_sha = hashlib.sha256((data / "tiny-lm" / "model.safetensors").read_bytes()).hexdigest()[:16]
     assert saved["backbones"]["tiny-lm"] == {"sha256": lm_sha, "steps x batch": "2 x 4"}  # what they started from
     monkeypatch.setenv("MINILLAVA_DATA", str(tmp_path / "empty"))  # no backbones: each variant fails, reported
@@ -204,6 +291,7 @@ def test_ablations_run_side_by_side_and_report_failures(toy_zoo, tmp_path, monke
         ablations.run(tmp_path / "c.json", ["bigger_model"])
 
 
+@pytest.mark.slow
 def test_ablation_backbones_name_the_weights_even_without_a_card(toy_zoo, tmp_path, monkeypatch):
     import shutil
 
@@ -218,6 +306,7 @@ def test_ablation_backbones_name_the_weights_even_without_a_card(toy_zoo, tmp_pa
     assert ablations.backbones()["tiny-clip"] == {"sha256": digest, "steps x batch": None}
 
 
+@pytest.mark.slow
 def test_zoo_loads_offline_from_the_build(toy_zoo, monkeypatch):
     data, _ = toy_zoo
     monkeypatch.setenv("MINILLAVA_DATA", str(data))
@@ -256,12 +345,14 @@ def test_the_shipped_zoo_is_what_full_describes():
     assert facts["steps"] == " + ".join(str(len(r["metrics"])) for r in rounds)
 
 
+@pytest.mark.slow
 def test_stage1_records_zoo_names_not_paths(toy_zoo):
     data, _ = toy_zoo
     cfg = json.loads((data / "tiny-llava-stage1" / "config.json").read_text())
     assert cfg["vision"] == "tiny-clip" and cfg["lm"] == "tiny-lm"  # so the folder works from any clone
 
 
+@pytest.mark.slow
 def test_tokenizer_speaks_the_template(toy_zoo, monkeypatch):
     data, _ = toy_zoo
     monkeypatch.setenv("MINILLAVA_DATA", str(data))
@@ -283,6 +374,7 @@ def test_missing_zoo_files_get_a_clear_error(tmp_path, monkeypatch):
         zoo.resolve("./nowhere")
 
 
+@pytest.mark.slow
 def test_rebuild_is_deterministic(tmp_path):
     a = build_zoo.build(tmp_path / "a", build_zoo.TOY, tmp_path / "wa", progress=False)
     b = build_zoo.build(tmp_path / "b", build_zoo.TOY, tmp_path / "wb", progress=False)
@@ -296,6 +388,7 @@ def test_rebuild_is_deterministic(tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 2
 
 
+@pytest.mark.slow
 def test_rebuild_from_a_later_step_keeps_the_earlier_components(tmp_path):
     import dataclasses
 
