@@ -201,6 +201,8 @@ def parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--answers", default=None, help="score these answers (JSON list of {id, turn, answer}) "
                                                        "instead of generating")
     p_eval.add_argument("--out", default=None, help="write the results as JSON here")
+    sub.add_parser("data", help="check a LLaVA-format data file before training: `minillava data check FILE` "
+                                "(see `minillava data check -h`)", add_help=False)
     sub.add_parser("bench", help="time minillava against transformers side by side (see `minillava bench -h`)",
                    add_help=False)
     return p
@@ -208,6 +210,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["data", "check"]:  # `minillava data check FILE`: options of its own (minillava/data/check.py)
+        from .data.check import main as data_check
+
+        return data_check(argv[2:])
     if argv[:1] == ["bench"]:  # the benchmark is maintainer tooling with options of its own
         from .tools.bench import main as bench_main
 

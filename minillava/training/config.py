@@ -66,14 +66,23 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradients are clipped to this global norm
     group_by_length: bool = True  # LLaVA's modality-length grouping
-    feature_cache: str = "memory"  # frozen vision features kept in "memory", on "disk" (cache_dir) or "off"
-    cache_dir: str | None = None  # where feature_cache="disk" keeps the features
+    feature_cache: str = "auto"  # vision features in memory, disk, off, or auto: by size and RAM (off for 1 epoch)
+    cache_dir: str | None = None  # where a disk feature cache goes (default: <out>.features, removed when the run ends)
+    lazy_data: bool = False  # read records and decode images as steps need them, in DataLoader workers (large files)
+    num_workers: int = 4  # lazy_data: DataLoader worker processes per training process (0: load in the main one)
+    skip_bad_samples: bool = False  # lazy_data: leave out records or images that cannot be used (listed at the end)
     max_length: int | None = None  # longest sample in tokens, image tokens included (None: the LM's context)
     seed: int = 0  # seeds the projector's initialisation and the data order
     save_every: int = 0  # steps between resumable checkpoints (0: none)
     resume: bool = True  # continue from `<out>.partial` if an interrupted run left one (with the same settings)
     device: str | None = None  # cpu, cuda, mps (None: the best available)
     compile: bool = False  # torch.compile the model's forward (pays off on GPUs for long runs; shapes vary)
+    strategy: str = "ddp"  # ddp (each process holds the whole model) or fsdp (FSDP2: weights, grads, AdamW sharded)
+    precision: str | None = None  # fp32 or bf16 (bf16 compute; fp32 weights, AdamW state); default: bf16 on CUDA
+    gradient_checkpointing: bool = False  # recompute the LM's layers in the backward pass: less memory, ~1/3 slower
+    log_dir: str | None = None  # keep metrics.jsonl (a JSON line per step) here (default: <out>.logs, while running)
+    report_to: str | None = None  # tensorboard: also write TensorBoard events to <log_dir>/tensorboard
+    peak_tflops: float | None = None  # one accelerator's peak TFLOP/s, for mfu (default: H100/H200/A100 bf16 peak)
     progress: bool = True  # show progress bars
     extra: dict = field(default_factory=dict)  # free-form notes saved with the run
 
@@ -89,6 +98,10 @@ class TrainConfig:
 
     def resolved_batch_size(self) -> int:
         return self.batch_size if self.batch_size is not None else self.recipe.batch_size
+
+    def resolved_precision(self, device) -> str:
+        """`precision`, or by default bf16 on CUDA (as LLaVA trains) and fp32 elsewhere."""
+        return self.precision or ("bf16" if device.type == "cuda" else "fp32")
 
     def check(self, world: int = 1) -> None:
         """Refuse settings that make no sense, before anything is loaded or written."""
@@ -119,16 +132,33 @@ class TrainConfig:
                              "a stage-2 option")
         check_replaceable(self.out, "config.json", "out")
         check_replaceable(f"{Path(self.out)}.partial", "state.json", "resumable checkpoint")
-        if self.feature_cache not in ("memory", "disk", "off"):
-            raise ValueError(f"feature cache '{self.feature_cache}': expected memory, disk or off")
-        if self.feature_cache == "disk" and not self.cache_dir:
-            raise ValueError("feature cache 'disk' needs cache_dir")
+        if self.feature_cache not in ("auto", "memory", "disk", "off"):
+            raise ValueError(f"feature cache '{self.feature_cache}': expected auto, memory, disk or off")
+        if self.num_workers < 0:
+            raise ValueError(f"num workers {self.num_workers}: must be 0 or more")
+        if self.skip_bad_samples and not self.lazy_data:
+            raise ValueError("skip_bad_samples: a lazy_data option (without lazy_data every record and image is "
+                             "checked before step 1, and a bad one stops the run there)")
         if self.stage == 1 and self.lora:
             raise ValueError("stage 1 trains the projector only; LoRA is a stage-2 option")
         if self.lora and self.freeze_lm:
             raise ValueError("lora and freeze_lm: choose one way to treat the language model")
         if not self.data:
             raise ValueError("data: a LLaVA-format JSON file is required")
+        self._check_scaling()
+
+    def _check_scaling(self) -> None:
+        """The settings of `distributed.py` and `logs.py`: strategy, precision, report_to."""
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy '{self.strategy}': expected ddp or fsdp")
+        if self.precision not in (None, "fp32", "bf16"):
+            raise ValueError(f"precision '{self.precision}': expected fp32 or bf16 (fp16 would need loss scaling, "
+                             "which minillava does not do)")
+        if self.strategy == "fsdp" and self.lora:
+            raise ValueError("strategy fsdp with lora: not supported (the adapter is saved through peft, which "
+                             "needs whole weights); LoRA trains few weights, so use strategy ddp")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak TFLOP/s {self.peak_tflops}: must be positive")
 
 
 def apply_recipe(model: LlavaModel, tune: dict, cfg: TrainConfig) -> list[str]:

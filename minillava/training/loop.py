@@ -1,9 +1,10 @@
 """The training loop: `train(cfg)` = `setup` (model, data, optimizer), `train_step` per step, `save_result`.
 
 Plain PyTorch, as LLaVA-1.5's `llava/train/train.py` does it through the HF Trainer: AdamW, cosine schedule with
-warmup, gradient accumulation and clipping, bf16 autocast on a GPU, DDP when launched by `torchrun`, resumable
-checkpoints (`resume.py`) and exact resume. Losses are summed over supervised tokens and divided by the global
-batch's count, so accumulation and processes change nothing but speed.
+warmup, gradient accumulation and clipping, bf16 on a GPU, DDP or FSDP2 when launched by `torchrun`
+(`distributed.py`), activation checkpointing, resumable checkpoints (`resume.py`) and exact resume, a metrics log
+(`logs.py`). Losses are summed over supervised tokens and divided by the global batch's count, so accumulation
+and processes change nothing but speed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +36,11 @@ from ..utils import (
     remove_leftovers,
     write_json,
 )
-from .cache import FeatureCache
+from . import distributed, logs
+from .cache import FeatureCache, choose_cache, default_cache_dir
 from .config import COMPILE_BACKEND, TrainConfig, apply_recipe
-from .data import check_images, collate, encode_all, epoch_order
-from .resume import restore_state, resume_settings, save_state
+from .data import LazyData, check_images, collate, encode_all, epoch_order, step_counts
+from .resume import restore_sharded_state, restore_state, resume_settings, save_sharded_state, save_state
 
 
 @dataclass
@@ -56,9 +59,11 @@ class Run:
 
     cfg: TrainConfig
     model: LlavaModel
-    net: torch.nn.Module  # the model as the steps call it: wrapped by DDP and/or torch.compile
+    net: torch.nn.Module  # the model as the steps call it: wrapped by DDP (or sharded) and/or compiled
     processor: Processor
-    examples: list[dict]
+    examples: list[dict] | None  # every sample encoded up front; None with lazy_data (then `data`)
+    data: LazyData | None
+    n_samples: int
     opt: torch.optim.Optimizer
     trainable: list[tuple[str, torch.nn.Parameter]]
     cache: FeatureCache | None
@@ -72,6 +77,9 @@ class Run:
     warmup: int
     lr: float
     report: list[str]
+    precision: str  # "fp32" or "bf16" (TrainConfig.resolved_precision)
+    sizes: dict  # parameter counts for the FLOP count (logs.model_sizes)
+    peak_tflops: float | None  # one accelerator's peak, for mfu (logs.peak_tflops)
 
 
 # ---- setup -----------------------------------------------------------------------------------------------------
@@ -108,23 +116,16 @@ def _check_init_matches(cfg: TrainConfig, path: Path, made_with: dict) -> None:
                              f"{part} out when starting from init")
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world size), initialising torch.distributed when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (torch.distributed.get_rank() if world > 1 else 0), world
-
-
-def setup(cfg: TrainConfig) -> Run:
-    """Check the settings, load the data (every record encoded, every image checked), build the model as the
-    stage's recipe says, and the optimizer."""
-    rank, world = _dist()
-    cfg.check(world)
+def load_model_and_data(cfg: TrainConfig, rank: int) -> tuple[LlavaModel, Processor, tuple, list[str]]:
+    """The model as the stage's recipe says (frozen, full or LoRA parts) and the data: every record encoded and
+    every image checked, or with lazy_data a `LazyData` that encodes them as the steps need them. Returns
+    (model, processor, (examples or None, LazyData or None), the recipe's report)."""
     tune = dict(cfg.recipe.tune)
     if cfg.lora or cfg.freeze_lm:
         tune["language_model"] = "lora" if cfg.lora else "frozen"
-    records = load_records(cfg.data, cfg.images)
+    # read before the model loads: a missing or malformed file fails at once
+    source = LazyData.open(cfg.data, cfg.images, cfg.skip_bad_samples) if cfg.lazy_data else load_records(
+        cfg.data, cfg.images)
     torch.manual_seed(cfg.seed)  # the new projector's initialisation
     model, processor = initial_model(cfg)
     if cfg.max_length:
@@ -132,69 +133,141 @@ def setup(cfg: TrainConfig) -> Run:
             raise ValueError(f"max length {cfg.max_length}: longer than the language model's context of "
                              f"{model.max_length} tokens")
         processor.max_length = cfg.max_length
-    examples = encode_all(records, processor, cfg.progress and rank == 0)
-    check_images(records, cfg.progress and rank == 0)
+    if cfg.lazy_data:
+        examples, data = None, source.encode_with(processor)
+    else:
+        examples, data = encode_all(source, processor, cfg.progress and rank == 0), None
+        check_images(source, cfg.progress and rank == 0)
     report = apply_recipe(model, tune, cfg)
+    return model, processor, (examples, data), report
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check the settings, load the model and data (`load_model_and_data`), put the model on its device and
+    wrap it for the strategy (`distributed.wrap`: DDP, or FSDP2 sharding), and build the optimizer."""
+    rank, world = distributed.init(cfg.strategy)
+    cfg.check(world)
+    logs.check_report_to(cfg.report_to)
+    model, processor, (examples, data), report = load_model_and_data(cfg, rank)
+    n_samples = len(data) if data is not None else len(examples)
+    n_images = data.n_images if data is not None else len({p for e in examples for p in e["images"]})
     device = pick_device(cfg.device) if world == 1 else torch.device(
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    precision = cfg.resolved_precision(device)
     model.to(device).train()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    cache = None
-    if cfg.feature_cache != "off":
-        cache = FeatureCache(model.vision_tower, processor.image_processor,
-                             cfg.cache_dir if cfg.feature_cache == "disk" else None)
+    if cfg.gradient_checkpointing:
+        distributed.enable_checkpointing(model)
     batch = cfg.resolved_batch_size()
-    steps_per_epoch = len(examples) // batch  # a partial last batch is dropped: every step sees a full batch
+    steps_per_epoch = n_samples // batch  # a partial last batch is dropped: every step sees a full batch
     if steps_per_epoch == 0:
-        raise DataError(f"data '{cfg.data}': {len(examples)} samples is fewer than one batch of {batch}")
+        raise DataError(f"data '{cfg.data}': {n_samples} samples is fewer than one batch of {batch}")
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    cache = feature_cache(cfg, model, processor, n_images, total * batch / n_samples, report)
+    sizes = logs.model_sizes(model, tower_runs=cache is None)  # (whole counts: before sharding)
+    net = distributed.wrap(model, cfg.strategy, device, world, precision)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # after: FSDP swaps in shards
     lr = cfg.resolved_lr()
     opt = torch.optim.AdamW([p for _, p in trainable], lr=lr, weight_decay=cfg.weight_decay)
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net, dynamic=True, backend=COMPILE_BACKEND)  # padded batches vary in length
-    return Run(cfg, model, net, processor, examples, opt, trainable, cache, device, rank, world, batch,
+    return Run(cfg, model, net, processor, examples, data, n_samples, opt, trainable, cache, device, rank, world, batch,
                batch // (cfg.micro_batch_size * world), steps_per_epoch, total, math.ceil(cfg.warmup_ratio * total),
-               lr, report)
+               lr, report, precision, sizes, logs.peak_tflops(device, precision, cfg.peak_tflops))
+
+
+def feature_cache(cfg: TrainConfig, model: LlavaModel, processor: Processor, n_images: int, epochs: float,
+                  report: list[str]) -> FeatureCache | None:
+    """The feature cache `choose_cache` picks for `n_images` images over `epochs` passes (its reason goes into
+    `report`), or None; the processes on this machine each hold their own memory cache."""
+    tower = model.vision_tower
+    choice = choose_cache(cfg.feature_cache, n_images, tower.num_tokens, tower.hidden_size,
+                          next(tower.parameters()).dtype, epochs, cfg.cache_dir or default_cache_dir(cfg.out),
+                          copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    report.append(choice.reason)
+    return FeatureCache(tower, processor.image_processor, choice.directory) if choice.kind != "off" else None
 
 
 # ---- one step ----------------------------------------------------------------------------------------------------
-def train_step(run: Run, step: int, order: list[int]) -> dict:
-    """One optimizer step on the global batch `step` of the epoch order `order`; returns its metrics row.
+def train_step(run: Run, step: int, order: list[int], loaded: list[dict] | None = None) -> dict:
+    """One optimizer step on the global batch `step` of the epoch order `order`; returns its metrics row
+    (`logs.py` lists its fields). `loaded`: with lazy_data, this process's micro-batches (`LazyData.steps`).
 
     The global batch of B samples is cut into micro-batches of m per process; process r takes the r-th slice of
     each run of m x world, so the union over processes and micro-steps is the whole batch."""
     cfg, world, rank, m = run.cfg, run.world, run.rank, run.cfg.micro_batch_size
     within = step % run.steps_per_epoch
     ids = order[within * run.batch:(within + 1) * run.batch]
-    n_tokens = sum(run.examples[i]["n_supervised"] for i in ids)  # the whole global batch's supervised tokens
-    micro = [ids[(k * world + rank) * m:(k * world + rank + 1) * m] for k in range(run.accum)]
+    counts = batch_counts(run, ids, loaded)
+    n_tokens = counts["supervised"]  # the whole global batch's supervised tokens
+    if loaded is None:
+        micro = [ids[(k * world + rank) * m:(k * world + rank + 1) * m] for k in range(run.accum)]
+    else:
+        micro = loaded
+    if n_tokens == 0:  # (lazy_data with skip_bad_samples: all processes agree, the counts are all-reduced)
+        raise DataError(f"step {step + 1}: every sample of the global batch of {run.batch} was bad and skipped; "
+                        "check the data with `minillava data check`")
     for g in run.opt.param_groups:
         g["lr"] = run.lr * lr_at(step, run.total, run.warmup)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda"
-                else contextlib.nullcontext())
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     step_loss = torch.zeros((), device=run.device)
     t0 = time.perf_counter()
     for k, mb in enumerate(micro):
-        inputs = collate([run.examples[i] for i in mb], run.processor, run.cache, run.device)
-        sync = k == len(micro) - 1 or world == 1
-        with (run.net.no_sync() if not sync else contextlib.nullcontext()), autocast:
+        weight = 1.0
+        if loaded is None:
+            inputs = collate([run.examples[i] for i in mb], run.processor, run.cache, run.device)
+        else:
+            inputs = run.data.inputs(mb, run.cache, run.device)  # a bad sample: DataError, or left out
+            if inputs is None and world == 1:
+                continue
+            if inputs is None:  # every process must take part in the collectives: a stand-in, weighted 0
+                inputs, weight = run.data.stand_in(run.cache, run.device), 0.0
+        # DDP averages gradients once, after the last micro-batch. FSDP reduce-scatters after each: keeping whole
+        # gradients until the last would undo the memory that sharding saves.
+        defer = cfg.strategy == "ddp" and world > 1 and k < len(micro) - 1
+        sync = run.net.no_sync() if defer else contextlib.nullcontext()
+        with sync, distributed.autocast(run.device, run.precision):
             out = run.net(**inputs, return_logits=False)
-            loss_sum = out.loss * out.num_tokens
-        (loss_sum * world / n_tokens).backward()  # DDP averages over processes; this undoes it
+            loss_sum = out.loss * out.num_tokens * weight
+        (loss_sum * world / n_tokens).backward()  # DDP and FSDP average over processes; this undoes it
         step_loss += loss_sum.detach()
     if world > 1:
         torch.distributed.all_reduce(step_loss)
     grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in run.trainable], cfg.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor; its full value is the norm over every shard
+        grad_norm = grad_norm.full_tensor()
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
-    dt = time.perf_counter() - t0
-    return {"step": step + 1, "epoch": round((step + 1) / run.steps_per_epoch, 4),
-            "loss": float(step_loss) / n_tokens, "lr": run.opt.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm), "samples_per_s": len(ids) / dt, "tokens": n_tokens}
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # the step's kernels have run: the time below is the step's
+    return metrics_row(run, step, counts, float(step_loss) / n_tokens, float(grad_norm), time.perf_counter() - t0)
+
+
+def batch_counts(run: Run, ids: list[int], loaded: list[dict] | None) -> dict:
+    """The global batch's samples, supervised tokens, tokens (image tokens included, padding not) and images:
+    from the encoded examples, or (lazy_data) from what each process loaded, summed over processes."""
+    if loaded is None:
+        n = [len(ids), sum(run.examples[i]["n_supervised"] for i in ids),
+             sum(len(run.examples[i]["input_ids"]) for i in ids), sum(len(run.examples[i]["images"]) for i in ids)]
+    else:
+        n = step_counts(loaded).to(run.device)
+        if run.world > 1:
+            torch.distributed.all_reduce(n)
+        n = n.tolist()
+    return dict(zip(("samples", "supervised", "tokens", "images"), n))
+
+
+def metrics_row(run: Run, step: int, counts: dict, loss: float, grad_norm: float, seconds: float) -> dict:
+    """The metrics of step `step` (0-based) on a global batch of `counts` (`batch_counts`), which took `seconds`."""
+    tokens, supervised = counts["tokens"], counts["supervised"]
+    row = {"step": step + 1, "epoch": round((step + 1) / run.steps_per_epoch, 4), "loss": loss,
+           "lr": run.opt.param_groups[0]["lr"], "grad_norm": grad_norm, "samples_per_s": counts["samples"] / seconds,
+           "tokens_per_s": tokens / seconds, "tokens": supervised}
+    if run.device.type == "cuda":
+        image_tokens = counts["images"] * run.model.num_image_tokens
+        flops = logs.step_flops(run.sizes, tokens, supervised, image_tokens)
+        row.update(logs.cuda_metrics(run.device, flops, seconds, run.world, run.peak_tflops))
+    return row
 
 
 # ---- the whole run -----------------------------------------------------------------------------------------------
@@ -202,54 +275,116 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run one training stage as `cfg` says; returns where the result went and the per-step metrics. The output
     is held (`output_lock`) while the run goes: a second run into it is refused."""
     writer = int(os.environ.get("RANK", "0")) == 0  # process 0 alone writes the output
-    with output_lock(cfg.out) if writer else contextlib.nullcontext():
-        return run_stage(cfg)
+    try:
+        with output_lock(cfg.out) if writer else contextlib.nullcontext():
+            return run_stage(cfg)
+    finally:
+        distributed.finish()  # (a single-process fsdp run's group of one)
 
 
 def run_stage(cfg: TrainConfig) -> TrainResult:
     """`train` without the lock: setup, the steps (with resumable checkpoints), the result and the clean-up."""
-    from tqdm.auto import tqdm
-
     run = setup(cfg)
     out = Path(cfg.out)
     partial = Path(f"{out}.partial")  # (through Path: "runs/x/" has it beside the folder too, not inside)
-    settings = resume_settings(cfg, len(run.examples), run.world)
+    settings = resume_settings(cfg, run.n_samples, run.world, run.precision)
     start, metrics = 0, []
     if cfg.resume and (partial / "state.json").is_file():
-        start, metrics = restore_state(partial, run.opt, run.trainable, settings)
+        start, metrics = restore(run, partial, settings)
+    log = logs.MetricsLog(logs.log_dir(out, cfg.log_dir), cfg.report_to, metrics) if run.rank == 0 else None
     if run.rank == 0:
-        print(f"stage {cfg.stage}: {len(run.examples)} samples, {run.total} steps of {run.batch} ({run.accum} x "
-              f"{cfg.micro_batch_size} x {run.world} processes), lr {run.lr:g}, template {cfg.resolved_template()}")
+        print(f"stage {cfg.stage}: {run.n_samples} samples, {run.total} steps of {run.batch} ({run.accum} x "
+              f"{cfg.micro_batch_size} x {run.world} processes, {cfg.strategy}, {run.precision}), lr {run.lr:g}, "
+              f"template {cfg.resolved_template()}")
         print("\n".join(run.report))
+        print(f"step metrics: {log.path}" + (f" (TensorBoard: {log.path.parent / 'tensorboard'})"
+                                               if cfg.report_to == "tensorboard" else ""))
         if start:
             print(f"resuming from step {start} ({partial})")
-    bar = tqdm(total=run.total, initial=start, desc=f"stage {cfg.stage}", disable=not (cfg.progress and run.rank == 0))
     t0 = time.perf_counter()
-    order, order_epoch = None, None
-    for step in range(start, run.total):
-        epoch = step // run.steps_per_epoch
-        if epoch != order_epoch:
-            order, order_epoch = epoch_order(run.examples, cfg, epoch, cfg.micro_batch_size * run.world), epoch
-        row = train_step(run, step, order)
-        metrics.append(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < run.total and run.rank == 0:
-            save_state(partial, run.opt, run.trainable, step + 1, metrics, settings)
-    bar.close()
+    try:
+        run_steps(run, start, metrics, log, partial, settings)
+    finally:
+        if log is not None:
+            log.close()
     seconds = time.perf_counter() - t0
-    if run.rank == 0:
-        save_result(out, cfg, run.model, run.processor, metrics)
-        clean_up(out, partial)
-    if run.world > 1:
-        torch.distributed.barrier()
+    finish(run, out, partial, metrics)
     final = metrics[-1]["loss"] if metrics else float("nan")
     hits = f", feature cache {run.cache.hits} hits / {run.cache.misses} misses" if run.cache else ""
+    if run.data is not None and run.data.skipped_report():  # (each process lists the bad samples it met)
+        print("\n".join(run.data.skipped_report()), file=sys.stderr)
     summary = (f"stage {cfg.stage} done: {len(metrics)} steps in {seconds:.1f} s, final loss {final:.4f}"
                f"{hits} -> {out}")
     if run.rank == 0:
         print(summary)
     return TrainResult(out, len(metrics), final, seconds, metrics, summary)
+
+
+def run_steps(run: Run, start: int, metrics: list[dict], log: logs.MetricsLog | None, partial: Path,
+              settings: dict) -> None:
+    """Steps `start` .. total, each row appended to `metrics` and logged; a checkpoint every `save_every`."""
+    from tqdm.auto import tqdm
+
+    cfg = run.cfg
+    bar = tqdm(total=run.total, initial=start, desc=f"stage {cfg.stage}", disable=not (cfg.progress and run.rank == 0))
+    order, order_epoch, loaded = None, None, None
+    for step in range(start, run.total):
+        epoch = step // run.steps_per_epoch
+        if epoch != order_epoch:
+            (order, loaded), order_epoch = epoch_plan(run, epoch, step), epoch
+        row = train_step(run, step, order, next(loaded) if loaded is not None else None)
+        metrics.append(row)
+        if log is not None:
+            log.write(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < run.total:
+            checkpoint(run, partial, step + 1, metrics, settings)
+    bar.close()
+
+
+def epoch_plan(run: Run, epoch: int, step: int) -> tuple[list[int], Iterator | None]:
+    """The order of `epoch` and, with lazy_data, an iterator over this process's micro-batches of its steps from
+    `step` (a resumed run starts mid-epoch) to the end of the epoch or of the run."""
+    cfg, group = run.cfg, run.cfg.micro_batch_size * run.world
+    if run.data is None:
+        return epoch_order(run.examples, cfg, epoch, group), None
+    order = run.data.order(cfg.seed, epoch, group, cfg.group_by_length)
+    first, last = step - epoch * run.steps_per_epoch, min(run.steps_per_epoch, run.total - epoch * run.steps_per_epoch)
+    return order, run.data.steps(order, first, last, run.batch, cfg.micro_batch_size, run.rank, run.world,
+                                 cfg.num_workers, run.cache)
+
+
+def checkpoint(run: Run, partial: Path, step: int, metrics: list[dict], settings: dict) -> None:
+    """A resumable checkpoint after `step` steps: process 0 writes it (ddp), or every process its shards (fsdp)."""
+    if run.cfg.strategy == "fsdp":
+        save_sharded_state(partial, run.model, run.opt, step, metrics, settings)
+    elif run.rank == 0:
+        save_state(partial, run.opt, run.trainable, step, metrics, settings)
+
+
+def restore(run: Run, partial: Path, settings: dict) -> tuple[int, list[dict]]:
+    """Load the checkpoint `partial` (as `checkpoint` wrote it) into the run; returns (step, metrics so far)."""
+    if run.cfg.strategy == "fsdp":
+        return restore_sharded_state(partial, run.model, run.opt, settings)
+    return restore_state(partial, run.opt, run.trainable, settings)
+
+
+def finish(run: Run, out: Path, partial: Path, metrics: list[dict]) -> None:
+    """Process 0 saves the result in the ordinary single-file format (an FSDP model is first gathered whole, every
+    process taking part) and cleans up (the default log folder too); then every process waits for it."""
+    model = run.model
+    if run.cfg.strategy == "fsdp":
+        state = distributed.full_state_dict(run.model)
+        model = distributed.unsharded_copy(run.model, state) if run.rank == 0 else None
+    if run.rank == 0:
+        save_result(out, run.cfg, model, run.processor, metrics)
+        clean_up(out, partial)
+        if run.cache is not None and run.cache.directory is not None and not run.cfg.cache_dir:
+            shutil.rmtree(default_cache_dir(out), ignore_errors=True)  # the run's own disk cache (none was named)
+        if run.cfg.log_dir is None and run.cfg.report_to is None:  # the default log was a live view (`logs.py`)
+            logs.remove_live_log(logs.log_dir(out, None))
+    distributed.barrier(run.world)
 
 
 def save_result(out: Path, cfg: TrainConfig, model: LlavaModel, processor: Processor, metrics: list[dict]) -> None:

@@ -6,6 +6,7 @@ file and init checkpoint among them; a run with other settings refuses to resume
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -15,13 +16,16 @@ from ..utils import MARKER, atomic_dir, load_tensors, read_json, save_tensors, w
 from .config import TrainConfig
 
 
-def resume_settings(cfg: TrainConfig, n_samples: int, world: int) -> dict:
-    """What a run's losses depend on besides its weights: a checkpoint resumes only a run with the same."""
+def resume_settings(cfg: TrainConfig, n_samples: int, world: int, precision: str = "fp32") -> dict:
+    """What a run's losses depend on besides its weights: a checkpoint resumes only a run with the same.
+    `precision`: the run's resolved precision (`TrainConfig.resolved_precision`). The strategy also fixes the
+    checkpoint's format; gradient checkpointing is not kept, as it changes no number (it may be switched on to
+    resume a run that ran out of memory)."""
     keep = ("stage", "init", "vision", "lm", "projector", "feature_layer", "template", "lora", "freeze_lm",
             "lora_r", "lora_alpha", "lora_dropout", "micro_batch_size", "epochs", "max_steps", "warmup_ratio",
-            "weight_decay", "max_grad_norm", "group_by_length", "seed")
+            "weight_decay", "max_grad_norm", "group_by_length", "seed", "strategy")
     return {**{k: getattr(cfg, k) for k in keep}, "lr": cfg.resolved_lr(), "batch_size": cfg.resolved_batch_size(),
-            "samples": n_samples, "processes": world, "data_sha256": fingerprint(cfg.data),
+            "precision": precision, "samples": n_samples, "processes": world, "data_sha256": fingerprint(cfg.data),
             "init_sha256": fingerprint(cfg.init) if cfg.stage == 2 and cfg.init else None}
 
 
@@ -58,13 +62,7 @@ def save_state(path: Path, opt, trainable, step: int, metrics: list[dict], setti
 
 def restore_state(path: Path, opt, trainable, settings: dict) -> tuple[int, list[dict]]:
     """Load a `save_state` folder into the trainable weights and `opt`; returns (step, metrics so far)."""
-    state = read_json(path / "state.json", what="checkpoint state")
-    saved = state.get("settings")  # absent in checkpoints of older versions
-    if saved is not None:
-        differ = [f"{k} ({saved.get(k)!r} there, {v!r} now)" for k, v in settings.items() if saved.get(k) != v]
-        if differ:
-            raise ValueError(f"checkpoint '{path}': left by a run with other settings: {'; '.join(differ)}. "
-                             "Run with the same settings to resume it, or delete it to start afresh.")
+    state = checked_state(path, settings)
     tensors = load_tensors(path / "state.safetensors")
     with torch.no_grad():
         for n, p in trainable:
@@ -75,4 +73,63 @@ def restore_state(path: Path, opt, trainable, settings: dict) -> tuple[int, list
             if st:
                 opt.state[p] = {k: (v if k != "step" else v.clone()) for k, v in st.items()}
     torch.set_rng_state(tensors["rng/torch"])
+    return state["step"], state["metrics"]
+
+
+def checked_state(path: Path, settings: dict) -> dict:
+    """A checkpoint's state.json, once its settings are found to be `settings`; else a ValueError naming each
+    that differs."""
+    state = read_json(path / "state.json", what="checkpoint state")
+    saved = state.get("settings")  # absent in checkpoints of older versions
+    if saved is not None:
+        # older versions recorded neither: they ran ddp, with the precision that is the default now
+        saved = {"strategy": "ddp", "precision": settings.get("precision"), **saved}
+        differ = [f"{k} ({saved.get(k)!r} there, {v!r} now)" for k, v in settings.items() if saved.get(k) != v]
+        if differ:
+            raise ValueError(f"checkpoint '{path}': left by a run with other settings: {'; '.join(differ)}. "
+                             "Run with the same settings to resume it, or delete it to start afresh.")
+    return state
+
+
+# ---- sharded (FSDP) checkpoints: torch.distributed.checkpoint ------------------------------------------------------
+def _dcp_options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)  # the trainable weights, as `save_state`
+
+
+def save_sharded_state(path: Path, model, opt, step: int, metrics: list[dict], settings: dict) -> None:
+    """FSDP: every process calls it. Each writes its shards of the trainable weights and AdamW's moments (DCP,
+    `torch.distributed.checkpoint`), and its RNG state, into process 0's temporary folder; process 0 writes
+    state.json and, once all have written, renames the folder onto `path` (atomically, as `save_state`)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from .distributed import barrier, broadcast
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    weights, moments = get_state_dict(model, opt, options=_dcp_options())
+    with (atomic_dir(path, marker="state.json") if rank == 0 else contextlib.nullcontext()) as tmp:
+        tmp = broadcast(tmp, world)  # process 0's temporary folder (a shared file system across machines)
+        dcp.save({"model": weights, "optim": moments}, checkpoint_id=tmp)
+        save_tensors({"rng/torch": torch.get_rng_state()}, tmp / f"rng-{rank}.safetensors")
+        if rank == 0:
+            write_json(tmp / "state.json", {"step": step, "metrics": metrics, "settings": settings})
+        barrier(world)  # every process has written its files before process 0 renames the folder
+
+
+def restore_sharded_state(path: Path, model, opt, settings: dict) -> tuple[int, list[dict]]:
+    """FSDP: every process calls it. Load a `save_sharded_state` folder into the sharded trainable weights and
+    `opt`, and this process's RNG state; returns (step, metrics so far)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    state = checked_state(path, settings)
+    weights, moments = get_state_dict(model, opt, options=_dcp_options())  # the layout to load into
+    dcp.load({"model": weights, "optim": moments}, checkpoint_id=path)  # (raises if one is not in the checkpoint)
+    # not strict: the frozen weights are left out on purpose (`dcp.load` has found every trainable one)
+    set_state_dict(model, opt, model_state_dict=weights, optim_state_dict=moments, options=_dcp_options(False))
+    torch.set_rng_state(load_tensors(path / f"rng-{dist.get_rank()}.safetensors")["rng/torch"])
     return state["step"], state["metrics"]
