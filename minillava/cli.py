@@ -1,4 +1,5 @@
-"""The `minillava` command line, every subcommand in one place: train, merge-lora, chat, eval, bench.
+"""The `minillava` command line, every subcommand in one place: train, merge-lora, chat, eval, data check, plan,
+bench.
 
 Options of `train` are generated from `TrainConfig`'s fields, and each option's help is the comment written beside
 its field, so the command line and Python take exactly the same settings, with the same defaults and documentation.
@@ -203,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--out", default=None, help="write the results as JSON here")
     sub.add_parser("data", help="check a LLaVA-format data file before training: `minillava data check FILE` "
                                 "(see `minillava data check -h`)", add_help=False)
+    sub.add_parser("plan", help="memory per device of a training run, and whether it fits a GPU "
+                                "(see `minillava plan -h`)", add_help=False)
     sub.add_parser("bench", help="time minillava against transformers side by side (see `minillava bench -h`)",
                    add_help=False)
     return p
@@ -214,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         from .data.check import main as data_check
 
         return data_check(argv[2:])
+    if argv[:1] == ["plan"]:  # `minillava plan`: options of its own (minillava/training/plan.py)
+        from .training.plan import main as plan_main
+
+        return plan_main(argv[1:])
     if argv[:1] == ["bench"]:  # the benchmark is maintainer tooling with options of its own
         from .tools.bench import main as bench_main
 
