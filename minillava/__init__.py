@@ -16,7 +16,8 @@ The library, in the order the book builds it (one module each):
 - `evaluation`: VQA accuracy, POPE metrics, answer scoring
 - `pretrain`: pretraining the zoo's tiny backbones (CLIP's contrastive loss, a chat LM)
 - `zoo`: the shipped components, by name; `display`: the helpers the book's chapters share
-- `utils`: devices, atomic writes, safetensors I/O
+- `outputs`: saves that never lose a user's file (guarded atomic folders, a lock per output); `utils`: devices,
+  atomic file writes, safetensors I/O
 
 Maintainer tooling (the zoo builder, ablations, the benchmark) lives in `minillava.tools`, which the library never
 imports; `cli` is the `minillava` command.
@@ -31,6 +32,7 @@ from . import (
     evaluation,
     hf,
     model,
+    outputs,
     pretrain,
     processor,
     projector,
@@ -58,7 +60,7 @@ __version__ = "0.2.0"
 __all__ = [
     # modules
     "chat", "checkpoints", "data", "decoding", "display", "evaluation", "hf", "model", "pretrain", "processor",
-    "projector", "templates", "training", "utils", "vision", "widget", "zoo",
+    "projector", "templates", "training", "outputs", "utils", "vision", "widget", "zoo",
     # loading and saving
     "load", "save", "load_vision", "load_clip", "load_lm", "merge_lora", "export_hf", "from_hf_model",
     # the model

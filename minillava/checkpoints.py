@@ -21,10 +21,9 @@ from torch import nn
 
 from . import zoo
 from .model import LlavaModel
+from .outputs import atomic_dir, check_replaceable
 from .processor import Processor
 from .utils import (
-    atomic_dir,
-    check_replaceable,
     check_weights,
     load_tensors,
     peft_quietly,
@@ -85,7 +84,7 @@ def load(name_or_path: str | Path, device=None, dtype=None,
 # ---- minillava's own format ------------------------------------------------------------------------------------
 def save(model: LlavaModel, processor: Processor | None, out_dir: str | Path) -> Path:
     """Write config.json + model.safetensors (+ the processor's files) atomically into `out_dir`: a new or empty
-    folder, or one a minillava save wrote (`utils.check_replaceable`)."""
+    folder, or one a minillava save wrote (`outputs.check_replaceable`)."""
     with atomic_dir(out_dir, marker=CONFIG_NAME) as tmp:
         write_model_files(model, processor, tmp)
     return Path(out_dir)

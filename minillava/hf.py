@@ -19,18 +19,10 @@ from pathlib import Path
 import torch
 
 from .model import LlavaModel
+from .outputs import atomic_dir
 from .processor import Processor
 from .projector import build_projector
-from .utils import (
-    atomic_dir,
-    check_weights,
-    pick_device,
-    pick_dtype,
-    quiet_loading,
-    read_json,
-    save_tensors,
-    write_json,
-)
+from .utils import check_weights, pick_device, pick_dtype, quiet_loading, read_json, save_tensors, write_json
 from .vision import CLIP_MEAN, CLIP_STD, ImageProcessor, VisionTower
 
 KEY_MAP = {

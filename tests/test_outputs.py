@@ -15,7 +15,7 @@ import torch
 from conftest import make_model, make_processor, random_image, text_config, vision_config
 
 import minillava as ml
-from minillava import checkpoints, utils
+from minillava import checkpoints, outputs
 from minillava.tools.build_zoo import write_card
 from minillava.training import TrainConfig, train
 from minillava.training import loop as mt
@@ -141,7 +141,7 @@ def test_an_output_of_an_older_version_is_refused_with_what_to_do(tokenizer, tmp
     (old / ".minillava").unlink(missing_ok=True)  # as a version without markers wrote it
     with pytest.raises(FileExistsError, match=r"'.*tiny-llava': has no \.minillava.*older version.*delete it or "
                                               "move it away"):
-        with utils.atomic_dir(old, marker="config.json"):
+        with outputs.atomic_dir(old, marker="config.json"):
             pass
     assert sorted(p.name for p in old.iterdir()) == ["config.json", "model.safetensors"]
 
@@ -215,7 +215,7 @@ def test_a_checkpoint_is_not_resumed_on_other_data_or_another_init(world, tmp_pa
 # ---- 4. a finished run cleans up after killed ones ---------------------------------------------------------------
 KILLED = """
 import os, signal, sys
-from minillava.utils import atomic_dir
+from minillava.outputs import atomic_dir
 saves = [atomic_dir(target) for target in sys.argv[1:]]  # kept: a context manager collected cleans up
 for save in saves:
     (save.__enter__() / "model.safetensors").write_bytes(bytes(1000))

@@ -28,18 +28,9 @@ from .. import pretrain as pt
 from ..checkpoints import load, load_stage1
 from ..data import shapesworld as sw
 from ..data.records import load_records, save_records
+from ..outputs import atomic_dir, check_replaceable, mark_written
 from ..training import TrainConfig, train
-from ..utils import (
-    atomic_dir,
-    check_replaceable,
-    device_name,
-    load_tensors,
-    mark_written,
-    pick_device,
-    read_json,
-    save_tensors,
-    write_json,
-)
+from ..utils import device_name, load_tensors, pick_device, read_json, save_tensors, write_json
 from ..zoo import COMPONENTS
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..model import LlavaModel
-from ..utils import check_replaceable, peft_quietly
+from ..outputs import check_replaceable
+from ..utils import peft_quietly
 
 PARTS = ("vision_tower", "projector", "language_model")
 

@@ -25,17 +25,9 @@ import torch
 from .. import checkpoints
 from ..data.records import DataError, load_records
 from ..model import LlavaModel
+from ..outputs import atomic_dir, check_replaceable, output_lock, remove_leftovers
 from ..processor import Processor
-from ..utils import (
-    atomic_dir,
-    check_replaceable,
-    lr_at,
-    output_lock,
-    pick_device,
-    read_json,
-    remove_leftovers,
-    write_json,
-)
+from ..utils import lr_at, pick_device, read_json, write_json
 from . import distributed, logs
 from .cache import FeatureCache, choose_cache, default_cache_dir
 from .config import COMPILE_BACKEND, TrainConfig, apply_recipe

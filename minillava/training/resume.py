@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..utils import MARKER, atomic_dir, load_tensors, read_json, save_tensors, write_json
+from ..outputs import MARKER, atomic_dir
+from ..utils import load_tensors, read_json, save_tensors, write_json
 from .config import TrainConfig
 
 

@@ -10,7 +10,8 @@ import os
 import time
 from pathlib import Path
 
-from ...utils import atomic_dir, read_json, write_json
+from ...outputs import atomic_dir
+from ...utils import read_json, write_json
 from ..records import save_records
 from .instructions import generate_records, text_chats
 from .scenes import GENERATOR, HELD_OUT, KINDS, SPLITS, Scene, render
