@@ -92,3 +92,18 @@ def random_image(w: int = 40, h: int = 30, seed: int = 0) -> Image.Image:
 @pytest.fixture
 def images():
     return [random_image(40, 30, 0), random_image(24, 50, 1), random_image(32, 32, 2)]
+
+
+def save_world(d, tokenizer, n_images: int) -> dict:
+    """Backbones saved as transformers folders and `n_images` random images under `d` (seeded):
+    {"vision", "lm", "images"} paths, what training tests start from."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    CLIPVisionModel(vision_config()).save_pretrained(d / "vision")
+    LlamaForCausalLM(text_config(len(tokenizer))).save_pretrained(d / "lm")
+    tokenizer.save_pretrained(d / "lm")
+    (d / "images").mkdir()
+    for i in range(n_images):
+        random_image(32, 28, seed=i).save(d / "images" / f"{i}.png")
+    return {"vision": str(d / "vision"), "lm": str(d / "lm"), "images": str(d / "images")}

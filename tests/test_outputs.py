@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import make_model, make_processor, random_image, text_config, vision_config
+from conftest import make_model, make_processor, save_world
 
 import minillava as ml
 from minillava import checkpoints, outputs
@@ -35,18 +34,9 @@ def write_captions(path: Path, colours: list[str]) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tokenizer):
     """Backbones saved as transformers folders, 8 images and a caption file (test_train's world, smaller)."""
-    from transformers import CLIPVisionModel, LlamaForCausalLM
-
     d = tmp_path_factory.mktemp("world")
-    torch.manual_seed(0)
-    CLIPVisionModel(vision_config()).save_pretrained(d / "vision")
-    LlamaForCausalLM(text_config(len(tokenizer))).save_pretrained(d / "lm")
-    tokenizer.save_pretrained(d / "lm")
-    (d / "images").mkdir()
-    for i in range(8):
-        random_image(32, 28, seed=i).save(d / "images" / f"{i}.png")
-    return {"vision": str(d / "vision"), "lm": str(d / "lm"), "images": str(d / "images"),
-            "captions": write_captions(d / "captions.json", ["red", "green", "blue", "yellow"])}
+    paths = save_world(d, tokenizer, 8)
+    return {**paths, "captions": write_captions(d / "captions.json", ["red", "green", "blue", "yellow"])}
 
 
 def settings(world, out, **kw) -> dict:

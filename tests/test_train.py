@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_image, text_config, vision_config
+from conftest import random_image, save_world
 from safetensors.torch import load_file
 
 import minillava as ml
@@ -27,16 +27,8 @@ def write_json(path, obj):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tokenizer):
     """Backbones saved as transformers folders, images, and caption / instruction files in LLaVA's format."""
-    from transformers import CLIPVisionModel, LlamaForCausalLM
-
     d = tmp_path_factory.mktemp("world")
-    torch.manual_seed(0)
-    CLIPVisionModel(vision_config()).save_pretrained(d / "vision")
-    LlamaForCausalLM(text_config(len(tokenizer))).save_pretrained(d / "lm")
-    tokenizer.save_pretrained(d / "lm")
-    (d / "images").mkdir()
-    for i in range(16):
-        random_image(32, 28, seed=i).save(d / "images" / f"{i}.png")
+    paths = save_world(d, tokenizer, 16)
     colours = ["red", "green", "blue", "yellow"]
     captions = [{"id": f"c{i}", "image": f"{i}.png", "conversations": [
         {"from": "human", "value": "Describe the image briefly.\n<image>"},
@@ -55,8 +47,7 @@ def world(tmp_path_factory, tokenizer):
                 {"from": "human", "value": "<image>\nWhat color is the circle?"},
                 {"from": "gpt", "value": f"{colours[i % 4].capitalize()}."},
                 {"from": "human", "value": "Is it large?"}, {"from": "gpt", "value": "Yes."}]})
-    return {"dir": d, "vision": str(d / "vision"), "lm": str(d / "lm"), "images": str(d / "images"),
-            "captions": write_json(d / "captions.json", captions),
+    return {"dir": d, **paths, "captions": write_json(d / "captions.json", captions),
             "instruct": write_json(d / "instruct.json", instruct)}
 
 

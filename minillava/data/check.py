@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .records import DataError, parse_record
+from .records import DataError, duplicate_ids, parse_record, read_raw
 
 CHUNK = 256  # records or images per task handed to a worker process
 
@@ -53,7 +53,6 @@ def check_file(path: str | Path, images: str | Path | None = None, workers: int 
     read headers only; faster, but a truncated JPEG passes). Raises, naming the file, only when the file as a
     whole cannot be read (missing, not JSON, not a list, empty, no image folder).
     """
-    from ..training.data import duplicate_ids, read_raw
 
     raw, image_dir = read_raw(path, images)
     report = CheckReport(str(path), records=len(raw), bad_records=duplicate_ids(raw))

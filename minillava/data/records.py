@@ -14,6 +14,7 @@ file is read, and a problem is reported with the file, the record's id and what 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,11 +92,10 @@ def check_turns(messages: list[dict], where: str) -> None:
                         "reference answer)")
 
 
-def load_records(path: str | Path, image_dir: str | Path | None = None, check_files: bool = True) -> list[Record]:
-    """Read a LLaVA-format JSON file (a list of records) and check every record.
-
-    image_dir: the folder image paths are relative to (default: the JSON file's folder).
-    """
+def read_raw(path: str | Path, image_dir: str | Path | None = None, check_files: bool = True) -> tuple[list, Path]:
+    """A LLaVA-format file's records as raw JSON objects, unchecked, and the image folder (default: the file's
+    folder). Refuses, naming the file, what is wrong with the file as a whole: missing, not JSON, not a list,
+    empty, no image folder (ids used twice: `duplicate_ids`). A large file is read without parsing its records."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file '{path}': not found")
@@ -110,6 +110,27 @@ def load_records(path: str | Path, image_dir: str | Path | None = None, check_fi
     image_dir = Path(image_dir) if image_dir is not None else path.parent
     if check_files and not image_dir.is_dir():
         raise FileNotFoundError(f"image folder '{image_dir}': not found")
+    return raw, image_dir
+
+
+def duplicate_ids(raw: list) -> list[str]:
+    """One line per id that more than one record carries: "id 'x' appears 3 times (records 4, 9, 12)"."""
+    ids = [str(r["id"]) if isinstance(r, dict) and isinstance(r.get("id"), (str, int))
+           and not isinstance(r["id"], bool) else None for r in raw]
+    twice = {rid for rid, n in Counter(ids).items() if n > 1 and rid is not None}
+    where: dict[str, list[int]] = {}
+    for i, rid in enumerate(ids):
+        if rid in twice:
+            where.setdefault(rid, []).append(i)
+    return [f"id '{rid}' appears {len(at)} times (records {', '.join(map(str, at))})" for rid, at in where.items()]
+
+
+def load_records(path: str | Path, image_dir: str | Path | None = None, check_files: bool = True) -> list[Record]:
+    """Read a LLaVA-format JSON file (a list of records) and check every record.
+
+    image_dir: the folder image paths are relative to (default: the JSON file's folder).
+    """
+    raw, image_dir = read_raw(path, image_dir, check_files)
     records = [parse_record(r, image_dir, f"data file '{path}', record {i}", check_files) for i, r in enumerate(raw)]
     seen: set[str] = set()
     for r in records:

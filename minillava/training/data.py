@@ -16,14 +16,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.records import DataError, Record, parse_record
+from ..data.records import DataError, Record, duplicate_ids, parse_record, read_raw
 from ..processor import Processor
 from ..vision import check_image_file
 from .cache import FeatureCache
@@ -128,39 +127,6 @@ def collate(examples: list[dict], processor: Processor, cache: FeatureCache | No
 
 
 # ---- lazy: a file of any size, each record encoded and its images decoded when a step needs it -------------------
-def read_raw(path: str | Path, image_dir: str | Path | None = None) -> tuple[list, Path]:
-    """A LLaVA-format file's records as raw JSON objects, unchecked, and the image folder (default: the file's
-    folder). Refuses, naming the file, what `load_records` refuses of the file as a whole: missing, not JSON,
-    not a list, empty, no image folder (ids used twice: `duplicate_ids`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file '{path}': not found")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"data file '{path}': not valid JSON ({e})") from None
-    if not isinstance(raw, list):
-        raise DataError(f"data file '{path}': expected a JSON list of records, got {type(raw).__name__}")
-    if not raw:
-        raise DataError(f"data file '{path}': has no records")
-    image_dir = Path(image_dir) if image_dir is not None else path.parent
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder '{image_dir}': not found")
-    return raw, image_dir
-
-
-def duplicate_ids(raw: list) -> list[str]:
-    """One line per id that more than one record carries: "id 'x' appears 3 times (records 4, 9, 12)"."""
-    ids = [str(r["id"]) if isinstance(r, dict) and isinstance(r.get("id"), (str, int))
-           and not isinstance(r["id"], bool) else None for r in raw]
-    twice = {rid for rid, n in Counter(ids).items() if n > 1 and rid is not None}
-    where: dict[str, list[int]] = {}
-    for i, rid in enumerate(ids):
-        if rid in twice:
-            where.setdefault(rid, []).append(i)
-    return [f"id '{rid}' appears {len(at)} times (records {', '.join(map(str, at))})" for rid, at in where.items()]
-
-
 def record_size(raw) -> tuple[int, int]:
     """(words, images) of a raw record, without parsing it: the whitespace-separated words of its turns and
     the images it names. A malformed record counts what can be counted (its error is met when it is loaded)."""
