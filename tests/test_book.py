@@ -40,6 +40,8 @@ def test_notebook_opens_with_badge_and_colab_install(nb):
     url = repository_url().replace("https://github.com/", "https://colab.research.google.com/github/")
     assert re.match(r"# \d+\. ", first), "the first cell starts with '# N. Title'"
     assert f"{url}/blob/main/notebooks/{nb.name}" in first, "Colab badge must point at _config.yml's repository"
+    badge = re.search(r"!\[Open In Colab\]\(([^)]+)\)", first).group(1)
+    assert (nb.parent / badge).is_file(), f"the badge image is shipped (offline, no remote image): {badge}"
     assert '"google.colab" in sys.modules' in second and repository_url() in second
     assert any("import minillava" in "".join(c["source"]) for c in cells if c["cell_type"] == "code")
 
