@@ -293,7 +293,7 @@ def check_special_text(messages: list[dict], tokenizer, where: str) -> None:
     """Refuse messages whose text holds a special token's text, "<image>" aside.
 
     The tokenizer reads "</s>" in an answer as the end-of-sequence token, not as four characters, so the
-    model would be taught to stop mid-answer (and a user's "<|im_end|>" would end their turn). Such text is
+    model would be taught to stop mid-answer (and a user's ``<|im_end|>`` would end their turn). Such text is
     refused, not escaped: escaping would need a tokenization of messages apart from the template's own
     special tokens, and chat and training would have to agree on it. ValueError names `where`, the message
     and the token.
@@ -316,7 +316,7 @@ def _any_of(texts: tuple[str, ...]) -> re.Pattern:
 
 
 def label_by_offsets(segments: list[tuple[str, bool]], tokenizer, where: str) -> tuple[list[int], list[int]]:
-    """Tokenize the joined `segments` once; label each token by the characters it covers.
+    r"""Tokenize the joined `segments` once; label each token by the characters it covers.
 
     A token is supervised iff it overlaps a supervised segment. Whitespace may ride along (" A" holds the
     space before an answer, "\nA" a tag's newline), but a token that also covers unsupervised
