@@ -210,13 +210,16 @@ def steps(world, tmp_path, n: int = 3, **kw) -> tuple[object, list[float]]:  # n
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_bf16_keeps_fp32_master_weights_and_optimizer_state(world, tmp_path, strategy):  # noqa: F811
     """bf16 computes in bf16 (autocast; FSDP also gathers weights in bf16) but the weights AdamW updates and its
-    moments stay fp32. The losses move (so bf16 did compute), by less than 0.1% from fp32's."""
+    moments stay fp32; without FSDP the frozen weights are held in bf16. The losses move (so bf16 did compute),
+    by less than 0.1% from fp32's."""
     try:
         _, fp32 = steps(world, tmp_path, strategy=strategy)
         run, bf16 = steps(world, tmp_path, strategy=strategy, precision="bf16")
     finally:
         md.finish()
     assert {p.dtype for _, p in run.trainable} == {torch.float32}
+    frozen = {p.dtype for p in run.model.parameters() if not p.requires_grad}
+    assert frozen == ({torch.float32} if strategy == "fsdp" else {torch.bfloat16})  # held in bf16, as planned
     if strategy == "fsdp":  # the weights are shards (DTensor) of fp32 tensors
         assert {p.to_local().dtype for _, p in run.trainable} == {torch.float32}
     moments = [v for state in run.opt.state.values() for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")]

@@ -87,6 +87,16 @@ def autocast(device: torch.device, precision: str):
 
 
 # ---- the model as the steps call it ------------------------------------------------------------------------------
+def store_frozen(model: LlavaModel, strategy: str, precision: str) -> None:
+    """Under bf16 (without FSDP, whose policy casts what it gathers), hold the weights that do not train -- the
+    vision tower, and the LM in stage 1 or under LoRA -- in bf16, as LLaVA's scripts load them: half their
+    memory, as `minillava plan` counts it. Weights that train stay fp32 (AdamW's master copy)."""
+    if precision == "bf16" and strategy != "fsdp":
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+
+
 def wrap(model: LlavaModel, strategy: str, device: torch.device, world: int, precision: str) -> torch.nn.Module:
     """The module a step calls: `model` itself (one process, ddp), DDP around it (ddp, N processes), or `model`
     sharded in place (fsdp: its parameters become DTensor shards, so build the optimizer afterwards)."""

@@ -147,6 +147,7 @@ def setup(cfg: TrainConfig) -> Run:
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     precision = cfg.resolved_precision(device)
     model.to(device).train()
+    distributed.store_frozen(model, cfg.strategy, precision)  # before the feature cache fingerprints the tower
     if cfg.gradient_checkpointing:
         distributed.enable_checkpointing(model)
     batch = cfg.resolved_batch_size()
