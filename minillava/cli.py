@@ -14,6 +14,7 @@ import inspect
 import sys
 import typing
 
+from . import gguf
 from .training.config import TrainConfig
 
 # ---- train: options from TrainConfig --------------------------------------------------------------------------
@@ -179,6 +180,10 @@ def parser() -> argparse.ArgumentParser:
     p_merge = sub.add_parser("merge-lora", help="merge a stage-2 LoRA adapter into a full model folder")
     p_merge.add_argument("adapter", help="the folder a `train --stage 2 --lora` run wrote")
     p_merge.add_argument("out", help="the full model folder to write (new, empty, or one minillava wrote)")
+    p_prep = sub.add_parser("prepare", help="convert a pretrained chat LM shipped in a PyPI wheel (GGUF) into the "
+                                            "cache, once (loading it does this too)")
+    p_prep.add_argument("name", choices=sorted(gguf.MODELS), help="the wheel model")
+    p_prep.add_argument("--force", action="store_true", help="convert again even if the cache holds it")
     p_chat = sub.add_parser("chat", help="chat about images on the terminal (reads stdin line by line)")
     p_chat.add_argument("--model", default="tiny-llava", help="a zoo name or a model folder (default: tiny-llava)")
     p_chat.add_argument("--image", nargs="+", action="extend", default=[], metavar="PATH",
@@ -235,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             from .checkpoints import merge_lora
 
             print(f"merged -> {merge_lora(args.adapter, args.out)}")
+        elif args.command == "prepare":
+            print(f"{args.name} -> {gguf.convert(args.name, force=args.force)}")
         elif args.command == "eval":
             eval_command(args)
         elif args.command == "chat":

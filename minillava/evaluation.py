@@ -162,3 +162,33 @@ def score_answer_file(qs: list[dict], path) -> dict:
         raise ValueError(f"answer file '{path}' does not match the questions: {len(missing)} questions have no "
                          f"answer (e.g. {missing[:3]}), {len(extra)} answers match no question (e.g. {extra[:3]})")
     return score(qs, [given[k] for k in wanted])
+
+
+# ---- what a chat model knows without images, and keeps after training (forgetting) -----------------------------
+def rule_holds(answer_text: str, q: dict) -> bool:
+    """Whether an answer satisfies a written rule `q` = {"accept": [phrases], "reject": [phrases], "case": bool}:
+    its first sentence (what the model answers first, not what it rambles on to) contains an accepted phrase as
+    whole words and no rejected one; normalised (`normalize`) unless `case`, then the raw text is searched."""
+    answer_text = re.split(r"(?<=[.!?])\s+|\n", answer_text.strip(), maxsplit=1)[0]
+
+    def has(phrase):
+        if q.get("case"):
+            return re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", answer_text) is not None
+        return contains(answer_text, phrase)
+
+    return any(has(p) for p in q["accept"]) and not any(has(p) for p in q.get("reject", []))
+
+
+def evaluate_rules(model: LlavaModel, processor: Processor, qs: list[dict], batch_size: int = 16,
+                   max_new_tokens: int = 48, progress: bool = True) -> dict:
+    """Ask text-only questions `qs` ({"id", "kind", "question", "accept", ...}, no image) in the processor's
+    template with its default system prompt, greedily; check each answer with its rule (`rule_holds`).
+    Returns {"n", "correct", "by_kind": {kind: share correct}, "answers": [{"id", "answer", "correct"}]}."""
+    asked = [{"id": q["id"], "messages": [{"role": "user", "content": q["question"]}], "images": []} for q in qs]
+    answers = answer(model, processor, asked, batch_size, max_new_tokens, progress)
+    right = [rule_holds(a, q) for a, q in zip(answers, qs)]
+    kinds = sorted({q["kind"] for q in qs})
+    return {"n": len(qs), "correct": sum(right) / max(len(qs), 1),
+            "by_kind": {k: sum(r for r, q in zip(right, qs) if q["kind"] == k) / sum(q["kind"] == k for q in qs)
+                        for k in kinds},
+            "answers": [{"id": q["id"], "answer": a, "correct": r} for q, a, r in zip(qs, answers, right)]}

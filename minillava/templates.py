@@ -390,6 +390,11 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in [
     Template("chatml_direct", system="Answer the questions.", **_CHATML),
     Template("mpt", system="A conversation between a user and an LLM-based AI assistant. "
                            "The assistant gives helpful and honest answers.", **_CHATML),
+    # SmolLM2-Instruct's own chat template (ChatML, a newline after each turn, a default system prompt); the
+    # newline after <|im_end|> is supervised with it, as LLaVA-NeXT's preprocess_qwen does.
+    Template("smollm2", system="You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+             system_wrap=("<|im_start|>system\n", "<|im_end|>\n"), user=("<|im_start|>user\n", "<|im_end|>\n"),
+             assistant_tag="<|im_start|>assistant\n", answer=("", "<|im_end|>\n")),
 ]}
 
 

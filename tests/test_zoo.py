@@ -74,13 +74,13 @@ def assert_scores_the_questions(scores: dict, records) -> None:
 @pytest.mark.slow
 def test_toy_build_writes_every_component_with_a_card(toy_zoo):
     data, summary = toy_zoo
-    for name in zoo.COMPONENTS:
+    for name in zoo.TINY:
         card = (data / name / "README.md").read_text()
         assert card.startswith(f"# {name}") and "## Metrics" in card
         assert json.loads((data / name / "metrics.json").read_text())
         assert not list((data / name).glob("*.bin")) and not list((data / name).glob("*.pt"))
-    assert set(summary["seconds"]) == {"data", *zoo.COMPONENTS, "total"}
-    assert summary["hardware"] == dict.fromkeys(zoo.COMPONENTS, build_zoo.hardware(pick_device()))
+    assert set(summary["seconds"]) == {"data", *zoo.TINY, "total"}
+    assert summary["hardware"] == dict.fromkeys(zoo.TINY, build_zoo.hardware(pick_device()))
     work = data.parent / "work"
     clip = summary["tiny-clip"]
     assert clip["zero_shot_color_acc"] == clip_color_accuracy(data / "tiny-clip", clip["n_single_object_images"])

@@ -31,7 +31,7 @@ from ..data.records import load_records, save_records
 from ..outputs import atomic_dir, check_replaceable, mark_written
 from ..training import TrainConfig, train
 from ..utils import device_name, load_tensors, pick_device, read_json, save_tensors, write_json
-from ..zoo import COMPONENTS
+from ..zoo import TINY
 
 
 @dataclass
@@ -91,16 +91,21 @@ def hardware(device: torch.device) -> str:
     return f"{device_name(device)}, torch {torch.__version__}"
 
 
-def write_card(folder: Path, title: str, summary: str, facts: dict, metrics: dict) -> None:
+REBUILD = ("Rebuild: `python -m minillava.tools.build_zoo --out data` (fixed seeds); measure again: "
+           "`python -m minillava.tools.build_zoo --out data --eval-only`.")
+
+
+def write_card(folder: Path, title: str, summary: str, facts: dict, metrics: dict, rebuild: str = REBUILD,
+               sections: dict | None = None) -> None:
     """README.md (a model card) + metrics.json + card.json (what `update_card` needs to rewrite it) in `folder`.
-    Every number comes from this build."""
+    Every number comes from this build. `rebuild`: how to make it again; `sections`: what each measurement is."""
     rows = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
-    text = (f"# {title}\n\n{summary}\n\n| | |\n|---|---|\n{rows}\n\n## Metrics\n\n{_metrics_md(metrics)}\n\n"
-            "Rebuild: `python -m minillava.tools.build_zoo --out data` (fixed seeds); measure again: "
-            "`python -m minillava.tools.build_zoo --out data --eval-only`.\n")
+    text = (f"# {title}\n\n{summary}\n\n| | |\n|---|---|\n{rows}\n\n## Metrics\n\n"
+            f"{_metrics_md(metrics, sections or SECTIONS)}\n\n{rebuild}\n")
     (folder / "README.md").write_text(text)
     write_json(folder / "metrics.json", metrics)
-    write_json(folder / "card.json", {"title": title, "summary": summary, "facts": facts})
+    write_json(folder / "card.json", {"title": title, "summary": summary, "facts": facts, "rebuild": rebuild,
+                                      **({"sections": sections} if sections else {})})
     mark_written(folder, ["README.md", "metrics.json", "card.json"])  # the card is minillava's too
 
 
@@ -127,7 +132,7 @@ SECTIONS = {  # what each measurement of `evaluate` is, for the model cards
 }
 
 
-def _metrics_md(metrics: dict) -> str:
+def _metrics_md(metrics: dict, sections: dict) -> str:
     """Metrics as Markdown: plain numbers in one table, then one table per evaluation (VQA by question type,
     POPE by strategy, or its flattened fields)."""
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -136,7 +141,7 @@ def _metrics_md(metrics: dict) -> str:
     for name, v in metrics.items():
         if not isinstance(v, dict):
             continue
-        out += ["", f"### {name}", ""] + ([SECTIONS[name], ""] if name in SECTIONS else [])
+        out += ["", f"### {name}", ""] + ([sections[name], ""] if name in sections else [])
         if "by_type" in v:
             out += ["| question type | n | exact | contains |", "|---|---|---|---|"]
             out += [f"| {t} | {r['n']} | {r['exact']:.1%} | {r['contains']:.1%} |"
@@ -154,7 +159,8 @@ def update_card(folder: Path, metrics: dict) -> None:
     """Merge `metrics` into a card written by `write_card` and render it again."""
     card = read_json(folder / "card.json", what="model card")
     old = read_json(folder / "metrics.json", what="model metrics")
-    write_card(folder, card["title"], card["summary"], card["facts"], {**old, **metrics})
+    write_card(folder, card["title"], card["summary"], card["facts"], {**old, **metrics},
+               card.get("rebuild", REBUILD), card.get("sections"))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -204,7 +210,7 @@ def lm_corpus(text_chats: list, captions: list, n_docs: int, per_doc: int = 8) -
     return pt.chat_texts(text_chats) + docs
 
 
-STEPS = COMPONENTS  # tiny-clip, tiny-lm, tiny-llava-stage1, tiny-llava: the build order
+STEPS = TINY  # tiny-clip, tiny-lm, tiny-llava-stage1, tiny-llava: the build order
 
 
 def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "build/shapesworld", seed: int = 0,

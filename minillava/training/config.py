@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import zoo
 from ..model import LlavaModel
 from ..outputs import check_replaceable
 from ..utils import peft_quietly
@@ -51,7 +52,7 @@ class TrainConfig:
     lm: str = "tiny-lm"  # stage 1: language model
     projector: str = "mlp2x_gelu"  # the projector: mlp2x_gelu (LLaVA-1.5) or linear (LLaVA-1)
     feature_layer: int = -2  # the vision layer whose patch features are used (LLaVA: the second to last)
-    template: str | None = None  # the chat template (None: the recipe's, plain / vicuna_v1); e.g. chatml_direct
+    template: str | None = None  # chat template (None: stage 1 plain; stage 2 the LM's own if known, else vicuna_v1)
     init: str | None = None  # stage 2: a stage-1 output or a full model folder (None: skip stage 1, fresh projector)
     lora: bool = False  # stage 2: train the LM through LoRA adapters instead of fully
     freeze_lm: bool = False  # stage 2: keep the LM frozen too (an ablation: only the projector learns)
@@ -94,8 +95,11 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (LORA_LR if self.lora else self.recipe.lr)
 
-    def resolved_template(self) -> str:
-        return self.template or self.recipe.template
+    def resolved_template(self, lm: str | None = None) -> str:
+        """`template`, else in stage 2 the language model's own chat format when minillava knows it (e.g.
+        `smollm2` for smollm2-135m-instruct), else the recipe's (plain / vicuna_v1)."""
+        own = zoo.own_template(lm or self.lm) if self.stage == 2 else None
+        return self.template or own or self.recipe.template
 
     def resolved_batch_size(self) -> int:
         return self.batch_size if self.batch_size is not None else self.recipe.batch_size

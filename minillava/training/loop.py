@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoints
+from .. import checkpoints, zoo
 from ..data.records import DataError, load_records
 from ..model import LlavaModel
 from ..outputs import atomic_dir, check_replaceable, output_lock, remove_leftovers
@@ -78,13 +78,15 @@ class Run:
 def initial_model(cfg: TrainConfig) -> tuple[LlavaModel, Processor]:
     """Where a run starts: backbones + a fresh projector (stage 1, or stage 2 without `init`, which skips
     feature alignment), else the `init` checkpoint (a stage-1 output or a full minillava model folder)."""
-    template, aspect = cfg.resolved_template(), cfg.recipe.aspect
+    aspect = cfg.recipe.aspect
     if cfg.stage == 1 or cfg.init is None:
+        template = cfg.resolved_template(cfg.lm)
         return checkpoints.assemble(cfg.vision, cfg.lm, cfg.projector, cfg.feature_layer, aspect, template)
-    path = Path(cfg.init)
+    path = init_folder(cfg)
     if not path.is_dir():
         raise FileNotFoundError(f"init checkpoint '{path}': not found")
     meta = read_json(path / "config.json", what="init checkpoint config")
+    template = cfg.resolved_template(meta.get("lm"))
     if meta.get("format") == checkpoints.STAGE1_FORMAT:
         _check_init_matches(cfg, path, {k: meta.get(k) for k in ("vision", "lm", "projector", "feature_layer")})
         return checkpoints.load_stage1(path, template, aspect)
@@ -95,6 +97,11 @@ def initial_model(cfg: TrainConfig) -> tuple[LlavaModel, Processor]:
                                     "feature_layer": model.vision_tower.feature_layer})
     processor.image_processor.aspect = aspect
     return model, processor
+
+
+def init_folder(cfg: TrainConfig) -> Path:
+    """The folder of `cfg.init`: a zoo name (`tiny-llava-stage1`) or a path."""
+    return Path(zoo.resolve(cfg.init) if cfg.init in zoo.LLAVAS else cfg.init)
 
 
 def _check_init_matches(cfg: TrainConfig, path: Path, made_with: dict) -> None:
@@ -288,7 +295,7 @@ def run_stage(cfg: TrainConfig) -> TrainResult:
     if run.rank == 0:
         print(f"stage {cfg.stage}: {run.n_samples} samples, {run.total} steps of {run.batch} ({run.accum} x "
               f"{cfg.micro_batch_size} x {run.world} processes, {cfg.strategy}, {run.precision}), lr {run.lr:g}, "
-              f"template {cfg.resolved_template()}")
+              f"template {run.processor.template.name}")
         print("\n".join(run.report))
         print(f"step metrics: {log.path}" + (f" (TensorBoard: {log.path.parent / 'tensorboard'})"
                                                if cfg.report_to == "tensorboard" else ""))
@@ -387,7 +394,11 @@ def save_result(out: Path, cfg: TrainConfig, model: LlavaModel, processor: Proce
         if cfg.stage == 1:
             checkpoints.save_stage1(model, cfg.vision, cfg.lm, tmp)
         elif cfg.lora:
-            checkpoints.save_lora(model, processor, cfg.init, cfg.vision, cfg.lm, tmp)
+            vision, lm = cfg.vision, cfg.lm
+            if cfg.init:  # the backbones are the init checkpoint's (a full model folder names none)
+                meta = read_json(init_folder(cfg) / "config.json", what="init checkpoint config")
+                vision, lm = meta.get("vision"), meta.get("lm")
+            checkpoints.save_lora(model, processor, cfg.init, vision, lm, tmp)
         else:
             checkpoints.write_model_files(model, processor, tmp)
         write_json(tmp / "run.json", {"train_config": dataclasses.asdict(cfg), "metrics": metrics})

