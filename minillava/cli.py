@@ -196,7 +196,9 @@ def parser() -> argparse.ArgumentParser:
                              "oldest turns (default: error)")
     p_eval = sub.add_parser("eval", help="evaluate a model on a LLaVA-format question file with reference answers")
     p_eval.add_argument("--model", default="tiny-llava", help="a zoo name or a model folder (default: tiny-llava)")
-    p_eval.add_argument("--data", required=True, help="LLaVA-format JSON with reference answers")
+    p_eval.add_argument("--data", required=True, help="LLaVA-format JSON with reference answers (records with an "
+                                                     "'answers' list, VQAv2's human answers, also get VQAv2's soft "
+                                                     "accuracy)")
     p_eval.add_argument("--images", default=None, help="image folder (default: the JSON file's folder)")
     p_eval.add_argument("--kind", choices=("vqa", "pope", "caption", "multi-image"), default="vqa",
                         help="what to measure; pope and caption need ShapesWorld scenes (default: vqa)")

@@ -46,11 +46,60 @@ def contains(prediction: str, reference: str) -> bool:
     return ref.strip() != "" and ref in pred
 
 
+# ---- VQAv2's soft accuracy ----------------------------------------------------------------------------------
+# VQAv2 has ten human answers per question; an answer scores min(1, (humans who gave it) / 3), averaged over the
+# ten ways of leaving one human out. Answers are compared after the VQA evaluation's normalisation: punctuation
+# dropped (or turned into a space), a period kept only before a digit, lower case, number words as digits,
+# articles dropped, apostrophe-less contractions restored ("dont" -> "don't").
+_VQA_PUNCT = ";/[]\"{}()=+\\_-><@`,?!"
+_VQA_DIGITS = {"none": "0", "zero": "0", **{w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten".split()) if i}}
+_CONTRACTIONS = ("ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't "
+                 "haven't he'd he'd've he's how'd how'll how's i'd've i'm i've isn't it'd it'd've it'll let's ma'am "
+                 "mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't shan't she'd've "
+                 "she's should've shouldn't shouldn't've somebody'd've somebody'll somebody's someone'd "
+                 "someone'd've someone'll someone's something'd something'd've something'll that's there'd "
+                 "there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've "
+                 "weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll "
+                 "who's who've won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
+                 "you'll you're you've").split()
+_RESTORE = {c.replace("'", ""): c for c in _CONTRACTIONS}
+
+
+def vqa_normalize(text: str) -> str:
+    """An answer as VQAv2's evaluation compares it: "Two dogs!" -> "2 dogs", "It's a cat." -> "it's cat"."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    glue = re.search(r"\d,\d", text) is not None  # "1,000": punctuation goes without leaving a space
+    for p in _VQA_PUNCT:
+        text = text.replace(p, "" if glue or f"{p} " in text or f" {p}" in text else " ")
+    text = re.sub(r"\.(?!\d)", "", text)
+    words = [_VQA_DIGITS.get(w, w) for w in text.lower().split()]
+    return " ".join(_RESTORE.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def vqa_soft_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQAv2's accuracy of one prediction against its human answers (10 in VQAv2): for each human left out,
+    min(1, matches among the others / 3); the mean over the humans. 1.0 when 4 or more humans agree."""
+    if not answers:
+        raise ValueError("VQA soft accuracy needs at least one reference answer")
+    pred, refs = vqa_normalize(prediction), [vqa_normalize(a) for a in answers]
+    return sum(min(1.0, sum(r == pred for k, r in enumerate(refs) if k != i) / 3) for i in range(len(refs))) / len(refs)
+
+
 def questions(records: list[Record], suffix: str = "") -> list[dict]:
-    """Records -> one question per assistant turn: {"id", "turn", "qtype", "messages", "images", "reference"}."""
+    """Records -> one question per assistant turn: {"id", "turn", "qtype", "messages", "images", "reference"},
+    plus "answers" (VQAv2's human answers) when a single-turn record carries them in its "answers" field."""
     out = []
     for r in records:
         qtypes = r.meta.get("qtypes") or []
+        answers = r.meta.get("answers")
+        if answers is not None and not (isinstance(answers, list) and answers
+                                        and all(isinstance(a, str) for a in answers)):
+            raise ValueError(f"record {r.id!r}: 'answers' must be a non-empty list of strings (VQAv2's human "
+                             f"answers), got {answers!r}")
+        if answers and sum(m["role"] == "assistant" for m in r.messages) != 1:
+            raise ValueError(f"record {r.id!r}: 'answers' belong to a single question, but the record has "
+                             f"{sum(m['role'] == 'assistant' for m in r.messages)} answers")
         turn = 0
         for i, m in enumerate(r.messages):
             if m["role"] != "assistant":
@@ -58,7 +107,8 @@ def questions(records: list[Record], suffix: str = "") -> list[dict]:
             prompt = [dict(x) for x in r.messages[:i]]
             prompt[-1]["content"] += suffix
             out.append({"id": r.id, "turn": turn, "qtype": qtypes[turn] if turn < len(qtypes) else "unknown",
-                        "messages": prompt, "images": r.images, "reference": m["content"]})
+                        "messages": prompt, "images": r.images, "reference": m["content"],
+                        **({"answers": answers} if answers else {})})
             turn += 1
     return out
 
@@ -94,13 +144,16 @@ def score(qs: list[dict], answers: list[str]) -> dict:
     """Accuracy overall and per question type: {"overall": {...}, "by_type": {qtype: {"n", "exact", "contains"}}}."""
     if len(qs) != len(answers):
         raise ValueError(f"{len(answers)} answers for {len(qs)} questions")
+    soft = all("answers" in q for q in qs)  # VQAv2-style questions: the soft accuracy too
     table: dict[str, list] = {}
     for q, a in zip(qs, answers):
-        table.setdefault(q["qtype"], []).append((exact_match(a, q["reference"]), contains(a, q["reference"])))
+        table.setdefault(q["qtype"], []).append((exact_match(a, q["reference"]), contains(a, q["reference"]),
+                                                 vqa_soft_accuracy(a, q["answers"]) if soft else None))
 
     def summarise(rows):
         n = len(rows)
-        return {"n": n, "exact": sum(e for e, _ in rows) / n, "contains": sum(c for _, c in rows) / n}
+        out = {"n": n, "exact": sum(r[0] for r in rows) / n, "contains": sum(r[1] for r in rows) / n}
+        return {**out, "vqa_soft": sum(r[2] for r in rows) / n} if soft else out
 
     return {"overall": summarise([r for rows in table.values() for r in rows]),
             "by_type": {k: summarise(v) for k, v in sorted(table.items())}}
@@ -121,9 +174,11 @@ def evaluate_vqa(model: LlavaModel, processor: Processor, records: list[Record],
 
 def format_table(result: dict) -> str:
     """A plain-text table of a `score` result."""
-    lines = [f"{'question type':<16}{'n':>6}{'exact':>9}{'contains':>10}"]
+    soft = "vqa_soft" in result["overall"]
+    lines = [f"{'question type':<16}{'n':>6}{'exact':>9}{'contains':>10}" + (f"{'VQA acc':>10}" if soft else "")]
     for k, v in {**result["by_type"], "overall": result["overall"]}.items():
-        lines.append(f"{k:<16}{v['n']:>6}{v['exact']:>9.1%}{v['contains']:>10.1%}")
+        lines.append(f"{k:<16}{v['n']:>6}{v['exact']:>9.1%}{v['contains']:>10.1%}"
+                     + (f"{v['vqa_soft']:>10.1%}" if soft else ""))
     return "\n".join(lines)
 
 

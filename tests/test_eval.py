@@ -176,3 +176,38 @@ def test_eval_cli_bad_input(eval_files, capsys):
     (d / "notmodel" / "config.json").write_text('{"model_type": "bert"}')
     assert main(["eval", "--model", str(d / "notmodel"), "--data", str(d / "q.json")]) == 2
     assert "names no model minillava knows" in capsys.readouterr().err
+
+
+# ---- VQAv2's soft accuracy ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, normalised", [
+    ("Two dogs!", "2 dogs"), ("It's a cat.", "it's cat"), ("dont know", "don't know"), ("1,000", "1000"),
+    ("3.5", "3.5"), ("Yes.", "yes"), ("black-and-white", "black and white"), ("none", "0"), ("  The\tend\n", "end"),
+])
+def test_vqa_normalisation(text, normalised):
+    assert ev.vqa_normalize(text) == normalised
+
+
+@pytest.mark.parametrize("humans, soft", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_soft_accuracy_counts_humans_leaving_one_out(humans, soft):
+    answers = ["2"] * humans + ["3"] * (10 - humans)
+    assert ev.vqa_soft_accuracy("Two.", answers) == pytest.approx(soft)  # normalised before matching
+
+
+def test_vqa_soft_accuracy_in_scores_and_eval_files(eval_files, capsys):
+    from minillava.cli import main
+
+    d, data = eval_files
+    records = json.loads((d / "q.json").read_text())
+    for r in records:  # VQAv2 style: ten human answers beside the single reference
+        r["answers"] = [r["conversations"][1]["value"]] * 2 + ["something else"] * 8
+    (d / "v.json").write_text(json.dumps(records))
+    qs = ev.questions(data.instruct)
+    (d / "a.json").write_text(json.dumps([{"id": q["id"], "turn": q["turn"], "answer": q["reference"]} for q in qs]))
+    assert main(["eval", "--data", str(d / "v.json"), "--answers", str(d / "a.json"), "--out", str(d / "r.json")]) == 0
+    result = json.loads((d / "r.json").read_text())
+    assert result["overall"]["exact"] == 1.0 and result["overall"]["vqa_soft"] == pytest.approx(0.6)
+    assert "VQA acc" in capsys.readouterr().out
+    records[0]["answers"] = "red"  # not a list: named, refused
+    (d / "bad.json").write_text(json.dumps(records))
+    assert main(["eval", "--data", str(d / "bad.json"), "--answers", str(d / "a.json")]) == 2
+    assert f"record '{records[0]['id']}': 'answers' must be a non-empty list" in capsys.readouterr().err
