@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 PROJECTORS = ("linear", "mlp{N}x_gelu", "identity")
@@ -40,3 +41,16 @@ def build_projector(name: str, vision_dim: int, text_dim: int) -> nn.Sequential:
     projector = nn.Sequential(*layers)
     projector.kind = name
     return projector
+
+
+def pixel_shuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """Fewer, wider image tokens, as SmolVLM and nanoVLM compress them before their projector (Idefics3's
+    `pixel_shuffle`): patch features (N, P, C) on a g x g grid -> (N, P / factor^2, C * factor^2), each new token
+    holding a factor x factor block of neighbouring patches. g must be a multiple of `factor`; no parameters."""
+    n, p, c = features.shape
+    g = int(round(p ** 0.5))
+    if g * g != p or g % factor:
+        raise ValueError(f"pixel_shuffle: {p} patches are not a square grid whose side is a multiple of {factor}")
+    x = features.reshape(n, g, g // factor, c * factor)  # rows, column blocks: each holds `factor` neighbours
+    x = x.permute(0, 2, 1, 3).reshape(n, g // factor, g // factor, c * factor * factor)  # and `factor` rows
+    return x.permute(0, 2, 1, 3).reshape(n, p // factor ** 2, c * factor ** 2)

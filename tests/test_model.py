@@ -331,3 +331,23 @@ def test_processor_takes_one_image_as_it_takes_a_list(processor, tmp_path):
         processor([])
     with pytest.raises(ValueError, match=r"sample 'q7, turn 0': 1 '<image>' placeholders but 0 images"):
         processor([conv], [[]], sample_ids=["q7, turn 0"])
+
+
+@pytest.mark.parametrize("grid, factor", [(4, 2), (6, 3), (8, 2)])
+def test_pixel_shuffle_puts_each_block_of_patches_into_one_token(grid, factor):
+    from minillava.projector import pixel_shuffle
+
+    n, c = 2, 3
+    features = torch.randn(n, grid * grid, c)
+    out = pixel_shuffle(features, factor)
+    side = grid // factor
+    assert out.shape == (n, side * side, c * factor * factor)
+    patches = features.reshape(n, grid, grid, c)
+    for k in range(side * side):  # new tokens in reading order of the blocks; a block's values, in some order
+        row, col = divmod(k, side)
+        block = patches[:, row * factor:(row + 1) * factor, col * factor:(col + 1) * factor].reshape(n, -1)
+        assert torch.equal(out[:, k].sort(dim=-1).values, block.sort(dim=-1).values)
+    with pytest.raises(ValueError, match="not a square grid"):
+        pixel_shuffle(torch.randn(1, 10, c), 2)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        pixel_shuffle(torch.randn(1, 16, c), 3)
