@@ -167,9 +167,9 @@ def load_lm(name_or_path: str | Path, dtype=None):
     if len(tokenizer) > old:  # the new row is never read as input (image tokens are replaced) but, with a tied
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # head, scores "<image>": make it the
         with torch.no_grad():  # mean embedding, the same on every load (no random draw)
-            for emb in {id(e): e for e in (lm.get_input_embeddings(), lm.get_output_embeddings()) if e is not None
-                        }.values():
-                emb.weight[old:] = emb.weight[:old].mean(0)
+            for emb in (lm.get_input_embeddings(), lm.get_output_embeddings()):  # (the same tensor when tied)
+                if emb is not None:
+                    emb.weight[old:] = emb.weight[:old].mean(0)
     return lm, tokenizer
 
 

@@ -70,11 +70,8 @@ def resolve(name: str) -> str:
     """A wheel model's name -> the folder of its cached conversion (converting first if needed), or, without
     the wheel and with network allowed, its hub id. FileNotFoundError with the install command otherwise."""
     model, folder = _model(name), cache_dir() / name
-    if (folder / "config.json").is_file():
-        check_conversion(name, folder)
-        return str(folder)
-    if gguf_file(name) is not None:
-        return str(convert(name))
+    if (folder / "config.json").is_file() or gguf_file(name) is not None:
+        return str(convert(name))  # (checks a cached conversion, or makes it)
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         raise FileNotFoundError(
             f"language model '{name}': its wheel is not installed and HF_HUB_OFFLINE is set, so the hub copy "
