@@ -29,7 +29,7 @@ BOOK_SRC   := build/book
 BOOK_HTML  := _build/html
 NB_TIMEOUT ?= 600
 
-.PHONY: venv lint test test-fast book check-book zoo smol-llava zoo-eval ablations clean distclean
+.PHONY: venv lint test test-fast book check-book zoo smol-llava zoo-eval ablations negatives clean distclean
 
 venv: $(STAMP)
 
@@ -97,6 +97,14 @@ zoo-eval: $(STAMP)
 ABLATION_JOBS ?= 1  # variants side by side: 7 on a GPU (make ablations ABLATION_JOBS=7), 1 on a laptop
 ablations: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.ablations --out data/results/ablations.json --jobs $(ABLATION_JOBS)
+
+# Regenerate data/results/negatives_ablation.json: tiny-llava's natural-use round with and without negative
+# instructions, 500 steps each from the model before that round (`make zoo` leaves it in
+# build/shapesworld/stage2-round4); about 30 minutes on 2 CPU cores.
+NEGATIVES_BEFORE ?= build/shapesworld/stage2-round4
+negatives: $(STAMP)
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.negatives --before $(NEGATIVES_BEFORE) \
+	  --data build/shapesworld-natural/mix_natural.json --steps 500 --out data/results/negatives_ablation.json
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache *.egg-info build dist

@@ -6,6 +6,7 @@ The library, in the order the book builds it (one module each):
 - `projector`: the only part learned from scratch (`build_projector`)
 - `templates`: the chat templates LLaVA models were trained with (`get_template`, `Template`, `IGNORE_INDEX`)
 - `model`: the merge of image features into the token sequence, and the forward pass (`LlavaModel`)
+- `loss`: the LM head and the cross-entropy fused, without the (positions x vocabulary) scores
 - `decoding`: prefill, KV caches and the compiled decoding step behind `LlavaModel.generate`
 - `processor`: conversations + images -> model inputs (`Processor`)
 - `checkpoints`: every on-disk format behind one loader (`load`, `save`, `merge_lora`, `load_vision`, `load_lm`)
@@ -33,6 +34,7 @@ from . import (
     evaluation,
     gguf,
     hf,
+    loss,
     model,
     outputs,
     pretrain,
@@ -61,7 +63,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     # modules
-    "chat", "checkpoints", "data", "decoding", "display", "evaluation", "gguf", "hf", "model", "pretrain",
+    "chat", "checkpoints", "data", "decoding", "display", "evaluation", "gguf", "hf", "loss", "model", "pretrain",
     "processor", "projector", "templates", "training", "outputs", "utils", "vision", "widget", "zoo",
     # loading and saving
     "load", "save", "load_vision", "load_clip", "load_lm", "merge_lora", "export_hf", "from_hf_model",

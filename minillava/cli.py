@@ -158,7 +158,7 @@ def eval_command(args) -> dict:
         result["table"] = format_table(result)
     else:
         model, processor = load(args.model, template=args.template)
-        result = sw.evaluate(model, processor, records, args.kind, suffix)
+        result = sw.evaluate(model, processor, records, args.kind, suffix, compile=args.compile)
     result.update(model=str(args.model), data=str(args.data), kind=args.kind, suffix=suffix,
                   template=args.template)
     print(result["table"])
@@ -200,12 +200,17 @@ def parser() -> argparse.ArgumentParser:
                                                      "'answers' list, VQAv2's human answers, also get VQAv2's soft "
                                                      "accuracy)")
     p_eval.add_argument("--images", default=None, help="image folder (default: the JSON file's folder)")
-    p_eval.add_argument("--kind", choices=("vqa", "pope", "caption", "multi-image"), default="vqa",
-                        help="what to measure; pope and caption need ShapesWorld scenes (default: vqa)")
+    p_eval.add_argument("--kind", choices=("vqa", "pope", "caption", "multi-image", "multiturn", "false-premise"),
+                        default="vqa", help="what to measure; pope and caption need ShapesWorld scenes, multiturn "
+                                            "ShapesWorld's multiturn split, false-premise turns tagged "
+                                            "'false_premise' (default: vqa)")
     p_eval.add_argument("--template", default=None, help="render prompts with this template instead of the model's")
     p_eval.add_argument("--short-answer", action="store_true",
                         help="append LLaVA-1.5's 'Answer the question using a single word or phrase.'")
     p_eval.add_argument("--limit", type=int, default=None, help="evaluate the first N records only")
+    p_eval.add_argument("--compile", action="store_true",
+                        help="decode with a static KV cache and a compiled one-token step (the same answers; faster "
+                             "on a GPU once compiled)")
     p_eval.add_argument("--answers", default=None, help="score these answers (JSON list of {id, turn, answer}) "
                                                        "instead of generating")
     p_eval.add_argument("--out", default=None, help="write the results as JSON here")

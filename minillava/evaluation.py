@@ -88,7 +88,8 @@ def vqa_soft_accuracy(prediction: str, answers: list[str]) -> float:
 
 def questions(records: list[Record], suffix: str = "") -> list[dict]:
     """Records -> one question per assistant turn: {"id", "turn", "qtype", "messages", "images", "reference"},
-    plus "answers" (VQAv2's human answers) when a single-turn record carries them in its "answers" field."""
+    plus "answers" (VQAv2's human answers) when a single-turn record carries them in its "answers" field.
+    Turns whose qtype is "context" are history only (a multi-turn test's earlier turns): not asked."""
     out = []
     for r in records:
         qtypes = r.meta.get("qtypes") or []
@@ -104,10 +105,14 @@ def questions(records: list[Record], suffix: str = "") -> list[dict]:
         for i, m in enumerate(r.messages):
             if m["role"] != "assistant":
                 continue
+            if turn < len(qtypes) and qtypes[turn] == "context":  # given as history, not asked
+                turn += 1
+                continue
             prompt = [dict(x) for x in r.messages[:i]]
             prompt[-1]["content"] += suffix
+            shown = sum(x["content"].count("<image>") for x in prompt)  # an image attached later is not here yet
             out.append({"id": r.id, "turn": turn, "qtype": qtypes[turn] if turn < len(qtypes) else "unknown",
-                        "messages": prompt, "images": r.images, "reference": m["content"],
+                        "messages": prompt, "images": r.images[:shown], "reference": m["content"],
                         **({"answers": answers} if answers else {})})
             turn += 1
     return out
@@ -115,9 +120,10 @@ def questions(records: list[Record], suffix: str = "") -> list[dict]:
 
 @torch.no_grad()
 def answer(model: LlavaModel, processor: Processor, qs: list[dict], batch_size: int = 32,
-           max_new_tokens: int = 96, progress: bool = True) -> list[str]:
+           max_new_tokens: int = 96, progress: bool = True, compile: bool = False) -> list[str]:
     """Greedy answers to `questions`, batched with left padding; the end-of-turn separator is stripped.
-    96 new tokens hold the longest ShapesWorld answer (a detailed description of 4 objects: 73 tokens)."""
+    96 new tokens hold the longest ShapesWorld answer (a detailed description of 4 objects: 73 tokens).
+    `compile`: decode with the static cache and the compiled one-token step (`decoding.generate`)."""
     from tqdm.auto import tqdm
 
     stop = processor.stop_token_ids()
@@ -128,7 +134,7 @@ def answer(model: LlavaModel, processor: Processor, qs: list[dict], batch_size: 
         batch = processor([qs[i]["messages"] for i in idx], [qs[i]["images"] for i in idx],
                           add_generation_prompt=True, sample_ids=[_name(qs[i], i) for i in idx])
         out = model.generate(batch["input_ids"], batch["attention_mask"], batch["images"],
-                             max_new_tokens=max_new_tokens, eos_token_id=stop)
+                             max_new_tokens=max_new_tokens, eos_token_id=stop, compile=compile)
         for i, row in zip(idx, out.tolist()):
             text = processor.decode([t for t in row if t not in stop])
             by_index[i] = text.split(processor.template.stop_str)[0].strip()
@@ -160,12 +166,13 @@ def score(qs: list[dict], answers: list[str]) -> dict:
 
 
 def evaluate_vqa(model: LlavaModel, processor: Processor, records: list[Record], suffix: str = "",
-                 batch_size: int = 32, max_new_tokens: int = 96, progress: bool = True) -> dict:
+                 batch_size: int = 32, max_new_tokens: int = 96, progress: bool = True,
+                 compile: bool = False) -> dict:
     """Answer every question of `records` and score it; returns the scores plus the per-question rows."""
     qs = questions(records, suffix)
     if not qs:
         raise ValueError("no questions with reference answers in the records")
-    answers = answer(model, processor, qs, batch_size, max_new_tokens, progress)
+    answers = answer(model, processor, qs, batch_size, max_new_tokens, progress, compile)
     result = score(qs, answers)
     result["predictions"] = [{"id": q["id"], "turn": q["turn"], "qtype": q["qtype"], "reference": q["reference"],
                               "answer": a} for q, a in zip(qs, answers)]

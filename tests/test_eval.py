@@ -211,3 +211,16 @@ def test_vqa_soft_accuracy_in_scores_and_eval_files(eval_files, capsys):
     (d / "bad.json").write_text(json.dumps(records))
     assert main(["eval", "--data", str(d / "bad.json"), "--answers", str(d / "a.json")]) == 2
     assert f"record '{records[0]['id']}': 'answers' must be a non-empty list" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_cli_compiled_decoding_gives_the_same_answers(eval_files):
+    """`minillava eval --compile` decodes with the static cache and the compiled step: the same predictions."""
+    from minillava.cli import main
+
+    d, _ = eval_files
+    for flag, name in (([], "eager.json"), (["--compile"], "compiled.json")):
+        assert main(["eval", "--model", str(d / "model"), "--data", str(d / "q.json"), "--out", str(d / name),
+                     *flag]) == 0
+    eager, compiled = (json.loads((d / n).read_text()) for n in ("eager.json", "compiled.json"))
+    assert compiled["predictions"] == eager["predictions"] and len(eager["predictions"]) == 6

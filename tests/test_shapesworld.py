@@ -13,6 +13,7 @@ from minillava.data.records import load_records
 from minillava.data.shapesworld import (
     COLORS,
     HELD_OUT,
+    PHRASINGS,
     POSITIONS,
     SHAPES,
     SHORT_ANSWER,
@@ -34,6 +35,7 @@ from minillava.data.shapesworld import (
     render_background,
     sample_scene,
     scenes,
+    short_form,
     text_chats,
 )
 
@@ -57,11 +59,12 @@ def built(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def splits():
-    return {s: generate_records(s, 500, seed=1) for s in ("train", "val", "test", "compositional")}
+    return {s: generate_records(s, 500 if s != "multiturn" else 100, seed=1) for s in sw.SPLITS}
 
 
 def qa_turns(records):
-    """(question without the short-answer suffix, answer, qtype, scene or [scenes]) for every answer turn."""
+    """(question without the short-answer suffix, answer as if unsuffixed, qtype, scene or [scenes]) for every
+    answer turn; a suffixed question's answer must be the short form."""
     for r in records:
         users = [m["content"] for m in r.messages if m["role"] == "user"]
         answers = [m["content"] for m in r.messages if m["role"] == "assistant"]
@@ -70,24 +73,40 @@ def qa_turns(records):
         scene = [Scene.from_dict(s) for s in scene] if isinstance(scene, list) else (
             Scene.from_dict(scene) if scene else None)
         for q, a, t in zip(users, answers, r.meta["qtypes"]):
-            q = q.removesuffix(SHORT_ANSWER).removeprefix("<image>\n").removeprefix(MULTI)
+            if q.endswith(SHORT_ANSWER):
+                assert not a.endswith(".") or a.startswith(("There is", "They ")), (q, a)
+            q = q.removesuffix(SHORT_ANSWER).removeprefix(MULTI).removeprefix("<image>\n")
             yield INTRO.sub("", q), a, t, scene
 
 
 WHERE = {p: {"center": "in the center", "left": "on the left", "right": "on the right"}.get(p, f"at the {p}")
          for p in POSITIONS}
-REF = re.compile(rf"\bthe ((?:small |large )?(?:(?:{'|'.join(COLORS)}) )?(?:{'|'.join(SHAPES)}|object)"
-                 r"(?: (?:at|in|on) the [a-z ]+?)?)[?.]$")
+SLOTS = {"{}": r"(the [a-z ]+?|[a-z ]+?)", "{w}": r"(left of|right of|above|below)",
+         "{to}": r"(to the left of|to the right of|above|below)", "{a}": r"(the [a-z ]+?|[a-z]+ shapes|[a-z]+s)",
+         "{b}": r"(the [a-z ]+?|[a-z]+ shapes|[a-z]+s)", "{mf}": r"(more|fewer)",
+         "{more}": r"(bigger|larger|smaller|higher|lower|further left|further right)"}
 
 
-def resolve(question: str, scene: Scene) -> list[Obj]:
-    """The objects matching the referring phrase that ends the question ('the large circle at the top')."""
-    m = REF.search(re.sub(r" (?:large or small|big or small|have|located)\?$", "?", question))
-    assert m, question
-    return resolve_phrase(m.group(1), scene)
+def parse(question: str, qtype: str) -> tuple[str, dict]:
+    """Which phrasing of `qtype` a question uses, and what fills its slots (independent of the generator's
+    code: only its phrasing table is read). Returns (set "train" | "held_out", {slot: text})."""
+    forms = [(which, f) for which, fs in zip(("train", "held_out"), PHRASINGS[qtype]) for f in fs]
+    for which, form in sorted(forms, key=lambda x: -len(x[1])):  # the most literal first: "Is {a} placed {w} {b}?"
+        if True:
+            pattern, names = re.escape(form), []
+            for slot, rx in SLOTS.items():
+                esc = re.escape(slot)
+                while esc in pattern:
+                    pattern = pattern.replace(esc, f"(?P<s{len(names)}>{rx[1:-1]})", 1)
+                    names.append(slot)
+            m = re.fullmatch(pattern, question) or re.fullmatch(pattern, question[0].lower() + question[1:])
+            if m:
+                return which, {n: m.group(f"s{i}") for i, n in enumerate(names)}
+    raise AssertionError(f"no {qtype} phrasing matches {question!r}")
 
 
 def resolve_phrase(ref: str, scene: Scene) -> list[Obj]:
+    """The objects a referring phrase names ('the large circle at the top')."""
     ref = ref.removeprefix("the ")
     pos = next((p for p in sorted(POSITIONS, key=len, reverse=True) if ref.endswith(" " + WHERE[p])), None)
     words = ref.removesuffix(" " + WHERE[pos]).split() if pos else ref.split()
@@ -107,31 +126,80 @@ def parse_box(s: str) -> list[float]:
     return [float(v) for v in s[1:-1].split(", ")]
 
 
+def attribute(attr: str, o: Obj, scene: Scene) -> str:
+    return {"color": o.color.capitalize() + ".", "position": o.position.capitalize() + ".",
+            "shape": ("An " if o.shape[0] in "aeiou" else "A ") + o.shape + ".",
+            "size": o.size.capitalize() + ".", "grounding": bbox(o, scene.size)}[attr]
+
+
+def same(a: str, want: str) -> bool:
+    """The answer, or its short form (after the short-answer suffix)."""
+    return a == want or a == short_form(want)
+
+
+KEYS = {"bigger": (lambda o: SIZES[o.size], 1), "larger": (lambda o: SIZES[o.size], 1),
+        "smaller": (lambda o: SIZES[o.size], -1), "higher": (lambda o: o.cell[0], -1),
+        "lower": (lambda o: o.cell[0], 1), "further left": (lambda o: o.cell[1], -1),
+        "further right": (lambda o: o.cell[1], 1)}
+
+
 def check_answer(q: str, a: str, t: str, scene: Scene):
     """Recompute the answer to one question from the scene, independently of the generator."""
     if t in ("color", "shape", "position", "size", "grounding"):
-        (o,) = resolve(q, scene)  # referent must be unique
-        want = {"color": o.color.capitalize() + ".", "position": o.position.capitalize() + ".",
-                "shape": ("An " if o.shape[0] in "aeiou" else "A ") + o.shape + ".",
-                "size": o.size.capitalize() + ".", "grounding": bbox(o, scene.size)}[t]
-        assert a == want, (q, a, want)
+        _, slots = parse(q, t)
+        (o,) = resolve_phrase(slots["{}"], scene)  # referent must be unique
+        assert same(a, attribute(t, o, scene)), (q, a)
+    elif t == "false_premise":
+        for k in ("color", "shape", "position", "size", "grounding", "compare_which", "compare_yn", "and_ref"):
+            try:
+                _, slots = parse(q, k)
+            except AssertionError:
+                continue
+            refs = [v for n, v in slots.items() if n in ("{}", "{a}", "{b}")]
+            absent = [r for r in refs if not resolve_phrase(r, scene)]
+            assert len(absent) == 1 and a == f"There is no {absent[0].removeprefix('the ')} in the image.", (q, a)
+            return
+        raise AssertionError(f"false premise in no known phrasing: {q!r}")
     elif t == "count":
-        assert a == f"{expected_count(q, scene)}.", (q, a)
+        assert same(a, f"{expected_count(q, scene)}."), (q, a)
     elif t == "exist":
-        thing = re.search(r"\ban? ([a-z ]+?)(?: in the image)?\?$", q).group(1).split()
+        thing = parse(q, "exist")[1]["{}"].split()[1:]  # "a red circle" -> ["red", "circle"]
         present = any(all(w in (o.color, o.shape) for w in thing) for o in scene.objects)
-        assert a == ("Yes." if present else "No."), (q, a)
+        assert same(a, "Yes." if present else "No."), (q, a)
     elif t == "relation":
-        rel = next(k for k in RELATIONS if f" {k} " in q)
+        rel = next(k for k in RELATIONS if f" {k} " in q or q.endswith(f" {k}?"))
         axis, sign = RELATIONS[rel]
-        if q.startswith("Is "):
-            m = re.fullmatch(rf"Is (the .+?) {rel}(?: of)? (the .+)\?", q)
-            (o,), (anchor,) = resolve_phrase(m.group(1), scene), resolve_phrase(m.group(2), scene)
-            assert a == ("Yes." if sign * (o.cell[axis] - anchor.cell[axis]) > 0 else "No."), (q, a)
-        else:
-            (anchor,) = resolve(q, scene)
+        try:
+            _, slots = parse(q, "relation_yn")
+            (o,), (anchor,) = resolve_phrase(slots["{a}"], scene), resolve_phrase(slots["{b}"], scene)
+            assert same(a, "Yes." if sign * (o.cell[axis] - anchor.cell[axis]) > 0 else "No."), (q, a)
+        except AssertionError as e:
+            if "phrasing" not in str(e):
+                raise
+            _, slots = parse(q, "relation")
+            (anchor,) = resolve_phrase(slots["{}"], scene)
             (hit,) = [o for o in scene.objects if sign * (o.cell[axis] - anchor.cell[axis]) > 0]
-            assert a.lower().rstrip(".").split()[1:] == [hit.color, hit.shape], (q, a)
+            assert a.lower().rstrip(".").split()[-2:] == [hit.color, hit.shape], (q, a)
+    elif t == "compare_named":
+        for k in ("compare_which", "compare_yn", "compare_more"):
+            try:
+                _, slots = parse(q, k)
+            except AssertionError:
+                continue
+            if k == "compare_more":
+                na, nb = (expected_count(f"how many {slots[s]}", scene) for s in ("{a}", "{b}"))
+                win = slots["{a}"] if na > nb else slots["{b}"] if nb > na else None
+                ok = same(a, f"{win.capitalize()}.") if win else a == "They are the same number."
+            else:
+                (x,), (y,) = resolve_phrase(slots["{a}"], scene), resolve_phrase(slots["{b}"], scene)
+                key, sign = KEYS[slots["{more}"]]
+                d = sign * (key(x) - key(y))
+                ok = (same(a, "Yes." if d > 0 else "No.") if k == "compare_yn" else
+                      a.startswith("They are") if d == 0 else
+                      same(a, (slots["{a}"] if d > 0 else slots["{b}"]).capitalize() + "."))
+            assert ok, (q, a)
+            return
+        raise AssertionError(f"comparison in no known phrasing: {q!r}")
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -151,8 +219,9 @@ def test_every_file_loads_and_matches_manifest(built):
     out, manifest = built
     assert set(manifest["files"]) == {"captions_train.json", "captions_test.json", "text_train.json",
                                       "text_val.json", "instruct_train.json", "instruct_val.json",
-                                      "instruct_test.json", "instruct_compositional.json"}
-    n_images = 0
+                                      "instruct_test.json", "instruct_compositional.json",
+                                      "instruct_paraphrase.json", "instruct_multiturn.json", "instruct_cooccur.json"}
+    images = set()  # the multiturn split's three records of a scene share its images
     for fname, info in manifest["files"].items():
         assert hashlib.sha256((out / fname).read_bytes()).hexdigest() == info["sha256"]
         records = load_records(out / fname)  # checks placeholders against images and that images exist
@@ -162,9 +231,11 @@ def test_every_file_loads_and_matches_manifest(built):
                 assert not r.images and "<image>" not in str(r.messages)
             if r.meta["kind"] == "multi_image":
                 assert len(r.images) == 2 and len(r.meta["scene"]) == 2
-                assert r.messages[0]["content"].startswith("Image 1: <image>\nImage 2: <image>\n")
-            n_images += fname.startswith("instruct") and len(r.images)
-    assert n_images == manifest["images"] == len(list((out / "images").glob("*.png")))
+                first = r.messages[0]["content"]  # both images first, or the second with a later question
+                assert first.startswith(MULTI) or (first.count("<image>") == 1 and sum(
+                    m["content"].count("<image>") for m in r.messages) == 2)
+            images |= set(r.images) if fname.startswith("instruct") else set()
+    assert len(images) == manifest["images"] == len(list((out / "images").glob("*.png")))
 
 
 def test_build_refuses_a_folder_it_did_not_make(tmp_path):
@@ -236,20 +307,22 @@ def test_answers_follow_from_the_scene(splits):
     records = [r for d in splits.values() for r in d.instruct] + text_chats(300, seed=2)
     for q, a, t, scene in qa_turns(records):
         seen[t] += 1
-        if t.startswith("multi") or t in ("detail", "fact") or scene is None:
+        if t.startswith("multi") or t in ("detail", "fact", "followup", "context", "no_image") or scene is None:
             continue
-        check_answer(q, a, t, scene)
+        check_answer(q, a, t, scene[0] if isinstance(scene, list) else scene)  # asked before the second image
     assert {"color", "shape", "count", "exist", "position", "relation", "grounding", "size", "compare",
-            "detail", "multi_diff", "multi_more", "multi_count", "fact"} <= set(seen)
+            "detail", "multi_diff", "multi_more", "multi_count", "fact", "false_premise", "compare_named",
+            "followup", "no_image", "context"} <= set(seen)
 
 
 def test_existence_is_balanced_and_colour_questions_unique(splits):
-    exist = [a for d in splits.values() for q, a, t, _ in qa_turns(d.instruct) if t == "exist"]
+    exist = [a.rstrip(".") for d in splits.values() for q, a, t, _ in qa_turns(d.instruct) if t == "exist"]
     assert len(exist) >= 300
-    assert abs(exist.count("Yes.") / len(exist) - 0.5) <= 0.1
-    assert set(exist) == {"Yes.", "No."}
+    assert abs(exist.count("Yes") / len(exist) - 0.5) <= 0.1
+    assert set(exist) == {"Yes", "No"}
     colour = [(q, s) for d in splits.values() for q, a, t, s in qa_turns(d.instruct) if t == "color"]
-    assert colour and all(len(resolve(q, s)) == 1 for q, s in colour)
+    assert colour and all(len(resolve_phrase(parse(q, "color")[1]["{}"], s[0] if isinstance(s, list) else s)) == 1
+                          for q, s in colour)
 
 
 def test_plain_question_forms_appear(splits):
@@ -257,7 +330,7 @@ def test_plain_question_forms_appear(splits):
     text = "\n".join(questions)
     for pattern in (r"^What color is the circle\?$", r"^How many shapes are there\?$",
                     r"^Is there a \w+ \w+\?$",
-                    r"^Where is the \w+ \w+\?$", r"^Which shape is left of the \w+\?$",
+                    r"^Where is the \w+ \w+\?$", r"^Which shape is left of the [\w ]+\?$",
                     r"^Give the bounding box of the \w+ \w+\.$", r"^Is the \w+ large or small\?$",
                     r"^What is different between the two images\?$", r"^Which image has more shapes\?$"):
         assert re.search(pattern, text, re.M), pattern

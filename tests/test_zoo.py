@@ -9,6 +9,7 @@ import torch
 
 import minillava as ml
 from minillava import zoo
+from minillava.data import shapesworld as sw
 from minillava.data.records import load_records
 from minillava.tools import build_zoo
 from minillava.utils import pick_device
@@ -117,14 +118,41 @@ def test_stage2_later_rounds_each_see_only_new_scenes(toy_zoo):
         lo = toy.n_train + k * share
         assert [i for i in ids(f"mix_fresh{k + 1}") if i.startswith("train-")] == scenes(lo, lo + share)
         assert len(ids(f"mix_fresh{k + 1}")) == share + toy.text_in_fresh
+    natural = data.parent / "work-natural"  # the last round: its own scenes, with the co-occurrence bias
+    manifest = json.loads((natural / "manifest.json").read_text())
+    assert manifest["arguments"]["cooccur"] == sw.COOCCUR_P and manifest["seed"] == 1
+    mix = json.loads((natural / "mix_natural.json").read_text())
+    assert len(mix) == toy.n_natural + toy.text_in_natural
     run = json.loads((data / "tiny-llava" / "run.json").read_text())
-    assert run["train_config"]["init"].endswith("stage2-round2") and run["train_config"]["lr"] == 3e-4
-    first, second = run["earlier_rounds"]  # the earlier rounds' runs, curves and settings, kept beside the last
+    assert run["train_config"]["init"].endswith("stage2-round3") and run["train_config"]["lr"] == 3e-4
+    assert run["train_config"]["data"].endswith("mix_natural.json")
+    first, second, third = run["earlier_rounds"]  # the earlier rounds' runs, curves and settings, kept beside
     assert first["train_config"]["init"].endswith("tiny-llava-stage1") and len(first["metrics"]) == 2
     assert second["train_config"]["init"].endswith("stage2-round1") and "earlier_rounds" not in second
     facts = json.loads((data / "tiny-llava" / "card.json").read_text())["facts"]
-    assert facts["steps"] == "2 + 2 + 2" and "records 8" in facts["round 3"]
-    assert "in 3 rounds" in (data / "tiny-llava" / "README.md").read_text()
+    assert facts["steps"] == "2 + 2 + 2 + 2" and "records 8" in facts["round 3"]
+    readme = (data / "tiny-llava" / "README.md").read_text()
+    assert "in 4 rounds" in readme and "natural use" in readme
+
+
+@pytest.mark.slow
+def test_from_round_retrains_the_last_round_alone(toy_zoo, tmp_path):
+    """`--start tiny-llava --from-round 4` continues from the shipped model: rounds 1-3 are kept as the card
+    describes them, round 4 trains again from a copy of the model in --out."""
+    import shutil
+
+    data, _ = toy_zoo
+    out = tmp_path / "data"
+    shutil.copytree(data, out)
+    before = json.loads((out / "tiny-llava" / "card.json").read_text())["facts"]
+    build_zoo.build(out, build_zoo.TOY, data.parent / "work", progress=False, evaluate_after=False,
+                    start="tiny-llava", from_round=4)
+    facts = json.loads((out / "tiny-llava" / "card.json").read_text())["facts"]
+    assert [facts[f"round {i}"] for i in (1, 2, 3)] == [before[f"round {i}"] for i in (1, 2, 3)]
+    run = json.loads((out / "tiny-llava" / "run.json").read_text())
+    assert run["train_config"]["init"].endswith("work-stage2-round3") and len(run["earlier_rounds"]) == 4
+    with pytest.raises(ValueError, match="only with start 'tiny-llava'"):
+        build_zoo.build(out, build_zoo.TOY, data.parent / "work", start="tiny-lm", from_round=4)
 
 
 @pytest.mark.slow
@@ -333,11 +361,11 @@ def test_the_shipped_zoo_is_what_full_describes():
     assert summary["data"]["train"] == full.n_train + full.n_fresh
     last = json.loads((zoo.path("tiny-llava") / "run.json").read_text())
     rounds = [*last.pop("earlier_rounds"), last]
-    assert len(rounds) == 1 + full.fresh_rounds
+    assert len(rounds) == 1 + full.fresh_rounds + 1  # and the natural-use round
     records = [full.n_train + full.text_in_stage2] + [full.n_fresh // full.fresh_rounds + full.text_in_fresh] * (
-        full.fresh_rounds)
-    for k, (run, settings, n) in enumerate(zip(rounds, [full.stage2] + [full.stage2_fresh] * full.fresh_rounds,
-                                               records)):
+        full.fresh_rounds) + [full.n_natural + full.text_in_natural]
+    settings_each = [full.stage2] + [full.stage2_fresh] * full.fresh_rounds + [full.stage2_natural]
+    for k, (run, settings, n) in enumerate(zip(rounds, settings_each, records, strict=True)):
         cfg = run["train_config"]
         assert {key: cfg[key] for key in settings} == settings, k
         assert len(run["metrics"]) == np.ceil(cfg["epochs"] * (n // cfg["batch_size"])), k  # full batches

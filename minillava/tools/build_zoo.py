@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,9 @@ class Scale:
     n_val: int = 500
     n_test: int = 1000
     n_comp: int = 500
+    n_para: int = 500  # test scenes asked with held-out phrasings
+    n_multiturn: int = 300  # test scenes, each question asked first, fifth, fifth with a late image
+    n_cooccur: int = 500  # test scenes with the co-occurrence bias (POPE)
     n_text: int = 40000
     n_text_val: int = 1000
     vocab: int = 1024
@@ -56,12 +60,17 @@ class Scale:
     stage2_fresh: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=1.0, lr=3e-4,
                                                             save_every=500))  # each later round
     text_in_fresh: int = 10000  # text-only chats mixed into each later round (the same ones)
+    n_natural: int = 56000  # train scenes of the last round (natural use), with the co-occurrence bias
+    text_in_natural: int = 6000  # text-only chats of the last round (its own: some ask of an absent image)
+    stage2_natural: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=1.0,
+                                                              lr=3e-4, save_every=500))
     caption_docs: int = 4000  # documents of captions, one a line, in the LM's pretraining text (see `lm_corpus`)
     n_eval: int | None = None  # evaluate on this many test (and told-scene) records (None: all)
 
 
 FULL = Scale()
-TOY = Scale(n_train=24, n_val=4, n_test=8, n_comp=4, n_text=64, n_text_val=8, vocab=400,
+TOY = Scale(n_train=24, n_val=4, n_test=8, n_comp=4, n_para=4, n_multiturn=2, n_cooccur=4, n_text=64, n_text_val=8,
+            vocab=400,
             clip=pt.ClipConfig(width=32, layers=1, heads=2, text_width=32, text_layers=1, projection=32, steps=2,
                                batch_size=8),
             lm=pt.LMConfig(width=32, layers=1, heads=2, kv_heads=1, ffn=64, steps=2, batch_size=4, sft_steps=2,
@@ -69,7 +78,8 @@ TOY = Scale(n_train=24, n_val=4, n_test=8, n_comp=4, n_text=64, n_text_val=8, vo
             stage1=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3),
             stage2=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3), text_in_stage2=4, caption_docs=4,
             n_eval=4, n_fresh=8, fresh_rounds=2, text_in_fresh=4,
-            stage2_fresh=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=3e-4))
+            stage2_fresh=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=3e-4), n_natural=8,
+            text_in_natural=4, stage2_natural=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=3e-4))
 SCALES = {"full": FULL, "toy": TOY}
 
 
@@ -116,13 +126,27 @@ SECTIONS = {  # what each measurement of `evaluate` is, for the model cards
                    "the language model reasons about a scene it is told rather than shown.",
     "vqa_test": "Exact match and \"answer contains the reference\" on the held-out test scenes, with the trained "
                 "`vicuna_v1` prompt (greedy; earlier turns given with their reference answers).",
-    "vqa_test_short": "The same questions with LLaVA-1.5's short-answer suffix (\"Answer the question using a single "
-                      "word or phrase.\") on every question, long-answer kinds included.",
+    "vqa_test_short": "The short questions of the test split (`SHORT_TYPES`: not boxes, descriptions, changes or "
+                      "false premises) with LLaVA-1.5's short-answer suffix (\"Answer the question using a single "
+                      "word or phrase.\"), scored against the one-word answer (\"Circle\", \"3\").",
+    "vqa_paraphrase": "Test scenes asked only with phrasings training never used (`PHRASINGS`' held-out half): "
+                      "understanding a question, not recognising its wording.",
+    "multiturn_test": "One question asked three ways on the same scene: first, as the fifth turn (the images at the "
+                      "start), and as the fifth turn with an image attached at a later turn (earlier turns given "
+                      "with their reference answers); `gap_points`: accuracy first minus accuracy fifth.",
+    "pope_cooccur": "POPE on 300 test scenes drawn with the world's co-occurrence bias (`COOCCUR`, as COCO's "
+                    "objects co-occur): popular = the most frequent objects, adversarial = those that co-occur most "
+                    "with the ones present (POPE's definition).",
+    "no_image": "Questions about an image asked with none given: the share answered by saying there is no image.",
+    "vqa_redrawn": "The test questions on the same scenes painted by other code (`minillava.tools.redrawn`: other "
+                   "backgrounds, shades, sizes, positions within the cell, image sizes 48-128 px); box questions "
+                   "left out.",
     "vqa_compositional": "Scenes that always hold a colour-shape pair training never drew (purple star, orange "
                          "triangle).",
     "multi_image_test": "The two-image questions of the test split.",
     "pope_test": "POPE-style yes/no probes on 300 test images: absent objects drawn at random, among the most "
-                 "frequent, or adversarially (the same shape in another colour).",
+                 "frequent, or adversarially (those that co-occur most with the present ones; in this unbiased "
+                 "split that is near chance, then the same shape in another colour).",
     "caption_test": "Captions of held-out test images (after stage 2 the model is asked \"Describe the image "
                     "briefly.\"; after stage 1, whose `plain` template drops the instruction, it is shown the image "
                     "alone): objects named that are in the scene (precision), objects in "
@@ -146,6 +170,10 @@ def _metrics_md(metrics: dict, sections: dict) -> str:
             out += ["| question type | n | exact | contains |", "|---|---|---|---|"]
             out += [f"| {t} | {r['n']} | {r['exact']:.1%} | {r['contains']:.1%} |"
                     for t, r in {**v["by_type"], "**overall**": v["overall"]}.items()]
+            if "by_variant" in v:  # the multiturn split: the same questions asked first, fifth, fifth + late image
+                out += ["", "| asked | n | exact | points below first |", "|---|---|---|---|"]
+                out += [f"| {k} | {r['overall']['n']} | {r['overall']['exact']:.1%} | "
+                        f"{v['gap_points'].get(k, 0.0):+.1f} |" for k, r in v["by_variant"].items()]
         elif "pope" in v:
             out += ["| negatives | n | accuracy | precision | recall | F1 | yes-ratio |", "|---" * 7 + "|"]
             out += [f"| {k} | {r['n']} | {r['accuracy']:.1%} | {r['precision']:.1%} | {r['recall']:.1%} | "
@@ -215,10 +243,13 @@ STEPS = TINY  # tiny-clip, tiny-lm, tiny-llava-stage1, tiny-llava: the build ord
 
 def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "build/shapesworld", seed: int = 0,
           progress: bool = True, device: str | None = None, evaluate_after: bool = True,
-          start: str = "tiny-clip") -> dict:
+          start: str = "tiny-clip", from_round: int = 1) -> dict:
     """Build the components into `out`, from `start` on (the earlier ones are kept: "tiny-llava" retrains stage 2
-    alone), then (unless `evaluate_after` is False) evaluate them; returns every metric. Minutes on one GPU at
-    FULL scale, hours on 2 CPU cores."""
+    alone; with `from_round` K, stage 2's rounds from K on, from the tiny-llava in `out`), then (unless
+    `evaluate_after` is False) evaluate them; returns every metric. Minutes on one GPU at FULL scale, hours on 2
+    CPU cores."""
+    if from_round > 1 and start != "tiny-llava":
+        raise ValueError(f"from_round {from_round}: only with start 'tiny-llava' (it continues stage 2)")
     if start not in STEPS:
         raise ValueError(f"start '{start}': expected one of {', '.join(STEPS)}")
     out, work, dev = Path(out), Path(work), pick_device(device)
@@ -230,14 +261,17 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
     times = summary.setdefault("seconds", {})
     t_all = time.perf_counter()
     torch.manual_seed(seed)
-    manifest = build_data(work, scale, seed)
+    if tuple(steps) == ("tiny-llava",) and from_round > 1 + (scale.fresh_rounds if scale.n_fresh else 0):
+        manifest, data, corpus = {"splits": summary.get("data")}, {}, []  # the natural round alone: its own data
+    else:
+        manifest = build_data(work, scale, seed)
+        data = {name: load_records(work / f"{name}.json", check_files=not name.startswith("text"))
+                for name in ("captions_train", "captions_test", "text_train", "text_val", "instruct_train")}
+        data["instruct_fresh"] = data["instruct_train"][scale.n_train:]  # stage 2's later rounds alone
+        for name in ("captions_train", "instruct_train"):
+            data[name] = data[name][: scale.n_train]
+        corpus = lm_corpus(data["text_train"], data["captions_train"], scale.caption_docs)
     times["data"] = time.perf_counter() - t_all
-    data = {name: load_records(work / f"{name}.json", check_files=not name.startswith("text"))
-            for name in ("captions_train", "captions_test", "text_train", "text_val", "instruct_train")}
-    data["instruct_fresh"] = data["instruct_train"][scale.n_train:]  # stage 2's later rounds alone
-    for name in ("captions_train", "instruct_train"):
-        data[name] = data[name][: scale.n_train]
-    corpus = lm_corpus(data["text_train"], data["captions_train"], scale.caption_docs)
     if "tiny-clip" in steps:  # the tokenizer is made with tiny-clip and shared by tiny-lm
         tokenizer = pt.train_tokenizer(corpus + pt.chat_texts(data["instruct_train"]), scale.vocab,
                                        max_length=scale.lm.context)
@@ -248,7 +282,7 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
     jobs = {"tiny-clip": lambda: build_clip(out, scale, data, tokenizer, dev, progress),
             "tiny-lm": lambda: build_lm(out, scale, data, corpus, tokenizer, dev, progress),
             "tiny-llava-stage1": lambda: build_stage1(out, scale, work, data, seed, dev, progress),
-            "tiny-llava": lambda: build_stage2(out, scale, work, data, seed, dev, progress)}
+            "tiny-llava": lambda: build_stage2(out, scale, work, data, seed, dev, progress, from_round)}
     with zoo_at(out):  # stage 1 names its backbones by zoo name
         for name in steps:
             t = time.perf_counter()
@@ -358,22 +392,39 @@ def build_stage1(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev
 
 
 def build_stage2(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev: torch.device,
-                 progress: bool) -> dict:
+                 progress: bool, from_round: int = 1) -> dict:
     """LLaVA's stage 2 (visual instruction tuning) from tiny-llava-stage1, with some text-only chats mixed in
     as llava_v1_5_mix665k has -> tiny-llava, stored in float16. In rounds: `stage2` (several epochs over the
     scenes stage 1 saw), then, when `n_fresh`, `fresh_rounds` rounds of `stage2_fresh`, each from where the last
     ended and one pass over its share of new scenes at a lower learning rate (new scenes teach what more epochs
-    of the same ones no longer do)."""
-    rounds = [("mix_train", data["instruct_train"] + data["text_train"][: scale.text_in_stage2], scale.stage2)]
-    fresh, n = data["instruct_fresh"], scale.fresh_rounds if scale.n_fresh else 0
+    of the same ones no longer do), then the natural-use round (`natural_round`). `from_round` > 1 trains the
+    rounds from that one on, starting from the tiny-llava in `out` (which must have exactly the rounds before)."""
+    rounds = [("mix_train", lambda: data["instruct_train"] + data["text_train"][: scale.text_in_stage2],
+               scale.stage2)]  # (name, records, settings); the records are written as <work>/<name>.json
+    fresh, n = data.get("instruct_fresh", []), scale.fresh_rounds if scale.n_fresh else 0
     for k in range(n):  # round k's share: fresh scenes [k/n, (k+1)/n) of the way through
-        rounds.append((f"mix_fresh{k + 1}", fresh[k * len(fresh) // n:(k + 1) * len(fresh) // n]
+        rounds.append((f"mix_fresh{k + 1}", lambda k=k: fresh[k * len(fresh) // n:(k + 1) * len(fresh) // n]
                        + data["text_train"][: scale.text_in_fresh], scale.stage2_fresh))
-    init, done = out / "tiny-llava-stage1", []
-    for i, (name, mix, settings) in enumerate(rounds):
-        save_records(mix, work / f"{name}.json", image_dir=work)
+    if scale.n_natural:
+        rounds.append((f"../{work.name}-natural/mix_natural", lambda: natural_round(work, scale, seed),
+                       scale.stage2_natural))  # beside its images
+    init, facts, steps = out / "tiny-llava-stage1", [], []
+    if from_round > 1:
+        card = read_json(out / "tiny-llava" / "card.json", what="model card")
+        facts = [card["facts"][f"round {i}"] for i in range(1, from_round)]  # KeyError: not that many rounds
+        steps = card["facts"]["steps"].split(" + ")[: from_round - 1]
+        init = work.parent / f"{work.name}-stage2-round{from_round - 1}"  # a copy: `out` is replaced at the end
+        if init.exists():
+            shutil.rmtree(init)
+        shutil.copytree(out / "tiny-llava", init)
+    for i, (name, make, settings) in enumerate(rounds):
+        if i + 1 < from_round:
+            continue
+        mix = make()
+        path = Path(os.path.normpath(work / f"{name}.json"))
+        save_records(mix, path, image_dir=path.parent)
         dest = out / "tiny-llava" if i == len(rounds) - 1 else work / f"stage2-round{i + 1}"
-        r = train(TrainConfig(stage=2, data=str(work / f"{name}.json"), out=str(dest), init=str(init), seed=seed,
+        r = train(TrainConfig(stage=2, data=str(path), out=str(dest), init=str(init), seed=seed,
                               progress=progress, device=str(dev), **settings))
         store_half(r.out)  # each round starts from the weights as a shipped checkpoint holds them
         if i:  # the final run.json holds the earlier rounds' runs too
@@ -381,25 +432,42 @@ def build_stage2(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev
             earlier = read_json(init / "run.json", what="training run")
             write_json(r.out / "run.json", {**run, "earlier_rounds": [*earlier.pop("earlier_rounds", []), earlier]})
         init = r.out
-        done.append({"records": len(mix), "steps": r.steps, "train time": f"{r.seconds:.0f} s",
-                     "hardware": hardware(dev), **settings})
-    write_stage2_card(out / "tiny-llava", done, r.final_loss)
+        facts.append(", ".join(f"{k} {v}" for k, v in {"records": len(mix), "steps": r.steps,
+                                                       "train time": f"{r.seconds:.0f} s", "hardware": hardware(dev),
+                                                       **settings}.items()))
+        steps.append(str(r.steps))
+    write_stage2_card(out / "tiny-llava", facts, steps, r.final_loss, natural=bool(scale.n_natural))
     return {"final_train_loss": r.final_loss}
 
 
-def write_stage2_card(folder: Path, rounds: list[dict], final_loss: float) -> None:
-    """tiny-llava's model card; `rounds`: the settings and measurements of each round of stage 2."""
-    facts = {f"round {i + 1}": ", ".join(f"{k} {v}" for k, v in r.items()) for i, r in enumerate(rounds)}
-    later = len(rounds) - 1
+def natural_round(work: Path, scale: Scale, seed: int) -> list:
+    """The last round's records: `n_natural` new train scenes drawn with the world's co-occurrence bias (as
+    COCO's objects co-occur) and asked in the natural-use kinds (follow-ups, long chats, false premises), plus
+    its own text-only chats; built in `<work>-natural` with seed + 1, so no scene repeats an earlier round's."""
+    folder = work.parent / f"{work.name}-natural"
+    sw.ensure_built(folder, n_train=scale.n_natural, n_val=0, n_test=0, n_comp=0, n_para=0, n_multiturn=0,
+                    n_cooccur=0, n_text=scale.text_in_natural, n_text_val=0, seed=seed + 1,
+                    image_size=scale.clip.image_size, cooccur=sw.COOCCUR_P)
+    return load_records(folder / "instruct_train.json") + load_records(folder / "text_train.json",
+                                                                       check_files=False)
+
+
+def write_stage2_card(folder: Path, rounds: list[str], steps: list[str], final_loss: float,
+                      natural: bool = True) -> None:
+    """tiny-llava's model card; `rounds`: the settings and measurements of each round of stage 2, as text."""
+    facts = {f"round {i + 1}": r for i, r in enumerate(rounds)}
+    later = len(rounds) - 1 - natural
     how = (f", in {len(rounds)} rounds: several epochs over the scenes stage 1 saw, then "
            + ("one pass over new scenes" if later == 1 else f"{later} more, each one pass over scenes no round saw "
-              "before,") + " at a lower learning rate") if later else ""
+              "before,") + " at a lower learning rate") if later > 0 else ""
+    how += (", and a last round on natural use (new scenes with the world's co-occurrence bias, asked with "
+            "follow-ups, long chats and false premises)" if natural else "")
     write_card(folder, "tiny-llava", "The tiny LLaVA after stage 2 (visual instruction tuning, `vicuna_v1`): "
                "tiny-clip's tower (frozen), the stage-1 projector and tiny-lm, projector and LM trained on "
                f"ShapesWorld instructions plus some text-only chats{how}; weights stored in float16 "
                "(`store_half`). Accuracy is measured with `minillava.eval` on held-out test scenes (greedy "
                "decoding, teacher-forced history, float32 compute).",
-               {"steps": " + ".join(str(r["steps"]) for r in rounds), **facts}, {"final_train_loss": final_loss})
+               {"steps": " + ".join(steps), **facts}, {"final_train_loss": final_loss})
 
 
 def store_half(folder: Path) -> None:
@@ -416,7 +484,8 @@ def build_data(work: Path, scale: Scale, seed: int) -> dict:
     """The ShapesWorld datasets of `scale` in `work` (reused when `work` already holds exactly them)."""
     return sw.ensure_built(work, n_train=scale.n_train + scale.n_fresh, n_val=scale.n_val, n_test=scale.n_test,
                            n_comp=scale.n_comp, n_text=scale.n_text, n_text_val=scale.n_text_val, seed=seed,
-                           image_size=scale.clip.image_size)
+                           image_size=scale.clip.image_size, n_para=scale.n_para, n_multiturn=scale.n_multiturn,
+                           n_cooccur=scale.n_cooccur)
 
 
 def eval_data(work: Path, scale: Scale, seed: int) -> dict:
@@ -424,13 +493,15 @@ def eval_data(work: Path, scale: Scale, seed: int) -> dict:
     build of them alone (no train scenes nor train chats: every split is generated on its own, so its files are
     the same either way)."""
     held_out = dict(n_val=scale.n_val, n_test=scale.n_test, n_comp=scale.n_comp, n_text_val=scale.n_text_val,
-                    seed=seed, image_size=scale.clip.image_size)
+                    seed=seed, image_size=scale.clip.image_size, n_para=scale.n_para, n_multiturn=scale.n_multiturn,
+                    n_cooccur=scale.n_cooccur)
     return sw.built_with(work, **held_out) or sw.ensure_built(work, n_train=0, n_text=0, **held_out)
 
 
 EVALUATIONS = ("clip_zero_shot", "lm_text_qa_val", "stage1_caption_test", "text_qa_val", "vqa_test", "vqa_test_short",
                "vqa_compositional", "multi_image_test", "pope_test", "caption_test",
-               *(f"vqa_test_{t}" for t in OTHER_TEMPLATES))
+               *(f"vqa_test_{t}" for t in OTHER_TEMPLATES), "vqa_paraphrase", "multiturn_test", "pope_cooccur",
+               "no_image", "vqa_redrawn")
 
 
 def evaluate(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "build/shapesworld", seed: int = 0,
@@ -497,22 +568,37 @@ def _evaluate_stage2(out: Path, scale: Scale, work: Path, seed: int, progress: b
     model, processor = load(out / "tiny-llava", device=device, dtype=torch.float32)  # as on a CPU
     test = load_records(work / "instruct_test.json")[: scale.n_eval]
     comp = load_records(work / "instruct_compositional.json")[: scale.n_eval]
-    runs = {"vqa_test": (test, "vqa", ""), "vqa_test_short": (test, "vqa", sw.SHORT_ANSWER),
+    split = lambda name: load_records(work / f"instruct_{name}.json")[: scale.n_eval]  # noqa: E731
+    runs = {"vqa_test": (test, "vqa", ""), "vqa_test_short": (sw.short_answer_records(test), "vqa", ""),
             "vqa_compositional": (comp, "vqa", ""), "multi_image_test": (test, "multi-image", ""),
             "pope_test": (test[:300], "pope", ""), "caption_test": (test, "caption", ""),
             "text_qa_val": (told_scenes(work, scale), "vqa", ""),
-            **{f"vqa_test_{t}": (test, "vqa", "", t) for t in OTHER_TEMPLATES}}
+            **{f"vqa_test_{t}": (test, "vqa", "", t) for t in OTHER_TEMPLATES},
+            "vqa_paraphrase": (lambda: split("paraphrase"), "vqa", ""),
+            "multiturn_test": (lambda: split("multiturn"), "multiturn", ""),
+            "pope_cooccur": (lambda: split("cooccur")[:300], "pope", "")}
     metrics = {}
+    if "no_image" in only:
+        metrics["no_image"] = r = sw.no_image(model, processor, progress=progress)
+        print(f"tiny-llava, no_image: {r['says_no_image']:.1%} say there is no image")
+    if "vqa_redrawn" in only:
+        from .redrawn import evaluate as redrawn
+
+        r = redrawn(model, processor, test, seed=seed, progress=progress)
+        print(f"tiny-llava, vqa_redrawn:\n{r['table']}")
+        metrics["vqa_redrawn"] = {k: r[k] for k in ("overall", "by_type")}
     for name, (recs, kind, suffix, *template) in runs.items():
         if name not in only:
             continue
+        recs = recs() if callable(recs) else recs
         if name == "multi_image_test" and not any(len(r.images) > 1 for r in recs):
             print("tiny-llava, multi_image_test: skipped, no two-image record among the test records")
             continue
         proc = processor.with_template(template[0]) if template else processor
         r = sw.evaluate(model, proc, recs, kind, suffix, progress=progress, seed=seed)
         print(f"tiny-llava, {name}:\n{r['table']}")
-        metrics[name] = {k: r[k] for k in ("overall", "by_type", "pope", "caption") if k in r}
+        metrics[name] = {k: r[k] for k in ("overall", "by_type", "pope", "caption", "by_variant", "gap_points")
+                         if k in r}
     update_card(out / "tiny-llava", metrics)
     return metrics
 
@@ -527,6 +613,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-eval", action="store_true", help="train only; measure later with --eval-only")
     p.add_argument("--start", choices=STEPS, default=STEPS[0],
                    help="rebuild from this component on, keeping the earlier ones in --out")
+    p.add_argument("--from-round", type=int, default=1,
+                   help="with --start tiny-llava: train stage 2's rounds from this one on, from the tiny-llava in "
+                        "--out (the shipped model's last round: `--from-round 5`)")
     p.add_argument("--eval-only", action="store_true", help="measure the weights already in --out")
     p.add_argument("--only", nargs="+", choices=EVALUATIONS, help="with --eval-only: these measurements only")
     p.add_argument("--no-progress", action="store_true")
@@ -537,7 +626,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--eval-only trains nothing: --no-eval and --start do not apply")
     if a.eval_only:
         return evaluate(a.out, SCALES[a.scale], a.work, a.seed, not a.no_progress, a.device, a.only)
-    return build(a.out, SCALES[a.scale], a.work, a.seed, not a.no_progress, a.device, not a.no_eval, a.start)
+    return build(a.out, SCALES[a.scale], a.work, a.seed, not a.no_progress, a.device, not a.no_eval, a.start,
+                 a.from_round)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ depends on lives in a `Scene`, so every answer is computed, exact and short ("Re
 * On disk: `build(out_dir)` or `python -m minillava.data.shapesworld OUT_DIR` writes LLaVA JSON + PNGs.
 * Evaluation that reads the scenes: POPE probes, caption checks, CLIP's zero-shot prompts, `evaluate`.
 
-The modules: `scenes` (the world), `instructions` (records), `build` (files), `probes` (evaluation).
+The modules: `scenes` (the world), `questions` (one question and its answer, with its phrasings),
+`instructions` (conversations and records), `build` (files), `probes` (evaluation).
 
 Every answer turn is tagged in the record's extra fields: "qtypes" (one per answer), "kind" and "scene".
 The "compositional" split draws the `HELD_OUT` colour/shape pairs (a purple star, an orange triangle), which
@@ -24,15 +25,22 @@ from .instructions import SplitData, generate_records, text_chats
 from .probes import (
     EVAL_KINDS,
     POPE_STRATEGIES,
+    SHORT_TYPES,
     caption_mentions,
     caption_metrics,
     evaluate,
+    multiturn,
+    no_image,
     object_prompts,
     pope_records,
+    short_answer_records,
 )
+from .questions import NO_IMAGE, PHRASINGS, Ctx, short_form
 from .scenes import (
     BRIEF_INSTRUCTIONS,
     COLORS,
+    COOCCUR,
+    COOCCUR_P,
     DETAIL_INSTRUCTIONS,
     GENERATOR,
     HELD_OUT,
@@ -53,6 +61,7 @@ from .scenes import (
     caption,
     change_scene,
     combo_frequencies,
+    cooccurrence_counts,
     describe,
     hard_negative,
     objects_present,

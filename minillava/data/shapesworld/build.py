@@ -79,13 +79,15 @@ def ensure_built(out_dir: str | Path, **kwargs) -> dict:
 
 def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: int = 1000, n_comp: int = 500,
           n_text: int = 20000, n_text_val: int = 1000, seed: int = 0, image_size: int = 64,
-          kinds=KINDS) -> dict:
+          kinds=KINDS, n_para: int = 500, n_multiturn: int = 300, n_cooccur: int = 500, negatives: bool = True,
+          cooccur: float = 0.0) -> dict:
     """Write every dataset under out_dir, atomically, and return the manifest.
 
-    ``out_dir/images/*.png``, captions_{train,test}.json, instruct_{train,val,test,compositional}.json,
+    ``out_dir/images/*.png``, captions_{train,test}.json, instruct_{split}.json for every split of `SPLITS`,
     text_{train,val}.json (LLaVA JSON, images relative to out_dir) and manifest.json (counts, seed, sizes,
     sha256 of each JSON). Byte-identical for the same arguments. An existing out_dir is replaced only if it is
-    empty or a previous build (it has a manifest.json); files with no records are not written.
+    empty or a previous build (it has a manifest.json); files with no records are not written. `negatives`
+    and `cooccur` apply to the train split (see `generate_records`).
     """
     arguments = _arguments(locals())  # first: exactly the parameters
     out_dir = Path(out_dir)
@@ -94,8 +96,11 @@ def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: in
             previous.is_file() and read_json(previous, "manifest").get("generator") == GENERATOR):
         raise FileExistsError(f"output folder '{out_dir}': not empty and not a ShapesWorld build; refusing "
                               "to replace it")
-    counts = {"train": n_train, "val": n_val, "test": n_test, "compositional": n_comp}
-    data = {s: generate_records(s, n, seed, image_size, kinds, out_dir / "images") for s, n in counts.items()}
+    counts = {"train": n_train, "val": n_val, "test": n_test, "compositional": n_comp, "paraphrase": n_para,
+              "multiturn": n_multiturn, "cooccur": n_cooccur}
+    data = {s: generate_records(s, n, seed, image_size, kinds, out_dir / "images",
+                                **(dict(negatives=negatives, cooccur=cooccur) if s == "train" else {}))
+            for s, n in counts.items()}
     files = {"captions_train.json": data["train"].captions, "captions_test.json": data["test"].captions,
              **{f"instruct_{s}.json": data[s].instruct for s in SPLITS},
              "text_train.json": text_chats(n_text, seed, "train", image_size),
@@ -130,7 +135,11 @@ def main(argv: list[str] | None = None) -> dict:
             ("n-val", 500, "validation scenes"), ("n-test", 1000, "test scenes"),
             ("n-comp", 500, "compositional scenes: the held-out colour/shape pairs"),
             ("n-text", 20000, "text-only chats for training (scenes told in words)"),
-            ("n-text-val", 1000, "text-only chats for validation"), ("seed", 0, "the seed of every split"),
+            ("n-text-val", 1000, "text-only chats for validation"),
+            ("n-para", 500, "paraphrase scenes: test scenes asked with held-out phrasings"),
+            ("n-multiturn", 300, "multi-turn scenes: one question asked first, fifth, fifth with a late image"),
+            ("n-cooccur", 500, "test scenes with the co-occurrence bias (POPE)"),
+            ("seed", 0, "the seed of every split"),
             ("image-size", 64, "image side in pixels")):
         p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default: {default})")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     try:
         manifest = build(a.out_dir, a.n_train, a.n_val, a.n_test, a.n_comp, a.n_text, a.n_text_val, a.seed,
-                         a.image_size, tuple(a.kinds))
+                         a.image_size, tuple(a.kinds), a.n_para, a.n_multiturn, a.n_cooccur)
     except (FileExistsError, NotADirectoryError, ValueError) as e:
         p.error(str(e))
     for fname, info in manifest["files"].items():

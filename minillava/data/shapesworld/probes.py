@@ -4,8 +4,11 @@
   at random, among the most frequent ("popular") or sharing a shape with a present one ("adversarial");
 - captions: which objects a caption mentions (`caption_mentions`), and how many are really there;
 - `object_prompts`: every object phrase per colour or shape, for CLIP's zero-shot classification;
-- `evaluate(model, processor, records, kind)`: the four kinds `minillava eval` offers (vqa, multi-image, pope,
-  caption), the last two reading each record's scene.
+- `evaluate(model, processor, records, kind)`: the kinds `minillava eval` offers (vqa, multi-image, pope,
+  caption, multiturn, false-premise), pope and caption reading each record's scene;
+- natural use: `short_answer_records` (LLaVA-1.5's suffix on the short questions, one-word references),
+  `multiturn` scores per variant (a question asked first, fifth, fifth with a late image), `no_image` (questions
+  about an image that was never given).
 """
 
 from __future__ import annotations
@@ -14,21 +17,24 @@ import re
 
 import numpy as np
 
-from ...evaluation import answer, evaluate_vqa, format_table, pope_metrics, questions
+from ...evaluation import answer, evaluate_vqa, format_table, pope_metrics, questions, rule_holds
 from ...model import LlavaModel
 from ...processor import Processor
 from ..records import Record
+from .questions import NO_IMAGE_QUESTIONS, short_form
 from .scenes import (
     COLORS,
     HELD_OUT,
     POSITIONS,
     SHAPES,
+    SHORT_ANSWER,
     SIZES,
     Obj,
     Scene,
     _cap,
     absent_objects,
     combo_frequencies,
+    cooccurrence_counts,
     objects_present,
 )
 
@@ -44,10 +50,11 @@ POPE_STRATEGIES = ("random", "popular", "adversarial")
 
 
 def pope_records(records: list[Record], strategy: str = "random", k: int = 3, seed: int = 0,
-                 freq=None) -> list[Record]:
+                 freq=None, pairs=None) -> list[Record]:
     """POPE (Li et al., 2023) on ShapesWorld: per image, up to k objects that are there ("Yes") and as many
-    that are not ("No"), chosen at random, among the most frequent in training ("popular"; pass `freq`), or
-    sharing a shape with a present object ("adversarial"). One single-turn record per question."""
+    that are not ("No"), chosen at random, among the most frequent ("popular"; pass `freq`), or among those
+    that co-occur most with the present ones ("adversarial"; pass `pairs`, see `absent_objects`). One
+    single-turn record per question."""
     if strategy not in POPE_STRATEGIES:
         raise ValueError(f"POPE strategy '{strategy}': expected one of {', '.join(POPE_STRATEGIES)}")
     rng = np.random.default_rng(seed)
@@ -60,7 +67,7 @@ def pope_records(records: list[Record], strategy: str = "random", k: int = 3, se
         present = objects_present(scene)
         present = [present[i] for i in rng.permutation(len(present))[:k]]
         absent = absent_objects(scene, rng, k=len(present), strategy=strategy, freq=freq,
-                                   exclude=HELD_OUT)
+                                exclude=HELD_OUT, pairs=pairs)
         for (color, shape), label in [(p, "Yes.") for p in present] + [(a, "No.") for a in absent]:
             q = f"<image>\nIs there a {color} {shape} in the image?"
             out.append(Record(f"{r.id}-pope-{color}-{shape}", list(r.images),
@@ -111,22 +118,93 @@ def caption_metrics(captions: list[str], scenes: list) -> dict:
 
 
 # ---- one entry point for the command line and for Python ---------------------------------------------------
-EVAL_KINDS = ("vqa", "pope", "caption", "multi-image")
+EVAL_KINDS = ("vqa", "pope", "caption", "multi-image", "multiturn", "false-premise")
+SHORT_TYPES = ("color", "shape", "count", "exist", "position", "size", "relation", "compare", "compare_named",
+               "followup", "multi_more", "multi_count")  # the questions LLaVA-1.5's suffix goes with
+
+
+def short_answer_records(records: list[Record]) -> list[Record]:
+    """The records with LLaVA-1.5's short-answer suffix on every short question (`SHORT_TYPES`) and its
+    one-word answer as the reference ("Circle", "3"); other turns become "context" (given, not asked)."""
+    out = []
+    for r in records:
+        qtypes, msgs, turn = list(r.meta.get("qtypes") or []), [dict(m) for m in r.messages], 0
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            if turn < len(qtypes) and qtypes[turn] in SHORT_TYPES:
+                if not msgs[i - 1]["content"].endswith(SHORT_ANSWER):
+                    msgs[i - 1]["content"] += SHORT_ANSWER
+                m["content"] = short_form(m["content"])
+            elif turn < len(qtypes):
+                qtypes[turn] = "context"
+            turn += 1
+        if any(t != "context" for t in qtypes):
+            out.append(Record(r.id, r.images, msgs, {**r.meta, "qtypes": qtypes}))
+    return out
+
+
+def multiturn(result: dict) -> dict:
+    """Exact match per variant of the multiturn split ("first", "fifth", "late": the record id's last part),
+    from an `evaluate_vqa` result, and the differences from "first"."""
+    by = {}
+    for p in result["predictions"]:
+        by.setdefault(p["id"].rsplit("-", 1)[-1], []).append(p)
+    from ...evaluation import score
+
+    out = {v: score([{"qtype": p["qtype"], "reference": p["reference"]} for p in ps], [p["answer"] for p in ps])
+           for v, ps in sorted(by.items())}
+    first = out.get("first", {}).get("overall", {}).get("exact")
+    return {"by_variant": out, "gap_points": {v: 100 * (first - r["overall"]["exact"]) for v, r in out.items()
+                                              if first is not None and v != "first"}}
+
+
+NO_IMAGE_HELD_OUT = ("What colour is the square?", "How many stars are in the picture?", "Is the triangle big?",
+                     "What is at the top left of the image?", "Which shape is in the center?",
+                     "Tell me what the image shows.")
+NO_IMAGE_RULE = {"accept": ["don't see an image", "no image", "attach"]}
+
+
+def no_image(model: LlavaModel, processor: Processor, batch_size: int = 16, progress: bool = True) -> dict:
+    """Questions about an image, asked with none given: the share answered by saying there is no image
+    (`NO_IMAGE_RULE`), for the phrasings training used and for held-out ones, with every answer."""
+    qs = [{"id": f"{which}-{i}", "messages": [{"role": "user", "content": q}], "images": []}
+          for which, group in (("train", NO_IMAGE_QUESTIONS), ("held_out", NO_IMAGE_HELD_OUT))
+          for i, q in enumerate(group)]
+    answers = answer(model, processor, qs, batch_size, max_new_tokens=24, progress=progress)
+    right = [rule_holds(a, NO_IMAGE_RULE) for a in answers]
+    return {"n": len(qs), "says_no_image": sum(right) / len(qs),
+            "by_phrasing": {w: sum(r for r, q in zip(right, qs) if q["id"].startswith(w))
+                            / sum(q["id"].startswith(w) for q in qs) for w in ("train", "held_out")},
+            "answers": [{"question": q["messages"][0]["content"], "answer": a, "says_no_image": r}
+                        for q, a, r in zip(qs, answers, right)]}
 
 
 def evaluate(model: LlavaModel, processor: Processor, records: list[Record], kind: str = "vqa",
-             suffix: str = "", batch_size: int = 32, progress: bool = True, seed: int = 0) -> dict:
+             suffix: str = "", batch_size: int = 32, progress: bool = True, seed: int = 0,
+             compile: bool = False) -> dict:
     """Evaluate one kind on LLaVA-format records (with reference answers; POPE and captions also need the
-    ShapesWorld scene of each record). Returns a JSON-able dict with a "table" string for printing."""
+    ShapesWorld scene of each record). Returns a JSON-able dict with a "table" string for printing.
+    `compile`: decode with the static cache and the compiled one-token step (the same answers, faster on a GPU)."""
     if kind not in EVAL_KINDS:
         raise ValueError(f"eval kind '{kind}': expected one of {', '.join(EVAL_KINDS)}")
     if kind == "multi-image":
         records = [r for r in records if len(r.images) > 1]
         if not records:
             raise ValueError("multi-image evaluation: no record has more than one image")
-    if kind in ("vqa", "multi-image"):
-        result = evaluate_vqa(model, processor, records, suffix, batch_size, progress=progress)
+    if kind == "false-premise":  # the false-premise questions alone: the share rejected ("There is no ...")
+        records = [r for r in records if "false_premise" in (r.meta.get("qtypes") or [])]
+        records = [Record(r.id, r.images, r.messages, {**r.meta, "qtypes": [
+            t if t == "false_premise" else "context" for t in r.meta["qtypes"]]}) for r in records]
+        if not records:
+            raise ValueError("false-premise evaluation: no record has a turn tagged 'false_premise'")
+    if kind in ("vqa", "multi-image", "multiturn", "false-premise"):
+        result = evaluate_vqa(model, processor, records, suffix, batch_size, progress=progress, compile=compile)
         result["table"] = format_table(result)
+        if kind == "multiturn":
+            result.update(multiturn(result))
+            result["table"] += "\n" + "\n".join(
+                f"{v:<16}{r['overall']['n']:>6}{r['overall']['exact']:>9.1%}" for v, r in result["by_variant"].items())
         return result
     if not any(isinstance(r.meta.get("scene"), dict) for r in records):
         raise ValueError(f"{kind} evaluation needs scene annotations (ShapesWorld records carry 'scene')")
@@ -134,10 +212,11 @@ def evaluate(model: LlavaModel, processor: Processor, records: list[Record], kin
         out = {}
         scenes = [Scene.from_dict(r.meta["scene"]) for r in records if isinstance(r.meta.get("scene"), dict)]
         freq = combo_frequencies(scenes)  # "popular": the most frequent objects of this data set
+        pairs = cooccurrence_counts(scenes)  # "adversarial": the objects seen most often beside the present ones
         for strategy in POPE_STRATEGIES:
-            probes = pope_records(records, strategy, seed=seed, freq=freq)
+            probes = pope_records(records, strategy, seed=seed, freq=freq, pairs=pairs)
             qs = questions(probes, suffix)
-            answers = answer(model, processor, qs, batch_size, max_new_tokens=8, progress=progress)
+            answers = answer(model, processor, qs, batch_size, max_new_tokens=8, progress=progress, compile=compile)
             out[strategy] = pope_metrics(answers, [q["reference"] for q in qs])
         lines = [f"{'POPE':<12}{'n':>6}{'acc':>8}{'prec':>8}{'recall':>8}{'F1':>8}{'yes':>8}"]
         lines += [f"{k:<12}{v['n']:>6}{v['accuracy']:>8.1%}{v['precision']:>8.1%}{v['recall']:>8.1%}"
@@ -146,7 +225,7 @@ def evaluate(model: LlavaModel, processor: Processor, records: list[Record], kin
     recs = [r for r in records if isinstance(r.meta.get("scene"), dict) and len(r.images) == 1]
     qs = [{"messages": [{"role": "user", "content": "<image>\nDescribe the image briefly."}], "images": r.images}
           for r in recs]
-    captions = answer(model, processor, qs, batch_size, max_new_tokens=64, progress=progress)
+    captions = answer(model, processor, qs, batch_size, max_new_tokens=64, progress=progress, compile=compile)
     scenes = [Scene.from_dict(r.meta["scene"]) for r in recs]
     metrics = caption_metrics(captions, scenes)
     table = "\n".join(f"{k:<24}{v:>8.1%}" if isinstance(v, float) and k != "mentions_per_caption"

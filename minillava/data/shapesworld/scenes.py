@@ -22,9 +22,13 @@ SIZES = {"small": 0.095, "large": 0.155}  # radius / image size: 6.1 and 9.9 px 
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")
 HELD_OUT = (("purple", "star"), ("orange", "triangle"))  # drawn only in the "compositional" split
-SPLITS = ("train", "val", "test", "compositional")
-KINDS = ("conversation", "detail", "reasoning", "multi_image")
-KIND_WEIGHTS = {"conversation": 0.45, "detail": 0.1, "reasoning": 0.25, "multi_image": 0.2}
+SPLITS = ("train", "val", "test", "compositional", "paraphrase", "multiturn", "cooccur")
+KINDS = ("conversation", "detail", "reasoning", "multi_image", "followup", "long")
+KIND_WEIGHTS = {"conversation": 0.3, "detail": 0.07, "reasoning": 0.18, "multi_image": 0.15, "followup": 0.15,
+                "long": 0.15}
+COOCCUR = ((("red", "circle"), ("blue", "square")), (("green", "triangle"), ("yellow", "star")),
+           (("orange", "circle"), ("purple", "square")))  # pairs that usually appear together (`sample_scene`)
+COOCCUR_P = 0.8  # the bias of the "cooccur" split and of training data built with it
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's suffix for VQA data
 IMAGE = "<image>"
 GENERATOR = "minillava.data.shapesworld"  # written in manifest.json, checked before replacing a folder
@@ -149,11 +153,12 @@ def _sample_background(rng: np.random.Generator) -> Background:
 
 
 def sample_scene(rng: np.random.Generator, n_objects: int | None = None, exclude=HELD_OUT, require=(),
-                 image_size: int = 64) -> Scene:
+                 image_size: int = 64, cooccur: float = 0.0) -> Scene:
     """A random scene: 1-4 objects (or `n_objects`) in distinct cells, sorted in reading order.
 
     exclude: (color, shape) pairs never drawn. require: pairs of which one is always drawn (the first object
-    gets one of them), as the compositional split needs.
+    gets one of them), as the compositional split needs. cooccur: the strength of the world's co-occurrence
+    bias (`COOCCUR`, as in COCO a fork usually comes with a knife), 0 for none.
     """
     n = int(rng.integers(1, 5)) if n_objects is None else n_objects
     if not 1 <= n <= 4:
@@ -161,11 +166,26 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None, exclude
     allowed = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in exclude]
     cells = rng.choice(9, size=n, replace=False)
     combos = [allowed[int(rng.integers(len(allowed)))] for _ in range(n)]
+    if cooccur:
+        combos = _cooccurring(combos, rng, cooccur, exclude)
     if require:
         combos[0] = tuple(require[int(rng.integers(len(require)))])
     objs = [_new_obj(rng, s, c, _pick(rng, tuple(SIZES)), divmod(int(cell), 3))
             for (c, s), cell in zip(combos, cells)]
     return Scene(tuple(sorted(objs, key=lambda o: o.cell)), _sample_background(rng), image_size)
+
+
+def _cooccurring(combos: list, rng: np.random.Generator, p: float, exclude) -> list:
+    """Objects with the world's co-occurrence bias: with probability p the first object is one of a `COOCCUR`
+    pair, and each later object is, with probability p, the partner of an earlier one that lacks it."""
+    partner = {a: b for x, y in COOCCUR for a, b in ((x, y), (y, x)) if a not in exclude and b not in exclude}
+    if rng.random() < p:
+        combos[0] = _pick(rng, sorted(partner))
+    for i in range(1, len(combos)):
+        missing = [partner[c] for c in combos[:i] if c in partner and partner[c] not in combos[:i]]
+        if missing and rng.random() < p:
+            combos[i] = missing[0]
+    return combos
 
 
 def _geometry(o: Obj, image_size: int) -> tuple[float, float, float]:
@@ -328,13 +348,24 @@ def combo_frequencies(scenes) -> Counter:
     return Counter((o.color, o.shape) for sc in scenes for o in sc.objects)
 
 
+def cooccurrence_counts(scenes) -> Counter:
+    """How often two (color, shape) pairs appear in the same scene: {(pair_a, pair_b): count}, both orders.
+    POPE's adversarial setting asks about the absent objects that co-occur most with the present ones."""
+    counts = Counter()
+    for sc in scenes:
+        have = objects_present(sc)
+        counts.update((a, b) for a in have for b in have if a != b)
+    return counts
+
+
 def absent_objects(scene: Scene, rng: np.random.Generator, k: int = 1, strategy: str = "random",
-                   freq: Counter | None = None, exclude=()) -> list[tuple[str, str]]:
+                   freq: Counter | None = None, exclude=(), pairs: Counter | None = None) -> list[tuple[str, str]]:
     """Up to k (color, shape) pairs absent from the scene, chosen as POPE does.
 
     random: any absent pair. popular: the most frequent pairs in `freq` (see combo_frequencies).
-    adversarial: pairs sharing a shape with a present object (a blue star beside a red star), then a colour.
-    Ties are broken at random; `exclude` pairs are never returned.
+    adversarial: POPE's: the pairs that co-occur most with the present ones in `pairs` (`cooccurrence_counts`),
+    then those sharing a shape with a present object (a blue star beside a red star), then a colour; without
+    `pairs`, the shape-sharing order alone. Ties are broken at random; `exclude` pairs are never returned.
     """
     present = set(objects_present(scene))
     pool = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present and (c, s) not in exclude]
@@ -344,7 +375,9 @@ def absent_objects(scene: Scene, rng: np.random.Generator, k: int = 1, strategy:
             raise ValueError("absent_objects: strategy 'popular' needs freq (see combo_frequencies)")
         pool.sort(key=lambda cs: -freq[cs])
     elif strategy == "adversarial":
-        pool.sort(key=lambda cs: -sum(2 * (cs[1] == s) + (cs[0] == c) for c, s in present))
+        pairs = pairs or Counter()
+        pool.sort(key=lambda cs: (-sum(pairs[(p, cs)] for p in present),
+                                  -sum(2 * (cs[1] == s) + (cs[0] == c) for c, s in present)))
     elif strategy != "random":
         raise ValueError(f"absent_objects: unknown strategy '{strategy}' (random, popular or adversarial)")
     return pool[:k]

@@ -1,0 +1,195 @@
+"""Natural use: held-out phrasings, false premises, follow-ups, short answers, multi-turn and co-occurrence splits,
+questions with no image, pictures drawn by other code, and the ablation without negative instructions."""
+
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+from test_shapesworld import attribute, parse, resolve_phrase
+
+from minillava.data import shapesworld as sw
+from minillava.data.records import Record
+from minillava.data.shapesworld import COOCCUR, PHRASINGS, SHORT_ANSWER, Scene, generate_records, text_chats
+from minillava.evaluation import questions
+from minillava.tools.negatives import drop_negatives
+from minillava.tools.redrawn import redraw, redrawn_records
+
+ATTRS = ("color", "shape", "position", "size")
+
+
+@pytest.fixture(scope="module")
+def train():
+    return generate_records("train", 600, seed=5)
+
+
+def turns(record):
+    users = [m["content"] for m in record.messages if m["role"] == "user"]
+    answers = [m["content"] for m in record.messages if m["role"] == "assistant"]
+    return list(zip(users, answers, record.meta["qtypes"]))
+
+
+def bare(q: str) -> str:
+    return q.removesuffix(SHORT_ANSWER).split("<image>\n")[-1]
+
+
+def test_paraphrase_split_asks_only_held_out_phrasings(train):
+    para = generate_records("paraphrase", 300, seed=5)
+    seen = Counter()
+    for data, want in ((train, "train"), (para, "held_out")):
+        for r in data.instruct:
+            for q, _, t in turns(r):
+                if t in ("color", "shape", "position", "size", "count"):
+                    kind = "count_attr" if t == "count" and not _parses(bare(q), "count") else t
+                    assert parse(bare(q), kind)[0] == want, (q, t)
+                    seen[want] += 1
+    assert seen["train"] > 300 and seen["held_out"] > 150
+    for qtype, (used, held) in PHRASINGS.items():  # the two halves never share a phrasing
+        assert not set(used) & set(held), qtype
+
+
+def test_followups_refer_back_to_the_right_object(train):
+    """Replay every follow-up chat with its own bookkeeping: 'it' is the last object named, 'And the X?' names a
+    new one and keeps the attribute, 'the other one' is the other of two."""
+    checked = 0
+    for r in train.instruct:
+        if r.meta["kind"] != "followup" or "followup" not in r.meta["qtypes"]:
+            continue
+        scene = Scene.from_dict(r.meta["scene"])
+        obj = attr = None
+        for q, a, t in turns(r):
+            q = bare(q)
+            if t in ATTRS:
+                attr = t
+                (obj,) = resolve_phrase(parse(q, t)[1]["{}"], scene)
+            elif t == "followup":
+                it = next((k for k in ATTRS if _parses(q, f"it_{k}")), None)
+                if it:
+                    attr = it
+                elif _parses(q, "and_other"):
+                    (obj,) = [o for o in scene.objects if o is not obj]
+                else:
+                    (obj,) = resolve_phrase(parse(q, "and_ref")[1]["{}"], scene)
+                want = attribute(attr, obj, scene)
+                assert a in (want, sw.short_form(want)), (r.id, q, a, want)
+                checked += 1
+            elif t == "false_premise":
+                assert not resolve_phrase(parse(q, "and_ref")[1]["{}"], scene) and a.startswith("There is no ")
+    assert checked > 100
+
+
+def _parses(q, qtype):
+    try:
+        parse(q, qtype)
+        return True
+    except AssertionError:
+        return False
+
+
+def test_false_premises_are_asked_everywhere_and_never_of_held_out_pairs(train):
+    fp = [(q, a) for r in train.instruct for q, a, t in turns(r) if t == "false_premise"]
+    assert len(fp) > 150
+    for _, a in fp:
+        assert re.fullmatch(r"There is no [a-z ]+ in the image\.", a), a
+        words = a.removeprefix("There is no ").removesuffix(" in the image.").split()
+        for color, shape in sw.HELD_OUT:  # never a held-out pair, nor its colour alone ("the orange object")
+            assert not (color in words and (shape in words or "object" in words)), a
+    kinds = Counter(r.meta["kind"] for r in train.instruct if "false_premise" in r.meta["qtypes"])
+    assert {"conversation", "reasoning", "followup"} <= set(kinds)
+
+
+def test_short_answer_suffix_gets_the_one_word_answer(train):
+    suffixed = [(q, a, t) for r in train.instruct for q, a, t in turns(r) if q.endswith(SHORT_ANSWER)]
+    assert {"color", "shape", "count", "exist", "position", "size", "followup"} <= {t for *_, t in suffixed}
+    for q, a, _ in suffixed:  # a tie ("They are the same size.") stays a sentence
+        assert a.startswith("They ") or not a.endswith(".") and not a.startswith(("A ", "An ")), (q, a)
+    test = generate_records("test", 50, seed=5).instruct
+    short = sw.short_answer_records(test)
+    qs = questions(short)
+    assert qs and all(q["qtype"] in sw.SHORT_TYPES and q["messages"][-1]["content"].endswith(SHORT_ANSWER)
+                      and (q["reference"].startswith("They ") or not q["reference"].endswith(".")) for q in qs)
+
+
+def test_no_image_questions_are_answered_by_saying_so():
+    chats = [r for r in text_chats(400, seed=5) if r.meta["kind"] == "no_image"]
+    assert len(chats) > 20
+    for r in chats:
+        assert not r.images and r.messages[1]["content"] == sw.NO_IMAGE
+    long = [r for r in generate_records("train", 400, seed=6).instruct if "no_image" in r.meta["qtypes"]]
+    for r in long:  # asked before the image arrives
+        i = r.meta["qtypes"].index("no_image")
+        assert "<image>" not in "".join(m["content"] for m in r.messages[: 2 * i + 1])
+
+
+def test_multiturn_split_asks_one_question_three_ways():
+    data = generate_records("multiturn", 40, seed=5)
+    recs = {r.id: r for r in data.instruct}
+    assert len(recs) == 120
+    late_images = 0
+    for i in range(40):
+        first, fifth, late = (recs[f"multiturn-{i:06d}-{v}"] for v in ("first", "fifth", "late"))
+        goal = [bare(first.messages[-2]["content"]), first.messages[-1]["content"]]
+        for r in (fifth, late):
+            assert [bare(r.messages[-2]["content"]), r.messages[-1]["content"]] == goal
+            assert r.meta["qtypes"][:-1] == ["context"] * 4 and len(r.messages) == 10
+        assert first.images == fifth.images == late.images
+        n = len(first.images)
+        assert sum(m["content"].count("<image>") for m in late.messages) == n
+        late_images += "<image>" not in late.messages[0]["content"] or n == 2 and late.messages[0][
+            "content"].count("<image>") == 1
+        qs = questions([late])  # context turns are history only; the images shown so far go with the question
+        assert len(qs) == 1 and len(qs[0]["images"]) == n
+    assert late_images == 40
+
+
+def test_questions_pass_only_the_images_shown_so_far():
+    r = Record("x", ["a.png", "b.png"], [{"role": "user", "content": "<image>\nWhat color is the circle?"},
+                                         {"role": "assistant", "content": "Red."},
+                                         {"role": "user", "content": "<image>\nWhich image has more shapes?"},
+                                         {"role": "assistant", "content": "The first image."}],
+               {"qtypes": ["color", "multi_more"]})
+    assert [len(q["images"]) for q in questions([r])] == [1, 2]
+
+
+def test_cooccurrence_bias_and_pope_adversarial():
+    rng = np.random.default_rng(0)
+    biased = [sw.sample_scene(rng, cooccur=sw.COOCCUR_P) for _ in range(600)]
+    plain = [sw.sample_scene(rng) for _ in range(600)]
+    a, b = COOCCUR[0]
+    together = lambda scenes: sw.cooccurrence_counts(scenes)[(a, b)]  # noqa: E731
+    assert together(biased) > 5 * max(together(plain), 1)
+    scene = Scene((sw.Obj(a[1], a[0], "large", (0, 0)),), biased[0].background)
+    pick = sw.absent_objects(scene, rng, 1, "adversarial", pairs=sw.cooccurrence_counts(biased))
+    assert pick == [b]  # POPE's adversarial: the object seen most often beside the present one
+    data = generate_records("cooccur", 200, seed=5)
+    assert sum(len(set(sw.objects_present(s)) & {a, b}) == 2 for s in data.scenes.values()) > 10
+
+
+def test_drop_negatives_keeps_every_other_turn_and_the_images(train):
+    with_fp = [r for r in train.instruct if "false_premise" in r.meta["qtypes"]]
+    out = {r.id: r for r in drop_negatives(with_fp)}
+    assert len(out) >= 0.8 * len(with_fp)
+    for r in with_fp:
+        if r.id not in out:
+            assert set(r.meta["qtypes"]) == {"false_premise"}
+            continue
+        kept = out[r.id]
+        assert "false_premise" not in kept.meta["qtypes"]
+        assert [t for t in r.meta["qtypes"] if t != "false_premise"] == kept.meta["qtypes"]
+        assert sum(m["content"].count("<image>") for m in kept.messages) == len(kept.images)
+        assert kept.messages[0]["content"].startswith(("<image>", "Image 1:")) or "<image>" in kept.messages[2][
+            "content"] or r.meta["kind"] == "long"
+
+
+def test_redrawn_pictures_keep_the_scene(tmp_path):
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        scene = sw.sample_scene(rng)
+        img = np.asarray(redraw(scene, rng, 96), dtype=int)
+        assert img.shape == (96, 96, 3)
+        for o in scene.objects:
+            if o.shape in ("circle", "square"):  # the cell's centre lies inside the shape
+                y, x = int((o.cell[0] + 0.5) * 32), int((o.cell[1] + 0.5) * 32)
+                assert np.abs(img[y, x] - np.array(sw.COLORS[o.color])).max() <= 26, (o, img[y, x])
+    recs = redrawn_records(generate_records("test", 20, seed=5).instruct, tmp_path)
+    assert recs and all("grounding" not in r.meta["qtypes"] and r.images[0].is_file() for r in recs)
