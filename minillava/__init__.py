@@ -6,7 +6,8 @@ The library, in the order the book builds it (one module each):
 - `projector`: the only part learned from scratch (`build_projector`)
 - `templates`: the chat templates LLaVA models were trained with (`get_template`, `Template`, `IGNORE_INDEX`)
 - `model`: the merge of image features into the token sequence, and the forward pass (`LlavaModel`)
-- `loss`: the LM head and the cross-entropy fused, without the (positions x vocabulary) scores
+- `loss`: the LM head and the cross-entropy fused, without the (positions x vocabulary) scores (not yet the
+  training path: `minillava plan` counts the plain one)
 - `decoding`: prefill, KV caches and the compiled decoding step behind `LlavaModel.generate`
 - `processor`: conversations + images -> model inputs (`Processor`)
 - `checkpoints`: every on-disk format behind one loader (`load`, `save`, `merge_lora`, `load_vision`, `load_lm`)

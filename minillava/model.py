@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import decoding
-from .loss import linear_cross_entropy
 from .projector import build_projector
 from .templates import IGNORE_INDEX
 from .vision import VisionTower
@@ -33,14 +32,6 @@ class LlavaOutput:
     num_tokens: int | torch.Tensor = 0  # supervised tokens behind `loss`, a 0-dim tensor with labels (for exact
     # averaging across accumulation steps)
     cache: object | None = None
-
-
-def _fusable(head: nn.Module) -> bool:
-    """Whether the loss can read the LM head's weight directly (`linear_cross_entropy`): a plain linear head
-    without a bias, whose weight is a whole tensor (not an FSDP shard waiting for the head's own forward)."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(head, nn.Linear) and head.bias is None and not isinstance(head.weight, DTensor)
 
 
 def _cache_kwarg(module: nn.Module) -> str:
@@ -170,13 +161,12 @@ class LlavaModel(nn.Module):
             targets = labels[:, 1:].to(hidden.device)
             keep = targets != IGNORE_INDEX
             n = keep.sum()
-            if logits is None and not torch.compiler.is_compiling() and _fusable(head):
-                # the training path: the head and the loss fused on supervised positions, no (N, V) scores kept
-                total = linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep])
+            if logits is None and not torch.compiler.is_compiling():  # the head on supervised positions alone
+                scores, targets = head(hidden[:, :-1][keep]), targets[keep]
             else:  # every position, unsupervised ones ignored: fixed shapes, one graph when compiled
                 scores = (logits if logits is not None else head(hidden))[:, :-1].flatten(0, 1)
-                total = F.cross_entropy(scores.float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-            loss = total / n.clamp(min=1)
+                targets = targets.flatten()
+            loss = F.cross_entropy(scores.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") / n.clamp(min=1)
         return LlavaOutput(loss=loss, logits=logits, num_tokens=n, cache=cache)
 
     # ---- generation (the machinery is in decoding.py) ---------------------------------------------------
