@@ -92,16 +92,15 @@ def parse(question: str, qtype: str) -> tuple[str, dict]:
     code: only its phrasing table is read). Returns (set "train" | "held_out", {slot: text})."""
     forms = [(which, f) for which, fs in zip(("train", "held_out"), PHRASINGS[qtype]) for f in fs]
     for which, form in sorted(forms, key=lambda x: -len(x[1])):  # the most literal first: "Is {a} placed {w} {b}?"
-        if True:
-            pattern, names = re.escape(form), []
-            for slot, rx in SLOTS.items():
-                esc = re.escape(slot)
-                while esc in pattern:
-                    pattern = pattern.replace(esc, f"(?P<s{len(names)}>{rx[1:-1]})", 1)
-                    names.append(slot)
-            m = re.fullmatch(pattern, question) or re.fullmatch(pattern, question[0].lower() + question[1:])
-            if m:
-                return which, {n: m.group(f"s{i}") for i, n in enumerate(names)}
+        pattern, names = re.escape(form), []
+        for slot, rx in SLOTS.items():
+            esc = re.escape(slot)
+            while esc in pattern:
+                pattern = pattern.replace(esc, f"(?P<s{len(names)}>{rx[1:-1]})", 1)
+                names.append(slot)
+        m = re.fullmatch(pattern, question) or re.fullmatch(pattern, question[0].lower() + question[1:])
+        if m:
+            return which, {n: m.group(f"s{i}") for i, n in enumerate(names)}
     raise AssertionError(f"no {qtype} phrasing matches {question!r}")
 
 

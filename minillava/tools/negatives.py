@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     data, arms = Path(a.data), Path(a.arms)
-    mixes = {"with": load_records(data), "without": drop_negatives(load_records(data))}
+    records = load_records(data)
+    mixes = {"with": records, "without": drop_negatives(records)}
     seconds = {}
     for arm, records in mixes.items():
         path = data.with_name(f"mix_natural_{arm}_negatives.json")

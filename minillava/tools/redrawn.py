@@ -40,8 +40,7 @@ def _background(rng, size: int) -> Image.Image:
 
 
 def _points(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    n, radii = {"square": (4, [r * 0.85] * 4), "triangle": (3, [r] * 3),
-                "star": (10, [r, 0.42 * r] * 5)}[shape]
+    radii = {"square": [r * 0.85] * 4, "triangle": [r] * 3, "star": [r, 0.42 * r] * 5}[shape]
     a = np.deg2rad(angle + np.arange(len(radii)) * 360 / len(radii))
     return [(cx + rad * np.sin(t), cy - rad * np.cos(t)) for rad, t in zip(radii, a)]
 

@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from ...evaluation import answer, evaluate_vqa, format_table, pope_metrics, questions, rule_holds
+from ...evaluation import answer, evaluate_vqa, format_table, pope_metrics, questions, rule_holds, score
 from ...model import LlavaModel
 from ...processor import Processor
 from ..records import Record
@@ -150,8 +150,6 @@ def multiturn(result: dict) -> dict:
     by = {}
     for p in result["predictions"]:
         by.setdefault(p["id"].rsplit("-", 1)[-1], []).append(p)
-    from ...evaluation import score
-
     out = {v: score([{"qtype": p["qtype"], "reference": p["reference"]} for p in ps], [p["answer"] for p in ps])
            for v, ps in sorted(by.items())}
     first = out.get("first", {}).get("overall", {}).get("exact")
