@@ -49,20 +49,25 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     Prefill runs the whole prompt (images spliced in) once and fills the KV cache; each decode step then
     feeds one token. Greedy when temperature == 0, else temperature + nucleus (top-p) sampling.
     `cache`: continue from a KV cache holding earlier tokens (attention_mask then covers them too); it is
-    updated in place and ends holding everything but the last yielded token.
+    updated in place and ends holding everything but the last yielded token. A static cache
+    (`new_cache(model, max_length)`) cropped to fewer positions keeps stale ones after them: the new tokens
+    overwrite them, and until then causality hides them (each token sees only positions up to its own).
     `use_cache=False` recomputes the whole sequence each step (slow; the reference the tests compare to).
     `compile=True` decodes through a static KV cache with room for the prompt and `max_new_tokens` (kept and
     reused by later calls that fit in it), with the one-token step compiled by `torch.compile` (CUDA graphs
     on a GPU), as transformers' fast `generate` does: the same tokens with far fewer kernel launches per
-    step. The first call compiles (seconds); later calls of the same shapes reuse it. It takes no `cache`.
+    step. The first call compiles (seconds); later calls of the same shapes reuse it. Its `cache`, if given,
+    must be a static one (a chat keeps one for the whole conversation).
     """
-    if compile and (cache is not None or not use_cache):
-        raise ValueError("compile=True decodes through a static KV cache of its own: it needs use_cache=True "
-                         "and takes no `cache`")
+    from transformers import StaticCache
+
+    if compile and (not use_cache or not (cache is None or isinstance(cache, StaticCache))):
+        raise ValueError("compile=True decodes through a static KV cache: it needs use_cache=True, and a `cache` "
+                         "given must be a StaticCache (decoding.new_cache(model, max_length))")
     device = model.device
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
-    past = cache.get_seq_length() if cache is not None else 0
+    past = int(cache.get_seq_length()) if cache is not None else 0
     if attention_mask is None:
         attention_mask = torch.ones(B, past + T, dtype=torch.long, device=device)
     attention_mask = attention_mask.to(device)
@@ -74,8 +79,14 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         return
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     if compile:  # fixed shapes for the compiled step: a static cache, and a mask as long as the cache
-        cache, length = _static_cache(model, B, T + max_new_tokens)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, length - T)], dim=1)
+        if cache is None:
+            cache, length = _static_cache(model, B, T + max_new_tokens)
+        else:
+            length = cache.get_max_length()
+        if past + T + max_new_tokens > length:
+            raise ValueError(f"static cache of {length} positions: no room for {past} earlier tokens, a prompt of "
+                             f"{T} and {max_new_tokens} new ones")
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, length - past - T)], dim=1)
     elif use_cache and cache is None:
         cache = new_cache(model)
     embeds = model.embed(input_ids, images, image_features)  # prefill input
@@ -83,7 +94,7 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     seq = embeds  # the uncached path keeps the whole sequence's embeddings
     for step in range(max_new_tokens):  # step 0 is the prefill, every later step decodes one token
         if compile:
-            hidden = _static_step(model, step, T, embeds, attention_mask, position_ids, cache)
+            hidden = _static_step(model, step, past, T, embeds, attention_mask, position_ids, cache)
         elif use_cache:
             hidden = _decode(model, embeds, attention_mask, position_ids[:, -embeds.shape[1]:], cache)
         else:
@@ -111,11 +122,11 @@ def _room(model, prompt_length: int, max_new_tokens: int) -> int:
     return min(max_new_tokens, model.max_length - prompt_length)
 
 
-def _static_step(model, step: int, T: int, embeds, attention_mask, position_ids, cache) -> torch.Tensor:
-    """Hidden states (B, t, H) of step `step` through the static cache: the prefill (t = T) runs eagerly, each
-    later step (t = 1) through the compiled one-token step. The mask spans the whole cache; its not yet written
-    rest is hidden by causality. `where` names the positions written, for transformers releases that read it."""
-    t, filled = embeds.shape[1], T + step - 1 if step else 0
+def _static_step(model, step: int, past: int, T: int, embeds, attention_mask, position_ids, cache) -> torch.Tensor:
+    """Hidden states (B, t, H) of step `step` through the static cache after `past` earlier positions: the
+    prefill (t = T) runs eagerly, each later step (t = 1) through the compiled one-token step. The mask spans
+    the whole cache; its not yet written rest is hidden by causality. `where` names the positions written."""
+    t, filled = embeds.shape[1], past + (T + step - 1 if step else 0)
     where = torch.arange(filled, filled + t, device=embeds.device)
     decode = _compiled_step(embeds.device.type) if step else _one_step
     positions = position_ids[:, -t:].clone(memory_format=torch.contiguous_format)  # fixed strides

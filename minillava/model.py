@@ -139,15 +139,18 @@ class LlavaModel(nn.Module):
                 cache=None, use_cache: bool = False, return_logits: bool = True) -> LlavaOutput:
         """input_ids (B, T), attention_mask (B, T) (1 = real token; for a cached call it covers past + new),
         images (N, 3, S, S) or image_features (N, P, C_v), labels (B, T) with IGNORE_INDEX where unsupervised.
+        Packed rows (`Processor.pack`): no attention_mask, position_ids (B, T) starting at 0 for each sample.
 
         Returns loss (mean over supervised tokens, labels shifted by one as usual) and logits (B, T, V).
         With `return_logits=False` only the supervised positions go through the LM head: the training path.
         """
         B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
-        if self.max_length and past + T > self.max_length:
-            raise ValueError(f"input of {past + T} tokens (after image expansion) exceeds the language model's "
-                             f"context of {self.max_length}")
+        if self.max_length and not torch.compiler.is_compiling():  # packed rows: their longest sample counts
+            longest = past + T if position_ids is None or cache is not None else int(position_ids.max()) + 1
+            if longest > self.max_length:
+                raise ValueError(f"input of {longest} tokens (after image expansion) exceeds the language model's "
+                                 f"context of {self.max_length}")
         embeds = self.embed(input_ids, images, image_features)
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]

@@ -95,6 +95,24 @@ class Processor:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                 "images": torch.cat(images) if images else None}
 
+    def pack(self, samples: list[dict]) -> dict:
+        """Encoded samples -> one padding-free row: input_ids, labels, position_ids (1, sum of T) and images.
+
+        The samples are laid end to end with no padding; each one's positions start again at 0, which is what
+        tells the language model where a sample ends (transformers turns such position_ids, with no attention
+        mask, into a block-diagonal causal mask: no token sees another sample). Each sample's first label is
+        ignored, so that no sample is trained to predict the next one's first token: the loss is that of the
+        padded batch, without the padding's compute. attention_mask is None.
+        """
+        labels = [s["labels"].clone() for s in samples]
+        for row in labels:
+            row[0] = IGNORE_INDEX
+        images = [s["images"] for s in samples if s.get("images") is not None]
+        return {"input_ids": torch.cat([s["input_ids"] for s in samples])[None],
+                "labels": torch.cat(labels)[None], "attention_mask": None,
+                "position_ids": torch.cat([torch.arange(len(s["input_ids"])) for s in samples])[None],
+                "images": torch.cat(images) if images else None}
+
     def __call__(self, conversations, images=None, add_generation_prompt: bool = False,
                  padding_side: str | None = None, sample_ids: list[str] | None = None) -> dict:
         """One conversation (a list of messages) or several, with their images (for one conversation: an

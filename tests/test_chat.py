@@ -391,3 +391,54 @@ def test_chat_ttft_times_the_prefill_of_each_way(model, processor, monkeypatch, 
 def test_answer_room_must_leave_room_for_a_question(model, processor):
     with pytest.raises(ValueError, match=f"max_new_tokens {model.max_length}: must leave room"):
         ml.ChatSession(model, processor, max_new_tokens=model.max_length)
+
+
+# ---- the static cache: the chat's decode path for torch.compile ---------------------------------------------------
+def static_script(model, processor, **kw):
+    """A chat that adds images at turns 1 and 3, rolls back (reset, then a shorter conversation), and samples."""
+    imgs = [random_image(40, 30, 0), random_image(24, 50, 1), random_image(32, 32, 2)]
+    chat = chat_of(model, processor, **kw)
+    out = [(chat.ask(q, images=im), dict(chat.stats)) for q, im in
+           [("What color is the circle?", imgs[:1]), ("Where is it?", []), ("Which has more shapes?", imgs[1:])]]
+    chat.reset()  # a shorter conversation now: the cache's later positions hold the old one's keys
+    out += [(chat.ask("How many shapes?", images=imgs[2:]), dict(chat.stats))]
+    chat.temperature, chat.top_p = 0.8, 0.9
+    out += [(chat.ask("And now?"), dict(chat.stats))]
+    return out
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_static_cache_chat_is_token_identical(model, processor, monkeypatch, reuse):
+    """compile=True: one static cache for the whole chat, overwritten after a reset; the same tokens, reuse and
+    stats as the growing cache. (The compiled step is swapped for its eager self here; the slow test compiles.)"""
+    from minillava import decoding
+
+    monkeypatch.setattr(decoding, "_compiled_step", lambda device_type: decoding._one_step)
+    eager = static_script(model, processor, reuse_cache=reuse)
+    static = static_script(model, processor, reuse_cache=reuse, compile=True)
+    for (a, s), (b, t) in zip(eager, static):
+        assert a == b and s["new_token_ids"] == t["new_token_ids"]
+        assert {k: v for k, v in s.items() if k != "ttft_s"} == {k: v for k, v in t.items() if k != "ttft_s"}
+    assert sum(len(s["new_token_ids"]) for _, s in eager) > 10
+
+
+def test_static_cache_is_made_once_and_refuses_a_growing_one(model, processor, monkeypatch):
+    from minillava import decoding
+
+    monkeypatch.setattr(decoding, "_compiled_step", lambda device_type: decoding._one_step)
+    chat = chat_of(model, processor, compile=True, max_new_tokens=3)
+    chat.ask("Hello?")
+    first = chat._static
+    chat.reset()
+    chat.ask("Hello again?", images=[random_image()])
+    assert chat._static is first and first.get_max_length() == model.max_length
+    with pytest.raises(ValueError, match="StaticCache"):
+        model.generate(torch.tensor([[1, 2]]), cache=decoding.new_cache(model), compile=True)
+
+
+@pytest.mark.slow
+def test_compiled_chat_is_token_identical(model, processor):
+    """The real thing: the one-token step compiled by torch.compile, across turns, a reset and sampling."""
+    eager = static_script(model, processor)
+    compiled = static_script(model, processor, compile=True)
+    assert [s["new_token_ids"] for _, s in compiled] == [s["new_token_ids"] for _, s in eager]

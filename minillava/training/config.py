@@ -68,6 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradients are clipped to this global norm
     group_by_length: bool = True  # LLaVA's modality-length grouping
+    packing: bool = False  # each micro-batch as one row without padding, samples kept apart by their positions
     feature_cache: str = "auto"  # vision features in memory, disk, off, or auto: by size and RAM (off for 1 epoch)
     cache_dir: str | None = None  # where a disk feature cache goes (default: <out>.features, removed when the run ends)
     lazy_data: bool = False  # read records and decode images as steps need them, in DataLoader workers (large files)

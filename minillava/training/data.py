@@ -112,12 +112,14 @@ def rank_slices(order: list[int], within: int, batch: int, micro: int, rank: int
     return [ids[(k * world + rank) * micro:(k * world + rank + 1) * micro] for k in range(batch // (micro * world))]
 
 
-def collate(examples: list[dict], processor: Processor, cache: FeatureCache | None, device) -> dict:
-    """Encoded examples -> model inputs on `device`; images as cached features when a cache is in use."""
-    batch = processor.collate([{"input_ids": e["input_ids"], "labels": e["labels"], "images": None}
-                               for e in examples])
+def collate(examples: list[dict], processor: Processor, cache: FeatureCache | None, device,
+            packing: bool = False) -> dict:
+    """Encoded examples -> model inputs on `device`: padded (B, T), or with `packing` one padding-free row
+    (`Processor.pack`); images as cached features when a cache is in use."""
+    batch = _batch([{"input_ids": e["input_ids"], "labels": e["labels"], "images": None} for e in examples],
+                   processor, packing)
     paths = [p for e in examples for p in e["images"]]
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "labels", "attention_mask")}
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "images" and v is not None}
     if paths:
         if cache is not None:
             inputs["image_features"] = cache.get(paths).to(device)
@@ -196,16 +198,21 @@ class LazySamples(torch.utils.data.Dataset):
         return pixels, decoded
 
 
-def collate_step(samples: list[dict], micro: int, processor: Processor) -> list[dict]:
-    """One step's samples for this process (runs of `micro`, in order) -> its micro-batches, padded as
-    `collate` pads them (in the worker). Each is {"input_ids", "labels", "attention_mask": (b, T), or None
-    when every sample was bad; "images": [Path]; "pixels": (K, 3, S, S) or None; "decoded": [bool] per image;
-    "bad": [(index, id, error)]; and counts over its good samples: "n_samples", "n_tokens" (image tokens
-    included, padding not), "n_supervised"}."""
-    return [_collate_micro(samples[k:k + micro], processor) for k in range(0, len(samples), micro)]
+def _batch(samples: list[dict], processor: Processor, packing: bool) -> dict:
+    return processor.pack(samples) if packing else processor.collate(samples)
 
 
-def _collate_micro(samples: list[dict], processor: Processor) -> dict:
+def collate_step(samples: list[dict], micro: int, processor: Processor, packing: bool = False) -> list[dict]:
+    """One step's samples for this process (runs of `micro`, in order) -> its micro-batches, padded (or packed)
+    as `collate` does it (in the worker). Each is {"input_ids", "labels", "attention_mask": (b, T), or None
+    when every sample was bad (attention_mask also when packed, which adds "position_ids" (1, T));
+    "images": [Path]; "pixels": (K, 3, S, S) or None; "decoded": [bool] per image; "bad": [(index, id, error)];
+    and counts over its good samples: "n_samples", "n_tokens" (image tokens included, padding not),
+    "n_supervised"}."""
+    return [_collate_micro(samples[k:k + micro], processor, packing) for k in range(0, len(samples), micro)]
+
+
+def _collate_micro(samples: list[dict], processor: Processor, packing: bool) -> dict:
     good = [s for s in samples if "error" not in s]
     out = {"bad": [(s["index"], s["id"], s["error"]) for s in samples if "error" in s],
            "images": [p for s in good for p in s["images"]], "decoded": [d for s in good for d in s["decoded"]],
@@ -213,9 +220,9 @@ def _collate_micro(samples: list[dict], processor: Processor) -> dict:
            "n_supervised": sum(s["n_supervised"] for s in good), "input_ids": None, "labels": None,
            "attention_mask": None}
     if good:
-        batch = processor.collate([{"input_ids": s["input_ids"], "labels": s["labels"], "images": None}
-                                   for s in good])
-        out.update({k: batch[k] for k in ("input_ids", "labels", "attention_mask")})
+        batch = _batch([{"input_ids": s["input_ids"], "labels": s["labels"], "images": None} for s in good],
+                       processor, packing)
+        out.update({k: v for k, v in batch.items() if k != "images"})
     pixels = [s["pixels"] for s in good if s["pixels"] is not None]
     out["pixels"] = torch.cat(pixels) if pixels else None
     return out
@@ -274,15 +281,17 @@ class LazyData:
         return self.dataset.processor
 
     def steps(self, order: list[int], first: int, last: int, batch: int, micro: int, rank: int = 0,
-              world: int = 1, num_workers: int = 0, cache: FeatureCache | None = None) -> Iterator[list[dict]]:
+              world: int = 1, num_workers: int = 0, cache: FeatureCache | None = None,
+              packing: bool = False) -> Iterator[list[dict]]:
         """This process's micro-batches (`collate_step`) of the steps first..last-1 of an epoch in `order`:
         one list of batch // (micro x world) per step, loaded ahead by `num_workers` processes (0: here; at
-        most one per CPU). Images whose features `cache` holds now are not decoded: pass `inputs` the same."""
+        most one per CPU). Images whose features `cache` holds now are not decoded: pass `inputs` the same.
+        `packing`: each micro-batch one padding-free row (`Processor.pack`)."""
         self.dataset.cached = cache.snapshot() if cache is not None else None
         plan = [[i for mb in rank_slices(order, s, batch, micro, rank, world) for i in mb] for s in range(first, last)]
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=plan, num_workers=min(num_workers, _cpus()),
-            collate_fn=functools.partial(collate_step, micro=micro, processor=self._processor()))
+            collate_fn=functools.partial(collate_step, micro=micro, processor=self._processor(), packing=packing))
         return iter(loader)
 
     def inputs(self, micro: dict, cache: FeatureCache | None, device) -> dict | None:
@@ -296,7 +305,8 @@ class LazyData:
         if micro["input_ids"] is None:
             return None
         self.last_good = micro
-        inputs = {k: micro[k].to(device) for k in ("input_ids", "labels", "attention_mask")}
+        inputs = {k: micro[k].to(device) for k in ("input_ids", "labels", "attention_mask", "position_ids")
+                  if micro.get(k) is not None}
         if micro["images"] and cache is not None:
             rows = iter(micro["pixels"] if micro["pixels"] is not None else [])
             pixels = [next(rows) if d else None for d in micro["decoded"]]

@@ -215,7 +215,7 @@ def train_step(run: Run, step: int, order: list[int], loaded: list[dict] | None 
     for k, mb in enumerate(micro):
         weight = 1.0
         if loaded is None:
-            inputs = collate([run.examples[i] for i in mb], run.processor, run.cache, run.device)
+            inputs = collate([run.examples[i] for i in mb], run.processor, run.cache, run.device, cfg.packing)
         else:
             inputs = run.data.inputs(mb, run.cache, run.device)  # a bad sample: DataError, or left out
             if inputs is None and world == 1:
@@ -352,7 +352,7 @@ def epoch_plan(run: Run, epoch: int, step: int) -> tuple[list[int], Iterator | N
     order = run.data.order(cfg.seed, epoch, group, cfg.group_by_length)
     first, last = step - epoch * run.steps_per_epoch, min(run.steps_per_epoch, run.total - epoch * run.steps_per_epoch)
     return order, run.data.steps(order, first, last, run.batch, cfg.micro_batch_size, run.rank, run.world,
-                                 cfg.num_workers, run.cache)
+                                 cfg.num_workers, run.cache, cfg.packing)
 
 
 def checkpoint(run: Run, partial: Path, step: int, metrics: list[dict], settings: dict) -> None:
