@@ -78,7 +78,7 @@ _JINJA = """
     {%- if loop.first and system_in_first_user -%}{{- sys_block -}}{%- endif -%}
     {{- c + @user_close@ -}}
   {%- else -%}
-    {{- @answer_open@ + c + @answer_close@ -}}
+    {{- @tag@ -}}{%- generation -%}{{- @answer_pre@ + c + @answer_close@ -}}{%- endgeneration -%}
   {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- @tag@ -}}{%- endif -%}
@@ -195,13 +195,15 @@ class Template:
         `tokenizer.apply_chat_template(messages, chat_template=t.to_jinja(), tokenize=False,
         add_generation_prompt=g) == t.render(messages, g)` for valid messages, their content a string or
         transformers' typed parts (what its processors and pipelines pass); the Jinja checks only the role
-        order and the part types, `render` checks the rest.
+        order and the part types, `render` checks the rest. The supervised part of each answer sits between
+        `{% generation %}` markers, so `return_assistant_tokens_mask=True` marks the tokens `tokenize` labels
+        (what TRL's `assistant_only_loss` trains on).
         """
         values = {"system": self.system, "system_open": self.system_wrap[0],
                   "system_close": self.system_wrap[1],
                   "system_in_first_user": self.system_in_first_user, "caption_only": self.caption_only,
                   "round_sep": self.round_sep, "user_open": self.user[0], "user_close": self.user[1],
-                  "answer_open": self.assistant_tag + self.answer[0], "answer_close": self.answer[1],
+                  "answer_pre": self.answer[0], "answer_close": self.answer[1],
                   "tag": self.assistant_tag, "image": IMAGE_PLACEHOLDER, "image_nl": IMAGE_PLACEHOLDER + "\n"}
         return re.sub(r"@(\w+)@", lambda slot: json.dumps(values[slot.group(1)]), _JINJA).strip()
 

@@ -84,15 +84,16 @@ def test_reports_the_setting(result):
 @pytest.mark.slow
 def test_every_phase_reports_both_sides(result):
     phases = result["phases"]
-    assert set(phases) == {"train_stage1_epoch", "train_stage1_step", "train_stage2_step", "decode_batch_1",
-                           "decode_batch_8", "chat_ttft_turn5"}
+    assert set(phases) == {"train_stage1_epoch", "train_stage1_step", "train_stage2_step", "train_stage2_trl",
+                           "decode_batch_1", "decode_batch_8", "chat_ttft_turn5"}
     # what each run of a phase processes: 16 images in the epoch; batch 8 x 160 tokens a step; 4 new tokens a
     # prompt in decoding: a throughput is that count over the run's time
     per_run = {"train_stage1_epoch": {"samples": 16}, "train_stage1_step": {"samples": 8, "tokens": 8 * 160},
                "train_stage2_step": {"samples": 8, "tokens": 8 * 160}, "decode_batch_1": {"tokens": 1 * 4},
+               "train_stage2_trl": {"samples": 8 * (8 - 1)},  # steps 2..8 of 8 samples
                "decode_batch_8": {"tokens": 8 * 4}}
     weights_mb = 2 * 4 * sum(result["params"].values()) / 2**20  # both sides' float32 weights stay resident
-    targets = {"train_stage1_epoch": 0.5, "train_stage1_step": 0.8, "train_stage2_step": 0.8,
+    targets = {"train_stage1_epoch": 0.5, "train_stage1_step": 0.8, "train_stage2_step": 0.8, "train_stage2_trl": 1.2,
                "decode_batch_1": 1.0, "decode_batch_8": 1.0, "chat_ttft_turn5": 0.3}  # the CPU targets
     for name, phase in phases.items():
         assert set(phase["ratio"]) == SPREAD, name
@@ -104,7 +105,7 @@ def test_every_phase_reports_both_sides(result):
             assert s["memory"]["peak_mb"] >= s["memory"]["growth_mb"] + weights_mb, (name, side)
             assert s["mfu"] is None, (name, side)  # no peak FLOP/s for a CPU
         ml, hf = phase["minillava"]["time_s"]["median"], phase["transformers"]["time_s"]["median"]
-        throughput = name.startswith("decode")  # tokens/s: above 1 is faster; times: below 1 is faster
+        throughput = name.startswith("decode") or name == "train_stage2_trl"  # above 1 is faster; times: below
         assert phase["ratio"]["median"] == pytest.approx(hf / ml if throughput else ml / hf), name
         ratio = phase["ratio"]["median"]
         assert phase["met"] == (ratio >= targets[name] if throughput else ratio <= targets[name]), name
@@ -113,6 +114,10 @@ def test_every_phase_reports_both_sides(result):
     assert phases["decode_batch_8"]["same_tokens"]  # same weights, greedy: same tokens
     assert phases["chat_ttft_turn5"]["same_prompt_tokens"]
     assert phases["chat_ttft_turn5"]["prefilled_tokens"] < phases["chat_ttft_turn5"]["prompt_tokens"]
+    trl = phases["train_stage2_trl"]  # TRL's collator supervises exactly minillava's tokens; both trained
+    assert trl["same_supervision"] is True and trl["trl_version"]
+    assert all(0 < loss < 20 for loss in trl["final_loss"].values())
+    assert all(trl["run_s"][side]["median"] > trl[side]["time_s"]["median"] for side in ("minillava", "transformers"))
     stage2 = phases["train_stage2_step"]
     assert stage2["memory_met"] == (stage2["minillava"]["memory"]["peak_mb"] < 1500)  # under 1.5 GB
 
@@ -135,12 +140,12 @@ def test_targets_are_judged_on_the_median_ratio():
         return result["phases"]
 
     # (time ratios: at most the bound; decoding throughput ratios: at least the bound)
-    bounds = {"train_stage1_epoch": 0.5, "train_stage1_step": 0.8, "train_stage2_step": 0.8,
+    bounds = {"train_stage1_epoch": 0.5, "train_stage1_step": 0.8, "train_stage2_step": 0.8, "train_stage2_trl": 1.2,
               "decode_batch_1": 1.0, "decode_batch_8": 1.0, "chat_ttft_turn5": 0.3}
     higher = {name: b * 1.01 for name, b in bounds.items()}
     lower = {name: b * 0.99 for name, b in bounds.items()}
     exact = dict(bounds)
-    want_higher = {name: name.startswith("decode") for name in bounds}
+    want_higher = {name: name.startswith("decode") or name == "train_stage2_trl" for name in bounds}
     assert {n: p["met"] for n, p in judged(higher).items()} == want_higher
     assert {n: p["met"] for n, p in judged(lower).items()} == {n: not v for n, v in want_higher.items()}
     assert all(p["met"] is True for p in judged(exact).values())
@@ -183,8 +188,8 @@ def test_peak_memory_sees_what_a_run_allocates():
 @pytest.mark.slow
 def test_markdown_has_a_row_per_figure(result):
     table = bench.markdown(result)
-    for label in ["stage-1 epoch", "stage-1 step", "stage-2 step", "decode, batch 1", "decode, batch 8",
-                  "chat TTFT at turn 5", "peak memory"]:
+    for label in ["stage-1 epoch", "stage-1 step", "stage-2 step", "stage-2 training vs TRL", "decode, batch 1",
+                  "decode, batch 8", "chat TTFT at turn 5", "peak memory", "stage-2 training vs TRL, peak memory"]:
         assert f"| {label}" in table
 
 
@@ -256,7 +261,7 @@ def test_merge_joins_parts_of_one_setting_and_refuses_others(result):
         r["command"], r["complete"] = command, False
         return r
 
-    training = ("train_stage1_epoch", "train_stage1_step", "train_stage2_step")
+    training = ("train_stage1_epoch", "train_stage1_step", "train_stage2_step", "train_stage2_trl")
     a, b = part(training, "first"), part(("decode_batch_1", "decode_batch_8", "chat_ttft_turn5"), "second")
     a["load_average"], b["load_average"] = {"start": 1.0, "end": 2.0}, {"start": 3.0, "end": 4.0}
     a["minillava_decode_compiled"] = True  # (a part that decoded nothing has no say in it)
@@ -309,3 +314,24 @@ def test_a_failed_compiled_decoding_is_reported_and_measured_eagerly(tmp_path, m
     assert result["phases"]["decode_batch_1"]["compiled"] == {"minillava": False, "transformers": False}
     assert result["minillava_decode_compiled"] is False and "decoding and" not in bench.markdown(result)
     assert any("minillava: compiled decoding" in n and "no compiler here" in n for n in result["notes"])
+
+
+def test_performance_page_shows_the_saved_trl_table(capsys):
+    """The comparison with TRL's SFTTrainer is shown exactly as its saved JSON prints, and the page's prose
+    states what that file holds: the ratio, the padding shares and the collation times."""
+    saved_trl = SAVED.parent / "bench_cpu_tiny_trl.json"
+    page = PAGE.read_text()
+    found = re.search(r"<!-- bench:cpu-trl:start -->\n(.*?)\n<!-- bench:cpu-trl:end -->", page, re.S)
+    assert found, "book/performance.md lacks the <!-- bench:cpu-trl:start/end --> markers"
+    assert bench.main(["--markdown", str(saved_trl)]) == 0
+    assert found.group(1).strip() == capsys.readouterr().out.strip()
+    phase = json.loads(saved_trl.read_text())["phases"]["train_stage2_trl"]
+    assert phase["same_supervision"] is True and phase["packing"] is False
+    assert f"{phase['ratio']['median']:.2f} (an Intel CPU)" in page
+    assert f"{phase['padding_share']['minillava']:.1%} padding" in page
+    assert f"{phase['padding_share']['transformers']:.1%} expected" in page
+    collate = phase["collate_s_per_step"]
+    assert f"{collate['transformers']:.3f} s per step" in page and f"{collate['minillava']:.3f} s." in page
+    packed = json.loads((SAVED.parent / "bench_cpu_tiny_trl_packed.json").read_text())["phases"]["train_stage2_trl"]
+    assert packed["packing"] is True
+    assert f"a ratio of {packed['ratio']['median']:.2f} against TRL" in page

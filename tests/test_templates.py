@@ -522,3 +522,17 @@ def test_llava_hf_layout_is_transformers_chat_template(small_tokenizers):
     out = template.tokenize(messages[:2], tok, num_image_tokens=3)
     kept = [i for i, label in zip(out["input_ids"], out["labels"]) if label != IGNORE_INDEX]
     assert tok.decode(kept) == " A cat."
+
+
+@pytest.mark.parametrize("name, n, generation", [c for c in CASES if not c[2]])
+def test_jinja_marks_the_supervised_tokens(small_tokenizers, name, n, generation):
+    """`{% generation %}` markers: transformers' assistant mask is exactly `tokenize`'s labels (what TRL's
+    assistant_only_loss supervises when it renders with the exported template)."""
+    template, tok = get_template(name), small_tokenizers["bytelevel"]
+    messages = conversation(n, generation)
+    theirs = tok.apply_chat_template(messages, chat_template=template.to_jinja(), tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+    ours = template.tokenize(messages, tok, add_bos=False)
+    assert theirs["input_ids"] == ours["input_ids"]
+    assert theirs["assistant_masks"] == [int(label != IGNORE_INDEX) for label in ours["labels"]]
+    assert any(theirs["assistant_masks"])

@@ -246,3 +246,35 @@ def test_compiled_training_gives_the_same_losses(world, tmp_path, monkeypatch):
     assert [m["loss"] for m in compiled.metrics] == pytest.approx([m["loss"] for m in eager.metrics], rel=1e-4)
     assert load_file(compiled.out / "projector.safetensors").keys() == load_file(
         eager.out / "projector.safetensors").keys()  # saved from the model, not the compiled wrapper
+
+
+# ---- training the vision tower too (LLaVA-NeXT, OneVision) ---------------------------------------------------------
+def test_vision_lr_trains_the_tower_at_its_own_rate(world, s1, tmp_path, capsys):
+    common = dict(stage=2, data=world["instruct"], images=world["images"], init=str(s1.out), batch_size=8,
+                  micro_batch_size=4, max_steps=3, lr=1e-3, progress=False)
+    res = train(TrainConfig(out=str(tmp_path / "tower"), vision_lr=1e-4, **common))
+    out = capsys.readouterr().out
+    assert "vision_tower: full" in out and "feature cache: off (the vision tower trains" in out
+    before = ml.load_vision(world["vision"])[0].state_dict()
+    after = ml.load(res.out, device="cpu")[0].vision_tower.model.state_dict()
+    moved = {k: float((after[k] - v).abs().max()) for k, v in before.items() if v.is_floating_point()}
+    assert max(moved.values()) > 0  # the tower trained, and is saved with the model
+    # its own peak rate: a tenth of the LM's moves it less than the LM's rate does, the same data and steps
+    fast = train(TrainConfig(out=str(tmp_path / "fast"), vision_lr=1e-3, **common))
+    fast_after = ml.load(fast.out, device="cpu")[0].vision_tower.model.state_dict()
+    fast_moved = {k: float((fast_after[k] - v).abs().max()) for k, v in before.items() if v.is_floating_point()}
+    assert sum(moved.values()) < sum(fast_moved.values())
+    assert res.metrics[-1]["lr"] == fast.metrics[-1]["lr"]  # (the row logs the LM's rate)
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(stage=1, vision_lr=1e-5), "stage 2 only"),
+    (dict(vision_lr=2.0), "between 0 and 1"),
+    (dict(vision_lr=1e-5, lora=True), "LoRA output"),
+    (dict(vision_lr=1e-5, strategy="fsdp"), "strategy ddp"),
+    (dict(vision_lr=1e-5, feature_cache="memory"), "none can be cached"),
+])
+def test_vision_lr_refuses_what_cannot_work(settings, match):
+    cfg = TrainConfig(**{"stage": 2, "data": "x.json", **settings})
+    with pytest.raises(ValueError, match=match):
+        cfg.check()

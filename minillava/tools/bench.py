@@ -45,6 +45,7 @@ from PIL import Image
 from ..chat import ChatSession
 from ..utils import device_name, write_json
 from ..vision import noise_image
+from . import bench_trl
 
 QUESTIONS = ["What color is the circle?", "Where is it?", "How many shapes are there?", "Is there a star?",
              "What is at the top left?", "Describe the image."]
@@ -154,6 +155,8 @@ class BenchConfig:
     epoch_images: int = 128  # images (and captions) in the stage-1 epoch
     decode_tokens: int = 32  # new tokens per prompt in the decoding benchmark
     chat_tokens: int = 16  # the longest answer at each chat turn
+    trl_steps: int = 8  # optimizer steps per run in the TRL comparison (the first is a warm-up)
+    trl_micro: int = 8  # its micro-batch (batch / micro steps accumulate)
 
     def describe(self) -> dict:
         return {"vision": f"CLIP ViT {self.image_size} px / patch {self.patch_size} / width {self.vision_width} "
@@ -179,8 +182,10 @@ CONFIGS = {
 }
 
 # Which figures the benchmark reports, how to read them, and the targets set for the CPU `tiny` run.
-PHASES = ("train_stage1_epoch", "train_stage1_step", "train_stage2_step", "decode", "chat_ttft_turn5")
+PHASES = ("train_stage1_epoch", "train_stage1_step", "train_stage2_step", "train_stage2_trl", "decode",
+          "chat_ttft_turn5")
 TARGETS = {"train_stage1_epoch": ("<=", 0.5), "train_stage1_step": ("<=", 0.8), "train_stage2_step": ("<=", 0.8),
+           "train_stage2_trl": (">=", 1.2),
            "decode_batch_1": (">=", 1.0), "decode_batch_8": (">=", 1.0), "chat_ttft_turn5": ("<=", 0.3)}
 GPU_MFU_TARGET = 0.30  # minillava's stage-2 model FLOP utilisation, `base` config on a GPU
 STAGE2_PEAK_RSS_TARGET_MB = 1500  # tiny stage-2 training on a CPU must stay under 1.5 GB resident
@@ -742,7 +747,7 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: int = 5, phases=PHASES,
             compile_hf: bool | None = None, peak: float | None = None, command: str | None = None,
-            compile_ml: bool | None = None, save: str | Path | None = None) -> dict:
+            compile_ml: bool | None = None, save: str | Path | None = None, packing: bool = False) -> dict:
     """Run the comparison; returns the JSON-able result (see the module docstring and `markdown`). With `save`,
     the result so far is also written there (atomically) after every phase, so a run cut short keeps what it
     measured; `result["complete"]` says whether every phase asked for ran."""
@@ -790,6 +795,12 @@ def compare(cfg: BenchConfig, device: torch.device, warmup: int = 2, repeats: in
         for stage in (1, 2):
             if f"train_stage{stage}_step" in phases:
                 done(f"train_stage{stage}_step", phase_train_step(pair, stage, warmup, repeats))
+        if "train_stage2_trl" in phases:
+            missing = bench_trl.available()
+            if missing:
+                pair.notes.append(f"{bench_trl.LABEL} not measured: {missing}")
+            else:
+                done(bench_trl.LABEL, bench_trl.phase_trl(pair, repeats, cfg.trl_steps, cfg.trl_micro, packing))
         pair.restore()
         pair.model.requires_grad_(False)
         pair.hf.requires_grad_(False)
@@ -876,7 +887,8 @@ def merge(results: list[dict]) -> dict:
 
 # ---- the report ---------------------------------------------------------------------------------------------
 ROWS = [("train_stage1_epoch", "stage-1 epoch (second epoch)", "s"), ("train_stage1_step", "stage-1 step", "s"),
-        ("train_stage2_step", "stage-2 step", "s"), ("decode_batch_1", "decode, batch 1", "tokens/s"),
+        ("train_stage2_step", "stage-2 step", "s"), ("train_stage2_trl", "stage-2 training vs TRL", "samples/s"),
+        ("decode_batch_1", "decode, batch 1", "tokens/s"),
         ("decode_batch_8", "decode, batch 8", "tokens/s"), ("chat_ttft_turn5", "chat TTFT at turn 5", "s")]
 
 
@@ -937,7 +949,8 @@ def markdown(result: dict) -> str:
         if key not in phases:
             continue
         p = phases[key]
-        field_ = "time_s" if unit == "s" else "tokens_per_s"
+        label += ", minillava packed" if p.get("packing") else ""
+        field_ = {"s": "time_s", "tokens/s": "tokens_per_s", "samples/s": "samples_per_s"}[unit]
         met = {True: "yes", False: "**no**"}.get(p.get("met"), "")
         target = p.get("target", "").replace("<=", "≤").replace(">=", "≥") if result.get("targets_judged") else ""
         lines.append(f"| {label} | {unit} | {_cell(p['minillava'][field_])} | {_cell(p['transformers'][field_])} "
@@ -948,6 +961,11 @@ def markdown(result: dict) -> str:
         target = f"< {STAGE2_PEAK_RSS_TARGET_MB}" if result.get("targets_judged") else ""
         lines.append(f"| stage-2 step, peak memory | MB | {_num(p['minillava']['memory']['peak_mb'])} | "
                      f"{_num(p['transformers']['memory']['peak_mb'])} | | {target} | {met} |")
+    if "train_stage2_trl" in phases:  # (TRL's side: transformers' Llava trained by TRL's SFTTrainer)
+        p = phases["train_stage2_trl"]
+        ml_mb, trl_mb = p["minillava"]["memory"]["peak_mb"], p["transformers"]["memory"]["peak_mb"]
+        ratio = _num(ml_mb / trl_mb) if ml_mb and trl_mb else ""
+        lines.append(f"| stage-2 training vs TRL, peak memory | MB | {_num(ml_mb)} | {_num(trl_mb)} | {ratio} | | |")
     mfu = any(p[side].get("mfu") for p in phases.values() for side in ("minillava", "transformers"))
     lines += ["", "| figure | side | samples/s | tokens/s | model TFLOP/s |" + (" MFU |" if mfu else "")
               + " peak memory, MB | growth, MB |", "| --- " * (7 + mfu) + "|"]
@@ -983,7 +1001,7 @@ def _run_compare(args) -> dict:
     compile_hf = {"auto": None, "yes": True, "no": False}[args.compile]
     compile_ml = {"auto": None, "yes": True, "no": False}[args.compile_minillava]
     return compare(cfg, device, args.warmup, args.repeats, phases, compile_hf, args.peak_tflops, compile_ml=compile_ml,
-                   command=_command(args.argv), save=args.out)
+                   command=_command(args.argv), save=args.out, packing=args.packing)
 
 
 def _command(argv: list[str]) -> str:
@@ -1025,6 +1043,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="print one JSON result from saved --json results of the same setting, and exit")
     parser.add_argument("--peak-tflops", type=float, help="the device's bf16 peak for MFU (default: by GPU name)")
     parser.add_argument("--turns", type=int, default=5, help="chat_ttft: turns per chat")
+    parser.add_argument("--packing", action="store_true",
+                        help="train_stage2_trl: minillava trains on packed rows (`train --packing`)")
     args = parser.parse_args(argv)
     args.argv = argv
     if args.markdown:

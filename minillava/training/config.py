@@ -60,6 +60,7 @@ class TrainConfig:
     lora_alpha: int = 256  # LoRA scale: the update is (alpha / r) * B @ A
     lora_dropout: float = 0.05  # dropout on the LoRA branch
     lr: float | None = None  # peak learning rate (None: the recipe's, 2e-4 with LoRA)
+    vision_lr: float | None = None  # stage 2: train the vision tower too, at this peak rate (None: frozen)
     batch_size: int | None = None  # global batch, samples per optimizer step over all processes (None: the recipe's)
     micro_batch_size: int = 16  # samples per forward pass; batch_size / (micro * processes) steps accumulate
     epochs: float = 1.0  # passes over the data (fractions allowed)
@@ -149,9 +150,29 @@ class TrainConfig:
             raise ValueError("stage 1 trains the projector only; LoRA is a stage-2 option")
         if self.lora and self.freeze_lm:
             raise ValueError("lora and freeze_lm: choose one way to treat the language model")
+        self._check_vision_lr()
         if not self.data:
             raise ValueError("data: a LLaVA-format JSON file is required")
         self._check_scaling()
+
+    def _check_vision_lr(self) -> None:
+        """Training the tower (LLaVA-NeXT and OneVision do, at about a tenth of the LM's rate): stage 2, whole
+        outputs, replicated weights, and features computed afresh at every step."""
+        if self.vision_lr is None:
+            return
+        if self.stage != 2:
+            raise ValueError(f"vision_lr: stage {self.stage} keeps the vision tower frozen; it trains in stage 2 only")
+        if not 0 < self.vision_lr < 1:
+            raise ValueError(f"vision_lr {self.vision_lr}: expected a number between 0 and 1 (LLaVA-NeXT: 2e-6)")
+        if self.lora:
+            raise ValueError("vision_lr with lora: a LoRA output holds the projector and the adapters only, so the "
+                             "trained tower would be lost; train the LM fully, or keep the tower frozen")
+        if self.strategy == "fsdp":
+            raise ValueError("vision_lr with strategy fsdp: FSDP keeps the vision tower whole and unsynchronised on "
+                             "every process; use strategy ddp")
+        if self.feature_cache in ("memory", "disk"):
+            raise ValueError(f"vision_lr with feature_cache {self.feature_cache}: the features change as the tower "
+                             "trains, so none can be cached; use feature_cache off (or auto)")
 
     def _check_scaling(self) -> None:
         """The settings of `distributed.py` and `logs.py`: strategy, precision, report_to."""
@@ -180,6 +201,7 @@ def apply_recipe(model: LlavaModel, tune: dict, cfg: TrainConfig) -> list[str]:
     for part in PARTS:
         if tune[part] != "lora":
             getattr(model, part).requires_grad_(tune[part] == "full")
+    model.vision_tower.frozen = tune["vision_tower"] == "frozen"  # (a frozen tower stays in eval mode)
     report = []
     for part in PARTS:
         params = list(getattr(model, part).parameters())

@@ -122,6 +122,8 @@ def load_model_and_data(cfg: TrainConfig, rank: int) -> tuple[LlavaModel, Proces
     tune = dict(cfg.recipe.tune)
     if cfg.lora or cfg.freeze_lm:
         tune["language_model"] = "lora" if cfg.lora else "frozen"
+    if cfg.vision_lr is not None:
+        tune["vision_tower"] = "full"
     # read before the model loads: a missing or malformed file fails at once
     source = LazyData.open(cfg.data, cfg.images, cfg.skip_bad_samples) if cfg.lazy_data else load_records(
         cfg.data, cfg.images)
@@ -167,7 +169,10 @@ def setup(cfg: TrainConfig) -> Run:
     net = distributed.wrap(model, cfg.strategy, device, world, precision)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # after: FSDP swaps in shards
     lr = cfg.resolved_lr()
-    opt = torch.optim.AdamW([p for _, p in trainable], lr=lr, weight_decay=cfg.weight_decay)
+    tower = {id(p) for p in model.vision_tower.parameters()}
+    groups = [{"params": [p for _, p in trainable if id(p) not in tower], "peak_lr": lr},  # (first: the lr logged)
+              {"params": [p for _, p in trainable if id(p) in tower], "peak_lr": cfg.vision_lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=cfg.weight_decay)
     if cfg.compile:
         net = torch.compile(net, dynamic=True, backend=COMPILE_BACKEND)  # padded batches vary in length
     return Run(cfg, model, net, processor, examples, data, n_samples, opt, trainable, cache, device, rank, world, batch,
@@ -180,6 +185,9 @@ def feature_cache(cfg: TrainConfig, model: LlavaModel, processor: Processor, n_i
     """The feature cache `choose_cache` picks for `n_images` images over `epochs` passes (its reason goes into
     `report`), or None; the processes on this machine each hold their own memory cache."""
     tower = model.vision_tower
+    if not tower.frozen:
+        report.append("feature cache: off (the vision tower trains: its features change at every step)")
+        return None
     choice = choose_cache(cfg.feature_cache, n_images, tower.num_tokens, tower.hidden_size,
                           next(tower.parameters()).dtype, epochs, cfg.cache_dir or default_cache_dir(cfg.out),
                           copies=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -206,8 +214,8 @@ def train_step(run: Run, step: int, order: list[int], loaded: list[dict] | None 
     if n_tokens == 0:  # (lazy_data with skip_bad_samples: all processes agree, the counts are all-reduced)
         raise DataError(f"step {step + 1}: every sample of the global batch of {run.batch} was bad and skipped; "
                         "check the data with `minillava data check`")
-    for g in run.opt.param_groups:
-        g["lr"] = run.lr * lr_at(step, run.total, run.warmup)
+    for g in run.opt.param_groups:  # each group its own peak (the vision tower's `vision_lr`), one schedule
+        g["lr"] = g["peak_lr"] * lr_at(step, run.total, run.warmup)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     step_loss = torch.zeros((), device=run.device)

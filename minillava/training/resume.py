@@ -24,7 +24,7 @@ def resume_settings(cfg: TrainConfig, n_samples: int, world: int, precision: str
     resume a run that ran out of memory)."""
     keep = ("stage", "init", "vision", "lm", "projector", "feature_layer", "template", "lora", "freeze_lm",
             "lora_r", "lora_alpha", "lora_dropout", "micro_batch_size", "epochs", "max_steps", "warmup_ratio",
-            "weight_decay", "max_grad_norm", "group_by_length", "seed", "strategy")
+            "weight_decay", "max_grad_norm", "group_by_length", "seed", "strategy", "vision_lr")
     return {**{k: getattr(cfg, k) for k in keep}, "lr": cfg.resolved_lr(), "batch_size": cfg.resolved_batch_size(),
             "precision": precision, "samples": n_samples, "processes": world, "data_sha256": fingerprint(cfg.data),
             "init_sha256": fingerprint(cfg.init) if cfg.stage == 2 and cfg.init else None}
