@@ -86,6 +86,49 @@ def vqa_soft_accuracy(prediction: str, answers: list[str]) -> float:
     return sum(min(1.0, sum(r == pred for k, r in enumerate(refs) if k != i) / 3) for i in range(len(refs))) / len(refs)
 
 
+# ---- MMBench's multiple choice and CircularEval --------------------------------------------------------------
+LETTERS = "ABCDEFGH"
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's MMBench prompt
+
+
+def mc_prompt(question: str, options: list[str]) -> str:
+    """A multiple-choice question as LLaVA-1.5 asks MMBench: the question, one "A. option" line per option,
+    then `MC_SUFFIX`."""
+    if not 2 <= len(options) <= len(LETTERS):
+        raise ValueError(f"multiple choice: 2 to {len(LETTERS)} options, got {len(options)}")
+    lines = [question] + [f"{LETTERS[k]}. {o}" for k, o in enumerate(options)] + [MC_SUFFIX]
+    return "\n".join(lines)
+
+
+def match_option(answer: str, options: list[str]) -> int | None:
+    """The option a free-form answer picks, as MMBench's extraction does before it asks a judge model: a letter
+    on its own at the start ("B", "B.", "(B) ...", "B) ..."), else the one option whose text the answer contains
+    (`contains`); None when neither decides (no option, or more than one)."""
+    letters = LETTERS[:len(options)]
+    head = re.match(rf"^\s*\(?([{letters}])(?:[.):]|\s|$)", answer)
+    if head:
+        return letters.index(head.group(1))
+    hits = [k for k, o in enumerate(options) if contains(answer, o)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def circular_eval(choose, question: str, options: list[str], answer: int) -> dict:
+    """MMBench's CircularEval of one question: ask it len(options) times, the options rotated by one each time
+    (so the right one stands at every letter once); it counts as right only if every pass picks it.
+    `choose(prompt) -> answer text` asks the model (`mc_prompt` makes the prompt). Returns {"picked": the
+    option each pass chose, in the original numbering (None: no choice could be read), "single": the first
+    pass was right (plain accuracy), "circular": every pass was right}."""
+    if not 0 <= answer < len(options):
+        raise ValueError(f"circular eval: answer index {answer} is not one of the {len(options)} options")
+    n, picked = len(options), []
+    for shift in range(n):
+        order = [(k + shift) % n for k in range(n)]  # pass `shift` shows option order[j] at letter j
+        choice = match_option(choose(mc_prompt(question, [options[k] for k in order])), [options[k] for k in order])
+        picked.append(None if choice is None else order[choice])
+    right = [p == answer for p in picked]
+    return {"picked": picked, "single": right[0], "circular": all(right)}
+
+
 def questions(records: list[Record], suffix: str = "") -> list[dict]:
     """Records -> one question per assistant turn: {"id", "turn", "qtype", "messages", "images", "reference"},
     plus "answers" (VQAv2's human answers) when a single-turn record carries them in its "answers" field.

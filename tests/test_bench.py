@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from minillava.tools import bench
+from minillava.tools import bench, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 SAVED = ROOT / "data" / "results" / "bench_cpu_tiny.json"
@@ -168,7 +168,7 @@ def test_peak_memory_sees_what_a_run_allocates():
     writes 128 MB grows it by about that much, and an idle run after it grows it by nothing."""
     import torch
 
-    if not bench._reset_peak_rss():
+    if not measure.reset_peak_rss():
         pytest.skip("the peak resident memory cannot be reset here (not Linux)")
 
     def resident_mb():
@@ -177,8 +177,8 @@ def test_peak_memory_sees_what_a_run_allocates():
 
     size_mb, cpu = 128, torch.device("cpu")
     before = resident_mb()
-    big = bench.peak_memory(lambda: torch.ones(size_mb * 2**20 // 4), cpu)  # every page written, then freed
-    idle = bench.peak_memory(lambda: None, cpu)
+    big = measure.peak_memory(lambda: torch.ones(size_mb * 2**20 // 4), cpu)  # every page written, then freed
+    idle = measure.peak_memory(lambda: None, cpu)
     assert 0.9 * size_mb <= big["growth_mb"] <= 1.5 * size_mb
     assert big["peak_mb"] >= before + 0.9 * size_mb
     assert idle["growth_mb"] < 0.2 * size_mb  # the last run's peak was forgotten

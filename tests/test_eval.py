@@ -224,3 +224,38 @@ def test_eval_cli_compiled_decoding_gives_the_same_answers(eval_files):
                      *flag]) == 0
     eager, compiled = (json.loads((d / n).read_text()) for n in ("eager.json", "compiled.json"))
     assert compiled["predictions"] == eager["predictions"] and len(eager["predictions"]) == 6
+
+
+# ---- MMBench: multiple choice and CircularEval ------------------------------------------------------------------
+def test_mc_prompt_is_llava_15s_mmbench_layout():
+    assert ev.mc_prompt("What color is it?", ["red", "blue"]) == (
+        "What color is it?\nA. red\nB. blue\nAnswer with the option's letter from the given choices directly.")
+    with pytest.raises(ValueError, match="2 to 8 options"):
+        ev.mc_prompt("Q?", ["only one"])
+
+
+@pytest.mark.parametrize("answer, picked", [("B", 1), ("B.", 1), ("(C) green", 2), ("A) red", 0), (" d", None),
+                                            ("D", None), ("It is blue.", 1), ("Blue or red?", None), ("Pink.", None),
+                                            ("Another one.", None)])
+def test_match_option_reads_a_letter_or_one_options_text(answer, picked):
+    assert ev.match_option(answer, ["red", "blue", "green"]) == picked
+
+
+def test_circular_eval_catches_a_letter_biased_guesser():
+    """A model that always answers "A" is right once in four passes: 25% plain accuracy over questions whose
+    right option is first, 0% under CircularEval. One that reads the options by content is right in every pass."""
+    options = ["red", "blue", "green", "yellow"]
+    always_a = ev.circular_eval(lambda prompt: "A", "What color is the circle?", options, answer=0)
+    assert always_a == {"picked": [0, 1, 2, 3], "single": True, "circular": False}
+    prompts = []
+
+    def reader(prompt):  # answers with the letter of "red", wherever the rotation put it
+        prompts.append(prompt)
+        line = next(l for l in prompt.splitlines() if l.endswith(". red"))
+        return line[0]
+
+    sure = ev.circular_eval(reader, "What color is the circle?", options, answer=0)
+    assert sure == {"picked": [0, 0, 0, 0], "single": True, "circular": True}
+    assert [p.splitlines()[1] for p in prompts] == ["A. red", "A. blue", "A. green", "A. yellow"]  # each first once
+    with pytest.raises(ValueError, match="answer index 4"):
+        ev.circular_eval(reader, "Q?", options, answer=4)

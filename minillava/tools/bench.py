@@ -26,12 +26,9 @@ check that the benchmarks run and what they report, never how fast.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +43,7 @@ from ..chat import ChatSession
 from ..utils import device_name, write_json
 from ..vision import noise_image
 from . import bench_trl
+from .measure import interleaved, peak_memory, phase_result, spread, sync
 
 QUESTIONS = ["What color is the circle?", "Where is it?", "How many shapes are there?", "Is there a star?",
              "What is at the top left?", "Describe the image."]
@@ -199,86 +197,6 @@ MEMORY_CPU = ("peak resident memory (VmHWM) of the whole process during one unti
               "models loaded; growth = that peak minus the resident memory just before the run (peak reset "
               "through /proc/self/clear_refs, freed heap returned with malloc_trim first)")
 MEMORY_CUDA = "torch.cuda.max_memory_allocated during one untimed run of each side; growth over memory_allocated"
-
-
-# ---- measuring ------------------------------------------------------------------------------------------------
-def spread(values: list[float]) -> dict:
-    """{"min", "median", "max"} of a list of numbers."""
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device) -> float:
-    """Wall seconds of fn(), the device synchronised before and after."""
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def interleaved(ml_fn, hf_fn, device, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Seconds of `repeats` runs of each side after `warmup` untimed ones, alternating the order (ml, hf),
-    (hf, ml), ... so that drifts of a busy machine fall on both sides alike."""
-    for _ in range(warmup):
-        ml_fn()
-        hf_fn()
-    ml, hf = [], []
-    for r in range(repeats):
-        pair = [(ml_fn, ml), (hf_fn, hf)]
-        for fn, out in pair if r % 2 == 0 else pair[::-1]:
-            out.append(_timed(fn, device))
-    return ml, hf
-
-
-def _rss_mb(key: str = "VmRSS") -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Release freed heap pages and reset the kernel's peak-RSS mark (Linux); False where that is impossible."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory(fn, device: torch.device) -> dict:
-    """Peak memory (MB) during one run of fn(): {"peak_mb", "growth_mb"} (see MEMORY_CPU / MEMORY_CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        gc.collect()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        return {"peak_mb": peak / 2**20, "growth_mb": (peak - before) / 2**20}
-    if not _reset_peak_rss():
-        fn()
-        return {"peak_mb": None, "growth_mb": None}
-    before = _rss_mb()
-    fn()
-    peak = _rss_mb("VmHWM")
-    return {"peak_mb": peak, "growth_mb": peak - before}
 
 
 # ---- the models, the data and the batches ----------------------------------------------------------------------
@@ -470,23 +388,6 @@ def model_flops(pair: Pair, stage: int, tokens: int, image_tokens: int) -> float
 
 
 # ---- the phases ---------------------------------------------------------------------------------------------
-def _side(times: list[float], memory: dict, per_run: dict | None = None) -> dict:
-    """One side's figures: seconds per run, throughputs derived from `per_run` counts, and memory."""
-    out = {"time_s": spread(times)}
-    for name, count in (per_run or {}).items():
-        out[f"{name}_per_s"] = spread([count / t for t in times])
-    out["memory"] = memory
-    return out
-
-
-def _phase(ml_times, hf_times, ml_mem, hf_mem, per_run, throughput: bool, what: str, extra=None) -> dict:
-    """A phase's result: both sides and the per-repetition ratio (times: ml/hf; throughputs: hf time/ml time)."""
-    ratios = [(h / m) if throughput else (m / h) for m, h in zip(ml_times, hf_times)]
-    return {"what": what, "ratio": spread(ratios), "ratio_kind": "throughput" if throughput else "time",
-            "minillava": _side(ml_times, ml_mem, per_run), "transformers": _side(hf_times, hf_mem, per_run),
-            **(extra or {})}
-
-
 def phase_train_step(pair: Pair, stage: int, warmup: int, repeats: int) -> dict:
     """One optimizer step on identical ready tensors; minillava as `train` calls it (`return_logits=False`)."""
     pair.restore()
@@ -520,7 +421,7 @@ def phase_train_step(pair: Pair, stage: int, warmup: int, repeats: int) -> dict:
     flops = model_flops(pair, stage, B * T, image_tokens)
     what = (f"one AdamW step, batch {B} x {T} tokens ({image_tokens // B} image tokens each), "
             + ("projector only" if stage == 1 else "projector + language model"))
-    result = _phase(ml_t, hf_t, ml_mem, hf_mem, {"samples": B, "tokens": B * T, "model_tflop": flops / 1e12},
+    result = phase_result(ml_t, hf_t, ml_mem, hf_mem, {"samples": B, "tokens": B * T, "model_tflop": flops / 1e12},
                     throughput=False, what=what,
                     extra={"supervised_tokens": int((b["labels"][:, 1:] != -100).sum()), "model_flops": flops})
     return result
@@ -583,7 +484,7 @@ def phase_stage1_epoch(pair: Pair, warmup: int, repeats: int) -> dict:
     ml_mem, hf_mem = peak_memory(ml_epoch, device), peak_memory(hf_epoch, device)
     n = len(batches) * cfg.batch
     tokens = sum(len(examples[i]["input_ids"]) for idx in batches for i in idx)
-    result = _phase(ml_t, hf_t, ml_mem, hf_mem, {"samples": n, "tokens": tokens}, throughput=False,
+    result = phase_result(ml_t, hf_t, ml_mem, hf_mem, {"samples": n, "tokens": tokens}, throughput=False,
                     what=f"a second epoch of {len(batches)} steps x {cfg.batch} image-caption pairs (PNG files), "
                          "projector only",
                     extra={"same_batches": same, "feature_cache": {"hits": cache.hits, "misses": cache.misses}})
@@ -643,7 +544,7 @@ def phase_decode(pair: Pair, batch: int, warmup: int, repeats: int, compile_hf: 
     ml_mem, hf_mem = peak_memory(ml_gen, pair.device), peak_memory(hf_gen, pair.device)
     T = b["input_ids"].shape[1]
     same = out["ml"].shape == out["hf"][:, T:].shape and bool(torch.equal(out["ml"], out["hf"][:, T:]))
-    return _phase(ml_t, hf_t, ml_mem, hf_mem, {"tokens": batch * n}, throughput=True,
+    return phase_result(ml_t, hf_t, ml_mem, hf_mem, {"tokens": batch * n}, throughput=True,
                   what=f"greedy decoding, batch {batch}, prompts of {T} tokens ({pair.model.num_image_tokens} image "
                        f"tokens), {n} new tokens each; throughput = new tokens / wall time of the whole call",
                   extra={"same_tokens": same, "compiled": compiled})
@@ -666,7 +567,7 @@ def phase_chat(pair: Pair, warmup: int, repeats: int, turns: int = 5) -> dict:
         with torch.no_grad():
             out = pair.hf.generate(**enc, do_sample=False, max_new_tokens=1, pad_token_id=tok.pad_token_id)
         int(out[0, -1])
-        _sync(pair.device)
+        sync(pair.device)
         info["hf_prompt_tokens"] = enc["input_ids"].shape[1]
         return time.perf_counter() - start
 
@@ -680,7 +581,7 @@ def phase_chat(pair: Pair, warmup: int, repeats: int, turns: int = 5) -> dict:
                 continue
             messages = chat.messages + [{"role": "user", "content": question}]
             all_images = [im for m in chat.history if m["role"] == "user" for im in m["images"]]
-            _sync(pair.device)
+            sync(pair.device)
             if rep % 2:  # alternate which side goes first
                 t_hf = hf_ttft(messages, all_images)
                 chat.ask(question)
@@ -696,7 +597,7 @@ def phase_chat(pair: Pair, warmup: int, repeats: int, turns: int = 5) -> dict:
     hf_mem = peak_memory(lambda: hf_ttft(replay.messages + [{"role": "user", "content": last}], [image]),
                          pair.device)
     ml_mem = peak_memory(lambda: replay.ask(last), pair.device)
-    return _phase(ml_t, hf_t, ml_mem, hf_mem, None, throughput=False,
+    return phase_result(ml_t, hf_t, ml_mem, hf_mem, None, throughput=False,
                   what=f"time to first token at turn {turns} of a chat about one image, answers of up to "
                        f"{pair.cfg.chat_tokens} tokens; minillava prefills {stats['prefilled_tokens']} new tokens, "
                        f"transformers all {info['hf_prompt_tokens']}",

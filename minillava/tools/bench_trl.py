@@ -72,7 +72,7 @@ def trl_example(record: dict, image_dir: Path) -> dict:
 def phase_trl(pair, repeats: int, steps: int, micro: int, packing: bool = False) -> dict:
     """Both trainers, `repeats` runs each of `steps` optimizer steps of `pair.cfg.batch` samples, alternating
     which goes first. Returns a phase result as `bench._phase` makes them (ratio = throughput ratio)."""
-    from .bench import _phase, peak_memory, spread
+    from .measure import peak_memory, phase_result, spread
 
     cfg, device = pair.cfg, pair.device
     if cfg.batch % micro:
@@ -101,7 +101,7 @@ def phase_trl(pair, repeats: int, steps: int, micro: int, packing: bool = False)
     sizes = [len(t) for t in check.pop("lengths")]
     lengths = sorted(sizes)
     per_run = {"samples": cfg.batch * (steps - 1)}
-    result = _phase(ml_t, trl_t, mem["ml"], mem["trl"], per_run, throughput=True,
+    result = phase_result(ml_t, trl_t, mem["ml"], mem["trl"], per_run, throughput=True,
                     what=f"stage-2 training, {steps} steps of {cfg.batch} conversations ({cfg.batch // micro} x "
                          f"{micro}) of {lengths[0]}-{lengths[-1]} tokens (median {lengths[len(lengths) // 2]}), "
                          "projector + LM, vision frozen; minillava `train` vs TRL `SFTTrainer`; throughput over "
