@@ -25,7 +25,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            scores = (h @ weight.T).float()  # (c, V): the only one of its size alive at a time
+            scores = (h @ weight.T).float()  # (c, V): with the softmax below, the only ones of their size
             keep = t != IGNORE_INDEX
             safe = t.clamp(min=0)
             lse = torch.logsumexp(scores, dim=-1)
@@ -33,8 +33,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if not (need_h or need_w):
                 continue
             grad = torch.softmax(scores, dim=-1)  # d(sum of losses) / d(scores) = softmax - one-hot, per kept row
+            del scores
             grad[torch.arange(len(t), device=t.device), safe] -= 1
-            grad = (grad * keep[:, None]).to(hidden.dtype)
+            grad = grad.mul_(keep[:, None]).to(hidden.dtype)
             if need_h:
                 grad_hidden[start:start + chunk] = grad @ weight
             if need_w:
@@ -52,16 +53,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = 4096) -> torch.Tensor:
+                         chunk: int | None = None) -> torch.Tensor:
     """The summed cross-entropy of `hidden @ weight.T` against `targets`, never materialising all the scores.
 
     hidden (N, C), weight (V, C) (the LM head's, no bias), targets (N,) with IGNORE_INDEX where unsupervised.
-    Returns a scalar: the same value and gradients (for hidden and weight) as
-    `F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100, reduction="sum")`.
+    `chunk`: positions per chunk; by default N / ceil(V / C), liger-kernel's choice, which makes a chunk's
+    (chunk, V) scores about as large as the hidden states (N, C). Returns a scalar: the same value and gradients
+    (for hidden and weight) as `F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100,
+    reduction="sum")`.
     """
     if hidden.ndim != 2 or targets.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden (N, C), weight (V, C), targets (N,); got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
+    if chunk is None:
+        chunk = max(1, -(-hidden.shape[0] // -(-weight.shape[0] // weight.shape[1])))
     if chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk must be at least 1, got {chunk}")
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import decoding
+from .loss import linear_cross_entropy
 from .projector import build_projector
 from .templates import IGNORE_INDEX
 from .vision import VisionTower
@@ -142,7 +143,8 @@ class LlavaModel(nn.Module):
         Packed rows (`Processor.pack`): no attention_mask, position_ids (B, T) starting at 0 for each sample.
 
         Returns loss (mean over supervised tokens, labels shifted by one as usual) and logits (B, T, V).
-        With `return_logits=False` only the supervised positions go through the LM head: the training path.
+        With `return_logits=False` only the supervised positions go through the LM head, fused with the loss
+        (`loss.linear_cross_entropy`: no (positions, vocabulary) matrix of scores is ever kept): the training path.
         """
         B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
@@ -164,12 +166,12 @@ class LlavaModel(nn.Module):
             targets = labels[:, 1:].to(hidden.device)
             keep = targets != IGNORE_INDEX
             n = keep.sum()
-            if logits is None and not torch.compiler.is_compiling():  # the head on supervised positions alone
-                scores, targets = head(hidden[:, :-1][keep]), targets[keep]
+            if logits is None and not torch.compiler.is_compiling():  # the head on supervised positions alone,
+                loss = _supervised_loss(head, hidden[:, :-1][keep], targets[keep])  # fused with the loss
             else:  # every position, unsupervised ones ignored: fixed shapes, one graph when compiled
                 scores = (logits if logits is not None else head(hidden))[:, :-1].flatten(0, 1)
-                targets = targets.flatten()
-            loss = F.cross_entropy(scores.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") / n.clamp(min=1)
+                loss = F.cross_entropy(scores.float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = loss / n.clamp(min=1)
         return LlavaOutput(loss=loss, logits=logits, num_tokens=n, cache=cache)
 
     # ---- generation (the machinery is in decoding.py) ---------------------------------------------------
@@ -196,6 +198,15 @@ class LlavaModel(nn.Module):
         lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(tcfg.pop("model_type"), **tcfg))
         tower = VisionTower(vision, feature_layer=config["feature_layer"], select=config["feature_select"])
         return cls(tower, config["projector"], lm, config["image_token_id"])
+
+
+def _supervised_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of the head's scores for hidden (N, H) against targets (N,): fused and chunked
+    (`linear_cross_entropy`) for a plain linear head, the plain loss for any other (a head with a bias, or
+    wrapped by an adapter)."""
+    if type(head) is nn.Linear and head.bias is None:
+        return linear_cross_entropy(hidden, head.weight, targets)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def _portable(config: dict) -> dict:

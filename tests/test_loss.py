@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from minillava.loss import IGNORE_INDEX, linear_cross_entropy
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 64])
+@pytest.mark.parametrize("chunk", [1, 5, 64, None])  # None: chunks of N / ceil(V / C) = 8 positions
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_equals_plain_cross_entropy(chunk, dtype):
     g = torch.Generator().manual_seed(0)

@@ -37,8 +37,10 @@ Activations, in bytes (B = micro_batch, T = seq_len, tok = B*T), for a Llama-sty
     layers = L * tok * layer        (checkpointing: L * tok * a*h, the layer inputs)
     around = tok * (2a*head_dim + 4h + a*h)       RoPE cos/sin; the final norm (no a*h when the LM is frozen)
            + image tokens * a*(C_v + 2H)          the projector's input, GELU input and output (mlp2x_gelu)
-           + supervised * (a*h + 4V)              the LM head's input (when it trains), fp32 log-probs
-    peak = layers + around + max(8V * supervised  the fp32 gradients of log-probs and logits as backward starts,
+           + supervised * a*h (+ 4*V*h)           the head fused with the loss (`loss.linear_cross_entropy`)
+                                                  keeps the gradient for its input, and for its weight (fp32)
+                                                  when the head trains; never a (positions, V) matrix of scores
+    peak = layers + around + max(supervised * a*h (+ 4*V*h)   those gradients, scaled, as backward starts,
                                  a*tok*(2h + 2i) (+ tok*layer, recomputed, with checkpointing))
 
 The frozen vision tower runs under no_grad: nothing of it persists. Its pass alone holds every hidden state
@@ -279,8 +281,8 @@ def activation_bytes(v: Backbone, lm: Backbone, image_tokens: int, seq_len: int,
     layers = L * tok * a * h if checkpointing else L * layer  # checkpointing keeps only the layer inputs
     around = (tok * (a * 2 * lm.head_dim + 4 * h + (a * h if tune == "full" else 0))
               + micro_batch * image_tokens * a * (v.hidden + 2 * h * projector_hidden)
-              + supervised * ((a * h if tune == "full" else 0) + 4 * V))
-    loss_grads = supervised * 8 * V
+              + supervised * a * h + (4 * V * h if tune == "full" else 0))
+    loss_grads = supervised * a * h + (4 * V * h if tune == "full" else 0)
     layer_grads = tok * a * (2 * h + 2 * i) + (layer if checkpointing else 0)  # (+ the layer recomputed)
     peak = around + layers + max(loss_grads, layer_grads)
     # the frozen tower under no_grad: every hidden state (output_hidden_states) + one layer's intermediates
