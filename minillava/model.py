@@ -168,8 +168,10 @@ class LlavaModel(nn.Module):
             n = keep.sum()
             if logits is None and not torch.compiler.is_compiling():  # the head on supervised positions alone,
                 loss = _supervised_loss(head, hidden[:, :-1][keep], targets[keep])  # fused with the loss
-            else:  # every position, unsupervised ones ignored: fixed shapes, one graph when compiled
-                scores = (logits if logits is not None else head(hidden))[:, :-1].flatten(0, 1)
+            elif logits is None:  # compiled: every position, unsupervised ones ignored (fixed shapes, one graph)
+                loss = _supervised_loss(head, hidden[:, :-1].flatten(0, 1), targets.flatten())
+            else:
+                scores = logits[:, :-1].flatten(0, 1)
                 loss = F.cross_entropy(scores.float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
             loss = loss / n.clamp(min=1)
         return LlavaOutput(loss=loss, logits=logits, num_tokens=n, cache=cache)
@@ -206,7 +208,7 @@ def _supervised_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     wrapped by an adapter)."""
     if type(head) is nn.Linear and head.bias is None:
         return linear_cross_entropy(hidden, head.weight, targets)
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _portable(config: dict) -> dict:
