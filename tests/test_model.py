@@ -96,6 +96,28 @@ def test_training_forward_compiles_to_one_graph(tokenizer, processor):
     assert torch.allclose(compiled.loss, eager.loss) and int(compiled.num_tokens) == int(eager.num_tokens)
 
 
+@pytest.mark.slow
+def test_inductor_training_step_equals_eager(tokenizer, processor):
+    """The training forward compiled by inductor (what a GPU run uses), the fused loss inside it: the eager loss
+    and gradients."""
+    model = make_model(tokenizer).train()
+    b = processor([chat("<image>\nWhat color?", "Red."), chat("<image>\nWhere?", "Top left.")],
+                  [[random_image(seed=1)], [random_image(seed=2)]])
+
+    def step(net):
+        model.zero_grad(set_to_none=True)
+        loss = net(**b, return_logits=False).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager_grads = step(model)
+    loss, grads = step(torch.compile(model))
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == eager_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_loss_gradients_reach_projector_and_lm_only(tokenizer, processor):
     model = make_model(tokenizer).train()
     b = processor(chat("<image>\nWhat color?", "Red."), [random_image()])
