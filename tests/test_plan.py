@@ -328,3 +328,17 @@ def test_every_option_explains_itself():
     undocumented = [a.option_strings[0] for a in parser()._actions if a.option_strings and not a.help]
     assert not undocumented
     assert GiB == 2**30
+
+
+def test_gpu_session_plan_part_runs_at_toy_size(tmp_path, capsys):
+    """The prepared GPU script's plan part, at toy size on this CPU: every case planned both ways and the two
+    training steps run (no CUDA here, so nothing is measured); its file says so."""
+    from minillava.tools import gpu_session
+
+    assert gpu_session.main(["--out", str(tmp_path), "--part", "plan", "--smoke", "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "plan_cuda.json").read_text())
+    assert result["smoke"] is True and result["device"] == "cpu"
+    assert [r["checkpointing"] for r in result["rows"]] == [True, False]
+    assert all(r["measured_bytes"] is None and r["planned_bytes"] > 0 for r in result["rows"])
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        gpu_session.main(["--out", str(tmp_path), "--device", "cpu"])
