@@ -74,7 +74,7 @@ check-book: $(STAMP)
 	$(RUN_ENV) MINILLAVA_BOOK_HTML=$(abspath $(BOOK_HTML)) $(BIN)/python -m pytest tests/test_book.py
 
 # Rebuild every shipped component in data/ from scratch (fixed seeds; minutes on one GPU, hours on 2 CPU
-# cores), then measure it. `make zoo-eval` measures the weights in data/ again (about 7 minutes on 2 cores for
+# cores), then measure it. `make zoo-eval` measures the weights in data/ again (about 15 minutes on 2 cores for
 # the tiny zoo). smol-llava (SmolLM2-135M-Instruct with tiny-clip's tower): `make smol-llava` alone builds it,
 # trains the stage-2 variants measured beside it (full fine-tune, text-only chats mixed in) and measures all;
 # SMOL_SCALE is gpu (the recipe to ship) or cpu (a small recipe a 2-core machine runs in about an hour a build).
