@@ -79,7 +79,9 @@ def vqa_normalize(text: str) -> str:
 
 def vqa_soft_accuracy(prediction: str, answers: list[str]) -> float:
     """VQAv2's accuracy of one prediction against its human answers (10 in VQAv2): for each human left out,
-    min(1, matches among the others / 3); the mean over the humans. 1.0 when 4 or more humans agree."""
+    min(1, matches among the others / 3); the mean over the humans. 1.0 when 4 or more humans agree, 0.9 for 3.
+    Both sides are normalised (`vqa_normalize`); VQAv2's human answers are stored normalised already (digits, no
+    articles), and on them this equals the official script, which only strips their punctuation."""
     if not answers:
         raise ValueError("VQA soft accuracy needs at least one reference answer")
     pred, refs = vqa_normalize(prediction), [vqa_normalize(a) for a in answers]
@@ -102,10 +104,11 @@ def mc_prompt(question: str, options: list[str]) -> str:
 
 def match_option(answer: str, options: list[str]) -> int | None:
     """The option a free-form answer picks, as MMBench's extraction does before it asks a judge model: a letter
-    on its own at the start ("B", "B.", "(B) ...", "B) ..."), else the one option whose text the answer contains
-    (`contains`); None when neither decides (no option, or more than one)."""
+    at the start, alone or marked as one ("B", "B.", "(B) ...", "B) ...", "B: ..."; "A red square." is the article,
+    not option A), else the one option whose text the answer contains (`contains`); None when neither decides
+    (no option, or more than one)."""
     letters = LETTERS[:len(options)]
-    head = re.match(rf"^\s*\(?([{letters}])(?:[.):]|\s|$)", answer)
+    head = re.match(rf"^\s*\(?([{letters}])(?:[.):]|\s*$)", answer)
     if head:
         return letters.index(head.group(1))
     hits = [k for k, o in enumerate(options) if contains(answer, o)]

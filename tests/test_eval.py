@@ -234,9 +234,10 @@ def test_mc_prompt_is_llava_15s_mmbench_layout():
         ev.mc_prompt("Q?", ["only one"])
 
 
-@pytest.mark.parametrize("answer, picked", [("B", 1), ("B.", 1), ("(C) green", 2), ("A) red", 0), (" d", None),
-                                            ("D", None), ("It is blue.", 1), ("Blue or red?", None), ("Pink.", None),
-                                            ("Another one.", None)])
+@pytest.mark.parametrize("answer, picked", [("B", 1), ("B.", 1), ("(C) green", 2), ("A) red", 0), ("C: green", 2),
+                                            (" d", None), ("D", None), ("It is blue.", 1), ("Blue or red?", None),
+                                            ("Pink.", None), ("Another one.", None),
+                                            ("A blue one.", 1)])  # the article, not option A
 def test_match_option_reads_a_letter_or_one_options_text(answer, picked):
     assert ev.match_option(answer, ["red", "blue", "green"]) == picked
 
