@@ -229,7 +229,7 @@ def test_compiled_decoding_equals_eager_and_compiles_once(model, processor, monk
     monkeypatch.setattr(decoding, "_decode", lambda *a: seen.append(a[3]) or real(*a))
     model.generate(*args, compile=True, **kw)  # the eager prefill counts positions over real tokens only
     assert torch.equal(seen[0], (b["attention_mask"].cumsum(-1) - 1).clamp(min=0))  # (RoPE hides a shift)
-    with pytest.raises(ValueError, match="static KV cache of its own"):
+    with pytest.raises(ValueError, match="must be a StaticCache"):
         model.generate(*args, compile=True, use_cache=False, **kw)
 
 

@@ -184,7 +184,7 @@ def test_activation_formula_equals_what_autograd_saves(folders, tune, precision)
 
 # ---- the number that matters: planned against measured -----------------------------------------------------------
 MEASURE = r"""
-import ctypes, gc, json, os, resource, sys
+import ctypes, gc, json, os, sys
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from minillava.model import LlavaModel
@@ -193,8 +193,10 @@ from minillava.vision import VisionTower
 def rss():  # resident now
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-def peak():  # resident at most, so far
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def peak():  # resident at most, so far: this process's VmHWM (ru_maxrss would also count, after exec, the
+    # resident size of the parent that forked it: the pytest process, over a gigabyte after the benchmark tests)
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
 
 a = json.loads(sys.argv[1])
 
