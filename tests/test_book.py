@@ -72,6 +72,7 @@ def test_rendered_chapter_in_chromium(page, tmp_path):
     text = "\n".join(outputs)
     assert len(re.findall(r"<img[^>]+(?:image/png|\.png|\.svg)", dom)) >= 1, "a chapter shows figures"
     assert "Traceback (most recent call last)" not in text, "an error output was rendered"
+    assert "_static/minillava.css" in dom, "the book's stylesheet (long code lines wrap) is not linked"
     assert not re.search(r"\b0%\|", text), "a progress bar froze at 0%"
     shots = Path(HTML).parent / "screenshots"
     shots.mkdir(exist_ok=True)
