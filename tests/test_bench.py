@@ -335,3 +335,7 @@ def test_performance_page_shows_the_saved_trl_table(capsys):
     packed = json.loads((SAVED.parent / "bench_cpu_tiny_trl_packed.json").read_text())["phases"]["train_stage2_trl"]
     assert packed["packing"] is True
     assert f"a ratio of {packed['ratio']['median']:.2f} against TRL" in page
+    ml, trl = phase["minillava"], phase["transformers"]
+    assert f"({ml['memory']['peak_mb']:.0f} against {trl['memory']['peak_mb']:.0f} MB" in page
+    assert (f"{packed['minillava']['samples_per_s']['median']:.1f} samples/s against "
+            f"{ml['samples_per_s']['median']:.1f} padded") in page
