@@ -336,6 +336,9 @@ def test_performance_page_shows_the_saved_trl_table(capsys):
     assert packed["packing"] is True
     assert f"a ratio of {packed['ratio']['median']:.2f} against TRL" in page
     ml, trl = phase["minillava"], phase["transformers"]
+    step = {side: 16 / phase[side]["samples_per_s"]["median"] for side in ("minillava", "transformers")}
+    assert (f"{step['transformers'] - step['minillava']:.2f} s by which the steps differ "
+            f"({step['transformers']:.2f} s against {step['minillava']:.2f} s") in page
     assert f"({ml['memory']['peak_mb']:.0f} against {trl['memory']['peak_mb']:.0f} MB" in page
     assert (f"{packed['minillava']['samples_per_s']['median']:.1f} samples/s against "
             f"{ml['samples_per_s']['median']:.1f} padded") in page
