@@ -78,7 +78,7 @@ _JINJA = """
     {%- if loop.first and system_in_first_user -%}{{- sys_block -}}{%- endif -%}
     {{- c + @user_close@ -}}
   {%- else -%}
-    {{- @tag@ -}}{%- generation -%}{{- @answer_pre@ + c + @answer_close@ -}}{%- endgeneration -%}
+    {{- @tag@ -}}@generation@{{- @answer_pre@ + c + @answer_close@ -}}@endgeneration@
   {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- @tag@ -}}{%- endif -%}
@@ -189,15 +189,16 @@ class Template:
             rounds[0][0] = (IMAGE_PLACEHOLDER + "\n" + first.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
         return system, rounds
 
-    def to_jinja(self) -> str:
+    def to_jinja(self, assistant_masks: bool = False) -> str:
         """The same layout as a Jinja chat template, for `tokenizer.chat_template` and other runtimes.
 
         `tokenizer.apply_chat_template(messages, chat_template=t.to_jinja(), tokenize=False,
         add_generation_prompt=g) == t.render(messages, g)` for valid messages, their content a string or
         transformers' typed parts (what its processors and pipelines pass); the Jinja checks only the role
-        order and the part types, `render` checks the rest. The supervised part of each answer sits between
-        `{% generation %}` markers, so `return_assistant_tokens_mask=True` marks the tokens `tokenize` labels
-        (what TRL's `assistant_only_loss` trains on).
+        order and the part types, `render` checks the rest. With `assistant_masks`, the supervised part of each
+        answer sits between `{% generation %}` markers, so `return_assistant_tokens_mask=True` marks the tokens
+        `tokenize` labels (what TRL's `assistant_only_loss` trains on); they are off by default, since runtimes
+        other than transformers may not know the tag.
         """
         values = {"system": self.system, "system_open": self.system_wrap[0],
                   "system_close": self.system_wrap[1],
@@ -205,7 +206,9 @@ class Template:
                   "round_sep": self.round_sep, "user_open": self.user[0], "user_close": self.user[1],
                   "answer_pre": self.answer[0], "answer_close": self.answer[1],
                   "tag": self.assistant_tag, "image": IMAGE_PLACEHOLDER, "image_nl": IMAGE_PLACEHOLDER + "\n"}
-        return re.sub(r"@(\w+)@", lambda slot: json.dumps(values[slot.group(1)]), _JINJA).strip()
+        tags = {"generation": "{%- generation -%}", "endgeneration": "{%- endgeneration -%}"}
+        jinja = re.sub(r"@(end)?generation@", lambda slot: tags[slot.group(0)[1:-1]] if assistant_masks else "", _JINJA)
+        return re.sub(r"@(\w+)@", lambda slot: json.dumps(values[slot.group(1)]), jinja).strip()
 
     def tokenize(self, messages: list[dict], tokenizer, add_generation_prompt: bool = False,
                  num_image_tokens: int = 1, max_length: int | None = None, sample_id: str | None = None,

@@ -530,7 +530,10 @@ def test_jinja_marks_the_supervised_tokens(small_tokenizers, name, n, generation
     assistant_only_loss supervises when it renders with the exported template)."""
     template, tok = get_template(name), small_tokenizers["bytelevel"]
     messages = conversation(n, generation)
-    theirs = tok.apply_chat_template(messages, chat_template=template.to_jinja(), tokenize=True, return_dict=True,
+    assert "{%- generation" not in template.to_jinja()  # (off by default: other runtimes may not know the tag)
+    marked = template.to_jinja(assistant_masks=True)
+    assert tok.apply_chat_template(messages, chat_template=marked, tokenize=False) == template.render(messages)
+    theirs = tok.apply_chat_template(messages, chat_template=marked, tokenize=True, return_dict=True,
                                      return_assistant_tokens_mask=True)
     ours = template.tokenize(messages, tok, add_bos=False)
     assert theirs["input_ids"] == ours["input_ids"]

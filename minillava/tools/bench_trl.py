@@ -5,9 +5,10 @@ with transformers' `LlavaForConditionalGeneration` and its processor. Both sides
 (the benchmark's model and its `export_hf` export), train the projector and the language model with the vision
 tower frozen (LLaVA's stage 2), on the same records of varied length (one-word answers beside long
 descriptions and multi-turn chats), with the same global batch, micro-batch, learning-rate schedule, gradient
-clipping and precision, and supervise the same tokens: the exported chat template marks each answer with
-`{% generation %}`, so TRL's `assistant_only_loss` labels exactly what minillava's template labels (checked on
-the first batch; TRL renders without the BOS token, one token per sample).
+clipping and precision, and supervise the same tokens: TRL's processor gets the exported chat template with each
+answer marked by `{% generation %}` (`Template.to_jinja(assistant_masks=True)`), so its `assistant_only_loss`
+labels exactly what minillava's template labels (checked on the first batch; TRL renders without the BOS token,
+one token per sample).
 
 Each side as its users run it: minillava's `train` (records tokenized once up front, LLaVA's modality-length
 grouping, the LM head only at supervised positions; `--packing` if asked) and `SFTTrainer` with its defaults
@@ -168,6 +169,7 @@ def _trl_run(pair, data: Path, raw: list, init: Path, steps: int, micro: int, pa
                                                           attn_implementation="sdpa").to(device)
     model.model.vision_tower.requires_grad_(False)  # LLaVA's stage 2: the tower stays frozen
     processor = AutoProcessor.from_pretrained(pair.workdir / "hf")
+    processor.chat_template = pair.processor.template.to_jinja(assistant_masks=True)  # the answers marked
     dataset = Dataset.from_list([trl_example(x, data.parent) for x in raw])
     ends = []
 
