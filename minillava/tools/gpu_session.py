@@ -125,11 +125,11 @@ def part_smol(out: Path, device: torch.device, smoke: bool) -> None:
     """smol-llava's recipe with its variants and evaluation, into out/zoo."""
     from . import build_smol
 
-    scale = "toy" if smoke else "gpu"
-    common = ["--out", str(out / "zoo"), "--scale", scale, "--work", str(out / "work"), "--device", device.type]
-    build_smol.main(common)
-    build_smol.main(common + ["--variants"])
-    build_smol.main(common[:2] + common[4:] + ["--eval-only"] + (["--n-eval", "8"] if smoke else []))
+    where = ["--out", str(out / "zoo"), "--work", str(out / "work"), "--device", device.type]
+    scale = ["--scale", "toy" if smoke else "gpu"]
+    build_smol.main(where + scale)
+    build_smol.main(where + scale + ["--variants"])
+    build_smol.main(where + ["--eval-only"] + (["--n-eval", "8"] if smoke else []))
 
 
 def main(argv: list[str] | None = None) -> int:
