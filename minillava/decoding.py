@@ -59,9 +59,7 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     step. The first call compiles (seconds); later calls of the same shapes reuse it. Its `cache`, if given,
     must be a static one (a chat keeps one for the whole conversation).
     """
-    from transformers import StaticCache
-
-    if compile and (not use_cache or not (cache is None or isinstance(cache, StaticCache))):
+    if compile and (not use_cache or not (cache is None or _is_static(cache))):
         raise ValueError("compile=True decodes through a static KV cache: it needs use_cache=True, and a `cache` "
                          "given must be a StaticCache (decoding.new_cache(model, max_length))")
     device = model.device
@@ -111,6 +109,12 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
         if not compile:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
         position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
+
+def _is_static(cache) -> bool:
+    from transformers import StaticCache
+
+    return isinstance(cache, StaticCache)
+
 
 def _room(model, prompt_length: int, max_new_tokens: int) -> int:
     """How many new tokens fit: never run past the context; refuse a prompt that fills it."""

@@ -11,6 +11,8 @@ pass only scales. The same idea as liger-kernel's fused linear cross-entropy, in
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .templates import IGNORE_INDEX
@@ -66,7 +68,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"linear_cross_entropy: hidden (N, C), weight (V, C), targets (N,); got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
     if chunk is None:
-        chunk = max(1, -(-hidden.shape[0] // -(-weight.shape[0] // weight.shape[1])))
+        chunk = max(1, math.ceil(hidden.shape[0] / math.ceil(weight.shape[0] / weight.shape[1])))
     if chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk must be at least 1, got {chunk}")
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
