@@ -149,8 +149,15 @@ class Processor:
 
     # ---- saving --------------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path) -> None:
-        """Write the tokenizer files and `minillava_processor.json` into `out_dir` (an existing folder)."""
-        self.tokenizer.save_pretrained(str(out_dir))
+        """Write the tokenizer files and `minillava_processor.json` into `out_dir` (an existing folder). The
+        tokenizer's chat template is written as the processor's template renders it (`Template.to_jinja`), so
+        `apply_chat_template` on the saved folder gives the prompts the model was trained on."""
+        kept = self.tokenizer.chat_template
+        self.tokenizer.chat_template = self.template.to_jinja()
+        try:
+            self.tokenizer.save_pretrained(str(out_dir))
+        finally:
+            self.tokenizer.chat_template = kept
         write_json(Path(out_dir) / PROCESSOR_NAME, {
             "image_processor": self.image_processor.to_dict(),
             "num_image_tokens": self.num_image_tokens,

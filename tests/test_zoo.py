@@ -118,39 +118,48 @@ def test_stage2_later_rounds_each_see_only_new_scenes(toy_zoo):
         lo = toy.n_train + k * share
         assert [i for i in ids(f"mix_fresh{k + 1}") if i.startswith("train-")] == scenes(lo, lo + share)
         assert len(ids(f"mix_fresh{k + 1}")) == share + toy.text_in_fresh
-    natural = data.parent / "work-natural"  # the last round: its own scenes, with the co-occurrence bias
-    manifest = json.loads((natural / "manifest.json").read_text())
-    assert manifest["arguments"]["cooccur"] == sw.COOCCUR_P and manifest["seed"] == 1
-    mix = json.loads((natural / "mix_natural.json").read_text())
-    assert len(mix) == toy.n_natural + toy.text_in_natural
+    assert toy.natural_rounds == 2
+    scene_ids = []
+    for k, name in enumerate(("work-natural", "work-natural2")):  # the last rounds: scenes of their own, biased
+        manifest = json.loads((data.parent / name / "manifest.json").read_text())
+        assert manifest["arguments"]["cooccur"] == sw.COOCCUR_P and manifest["seed"] == 1 + k
+        mix = json.loads((data.parent / name / "mix_natural.json").read_text())
+        assert len(mix) == toy.n_natural + toy.text_in_natural
+        scene_ids.append({json.dumps(r["scene"], sort_keys=True) for r in mix if "scene" in r})
+    assert scene_ids[0] and not scene_ids[0] & scene_ids[1]
     run = json.loads((data / "tiny-llava" / "run.json").read_text())
-    assert run["train_config"]["init"].endswith("stage2-round3") and run["train_config"]["lr"] == 3e-4
-    assert run["train_config"]["data"].endswith("mix_natural.json")
-    first, second, third = run["earlier_rounds"]  # the earlier rounds' runs, curves and settings, kept beside
+    assert run["train_config"]["init"].endswith("stage2-round4") and run["train_config"]["lr"] == 3e-4
+    assert run["train_config"]["data"].endswith("work-natural2/mix_natural.json")
+    first, second, third, fourth = run["earlier_rounds"]  # the earlier rounds' runs, curves and settings, kept
     assert first["train_config"]["init"].endswith("tiny-llava-stage1") and len(first["metrics"]) == 2
     assert second["train_config"]["init"].endswith("stage2-round1") and "earlier_rounds" not in second
+    assert fourth["train_config"]["data"].endswith("work-natural/mix_natural.json")
     facts = json.loads((data / "tiny-llava" / "card.json").read_text())["facts"]
-    assert facts["steps"] == "2 + 2 + 2 + 2" and "records 8" in facts["round 3"]
+    assert facts["steps"] == "2 + 2 + 2 + 2 + 2" and "records 8" in facts["round 3"]
     readme = (data / "tiny-llava" / "README.md").read_text()
-    assert "in 4 rounds" in readme and "natural use" in readme
+    assert "in 5 rounds" in readme and "2 last rounds on natural use" in readme
 
 
 @pytest.mark.slow
 def test_from_round_retrains_the_last_round_alone(toy_zoo, tmp_path):
-    """`--start tiny-llava --from-round 4` continues from the shipped model: rounds 1-3 are kept as the card
-    describes them, round 4 trains again from a copy of the model in --out."""
+    """`--start tiny-llava --from-round 5` continues from the shipped model: rounds 1-4 are kept as the card
+    describes them, round 5 trains again from a copy of the model in --out."""
     import shutil
 
     data, _ = toy_zoo
     out = tmp_path / "data"
     shutil.copytree(data, out)
-    before = json.loads((out / "tiny-llava" / "card.json").read_text())["facts"]
+    card = json.loads((out / "tiny-llava" / "card.json").read_text())
+    card["facts"]["data of the rounds"] = "round 5 was trained later"  # a note about the kept rounds
+    (out / "tiny-llava" / "card.json").write_text(json.dumps(card))
+    before = card["facts"]
     build_zoo.build(out, build_zoo.TOY, data.parent / "work", progress=False, evaluate_after=False,
-                    start="tiny-llava", from_round=4)
+                    start="tiny-llava", from_round=5)
     facts = json.loads((out / "tiny-llava" / "card.json").read_text())["facts"]
-    assert [facts[f"round {i}"] for i in (1, 2, 3)] == [before[f"round {i}"] for i in (1, 2, 3)]
+    assert [facts[f"round {i}"] for i in range(1, 5)] == [before[f"round {i}"] for i in range(1, 5)]
+    assert facts["data of the rounds"] == "round 5 was trained later"
     run = json.loads((out / "tiny-llava" / "run.json").read_text())
-    assert run["train_config"]["init"].endswith("work-stage2-round3") and len(run["earlier_rounds"]) == 4
+    assert run["train_config"]["init"].endswith("work-stage2-round4") and len(run["earlier_rounds"]) == 5
     with pytest.raises(ValueError, match="only with start 'tiny-llava'"):
         build_zoo.build(out, build_zoo.TOY, data.parent / "work", start="tiny-lm", from_round=4)
 
@@ -361,10 +370,11 @@ def test_the_shipped_zoo_is_what_full_describes():
     assert summary["data"]["train"] == full.n_train + full.n_fresh
     last = json.loads((zoo.path("tiny-llava") / "run.json").read_text())
     rounds = [*last.pop("earlier_rounds"), last]
-    assert len(rounds) == 1 + full.fresh_rounds + 1  # and the natural-use round
+    assert len(rounds) == 1 + full.fresh_rounds + full.natural_rounds  # and the natural-use rounds
     records = [full.n_train + full.text_in_stage2] + [full.n_fresh // full.fresh_rounds + full.text_in_fresh] * (
-        full.fresh_rounds) + [full.n_natural + full.text_in_natural]
-    settings_each = [full.stage2] + [full.stage2_fresh] * full.fresh_rounds + [full.stage2_natural]
+        full.fresh_rounds) + [full.n_natural + full.text_in_natural] * full.natural_rounds
+    settings_each = [full.stage2] + [full.stage2_fresh] * full.fresh_rounds + [full.stage2_natural] * (
+        full.natural_rounds)
     for k, (run, settings, n) in enumerate(zip(rounds, settings_each, records, strict=True)):
         cfg = run["train_config"]
         assert {key: cfg[key] for key in settings} == settings, k
@@ -448,3 +458,27 @@ def test_rebuild_from_a_later_step_keeps_the_earlier_components(tmp_path):
     for argv in (["--only", "vqa_test"], ["--eval-only", "--start", "tiny-lm"]):
         with pytest.raises(SystemExit):
             build_zoo.main(["--scale", "toy", "--out", str(data), *argv])
+
+
+def test_shipped_tokenizers_carry_the_template_they_were_trained_with():
+    """Each shipped tokenizer's chat template is `vicuna_v1`'s as `to_jinja` writes it today (content parts
+    included), so `apply_chat_template` on a shipped folder renders the prompt the model was trained on."""
+    jinja = ml.get_template("vicuna_v1").to_jinja()
+    for name in ("tiny-clip", "tiny-lm", "tiny-llava"):
+        assert (zoo.path(name) / "chat_template.jinja").read_text() == jinja, name
+
+
+def test_a_saved_processor_writes_its_own_template_into_the_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    _, processor = ml.load("tiny-llava")
+    before = processor.tokenizer.chat_template
+    other = processor.with_template("llava_hf")
+    other.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).chat_template == ml.get_template("llava_hf").to_jinja()
+    assert processor.tokenizer.chat_template == before  # the processor in memory is unchanged
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is it?"}]}]
+    rendered = AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(parts, tokenize=False,
+                                                                               add_generation_prompt=True)
+    assert rendered == ml.get_template("llava_hf").render(
+        [{"role": "user", "content": "<image>\nWhat is it?"}], add_generation_prompt=True)

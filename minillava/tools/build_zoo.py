@@ -60,8 +60,9 @@ class Scale:
     stage2_fresh: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=1.0, lr=3e-4,
                                                             save_every=500))  # each later round
     text_in_fresh: int = 10000  # text-only chats mixed into each later round (the same ones)
-    n_natural: int = 56000  # train scenes of the last round (natural use), with the co-occurrence bias
-    text_in_natural: int = 6000  # text-only chats of the last round (its own: some ask of an absent image)
+    n_natural: int = 56000  # train scenes of each natural-use round, with the co-occurrence bias
+    natural_rounds: int = 2  # the last rounds: natural use, each on scenes of its own
+    text_in_natural: int = 6000  # text-only chats of each natural-use round (its own: some ask of an absent image)
     stage2_natural: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=1.0,
                                                               lr=3e-4, save_every=500))
     caption_docs: int = 4000  # documents of captions, one a line, in the LM's pretraining text (see `lm_corpus`)
@@ -262,7 +263,7 @@ def build(out: str | Path = "data", scale: Scale = FULL, work: str | Path = "bui
     t_all = time.perf_counter()
     torch.manual_seed(seed)
     if tuple(steps) == ("tiny-llava",) and from_round > 1 + (scale.fresh_rounds if scale.n_fresh else 0):
-        manifest, data, corpus = {"splits": summary.get("data")}, {}, []  # the natural round alone: its own data
+        manifest, data, corpus = {"splits": summary.get("data")}, {}, []  # natural rounds alone: their own data
     else:
         manifest = build_data(work, scale, seed)
         data = {name: load_records(work / f"{name}.json", check_files=not name.startswith("text"))
@@ -397,7 +398,8 @@ def build_stage2(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev
     as llava_v1_5_mix665k has -> tiny-llava, stored in float16. In rounds: `stage2` (several epochs over the
     scenes stage 1 saw), then, when `n_fresh`, `fresh_rounds` rounds of `stage2_fresh`, each from where the last
     ended and one pass over its share of new scenes at a lower learning rate (new scenes teach what more epochs
-    of the same ones no longer do), then the natural-use round (`natural_round`). `from_round` > 1 trains the
+    of the same ones no longer do), then `natural_rounds` natural-use rounds (`natural_round`), each on scenes of
+    its own, at `stage2_natural`'s settings. `from_round` > 1 trains the
     rounds from that one on, starting from the tiny-llava in `out` (which must have exactly the rounds before)."""
     rounds = [("mix_train", lambda: data["instruct_train"] + data["text_train"][: scale.text_in_stage2],
                scale.stage2)]  # (name, records, settings); the records are written as <work>/<name>.json
@@ -405,14 +407,15 @@ def build_stage2(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev
     for k in range(n):  # round k's share: fresh scenes [k/n, (k+1)/n) of the way through
         rounds.append((f"mix_fresh{k + 1}", lambda k=k: fresh[k * len(fresh) // n:(k + 1) * len(fresh) // n]
                        + data["text_train"][: scale.text_in_fresh], scale.stage2_fresh))
-    if scale.n_natural:
-        rounds.append((f"../{work.name}-natural/mix_natural", lambda: natural_round(work, scale, seed),
-                       scale.stage2_natural))  # beside its images
-    init, facts, steps = out / "tiny-llava-stage1", [], []
+    for k in range(scale.natural_rounds if scale.n_natural else 0):
+        rounds.append((f"../{natural_folder(work, k).name}/mix_natural",
+                       lambda k=k: natural_round(work, scale, seed, k), scale.stage2_natural))  # beside its images
+    init, facts, steps, notes = out / "tiny-llava-stage1", [], [], {}
     if from_round > 1:
         card = read_json(out / "tiny-llava" / "card.json", what="model card")
         facts = [card["facts"][f"round {i}"] for i in range(1, from_round)]  # KeyError: not that many rounds
         steps = card["facts"]["steps"].split(" + ")[: from_round - 1]
+        notes = {k: v for k, v in card["facts"].items() if k != "steps" and not k.startswith("round ")}
         init = work.parent / f"{work.name}-stage2-round{from_round - 1}"  # a copy: `out` is replaced at the end
         if init.exists():
             shutil.rmtree(init)
@@ -436,31 +439,41 @@ def build_stage2(out: Path, scale: Scale, work: Path, data: dict, seed: int, dev
                                                        "train time": f"{r.seconds:.0f} s", "hardware": hardware(dev),
                                                        **settings}.items()))
         steps.append(str(r.steps))
-    write_stage2_card(out / "tiny-llava", facts, steps, r.final_loss, natural=bool(scale.n_natural))
+    write_stage2_card(out / "tiny-llava", facts, steps, r.final_loss,
+                      natural=scale.natural_rounds if scale.n_natural else 0, notes=notes)
     return {"final_train_loss": r.final_loss}
 
 
-def natural_round(work: Path, scale: Scale, seed: int) -> list:
-    """The last round's records: `n_natural` new train scenes drawn with the world's co-occurrence bias (as
-    COCO's objects co-occur) and asked in the natural-use kinds (follow-ups, long chats, false premises), plus
-    its own text-only chats; built in `<work>-natural` with seed + 1, so no scene repeats an earlier round's."""
-    folder = work.parent / f"{work.name}-natural"
+def natural_folder(work: Path, k: int) -> Path:
+    """Where natural-use round `k` (0-based) keeps its data: `<work>-natural`, `<work>-natural2`, ..."""
+    return work.parent / f"{work.name}-natural{k + 1 if k else ''}"
+
+
+def natural_round(work: Path, scale: Scale, seed: int, k: int = 0) -> list:
+    """Natural-use round `k`'s records: `n_natural` new train scenes drawn with the world's co-occurrence bias
+    (as COCO's objects co-occur) and asked in the natural-use kinds (follow-ups, long chats, false premises),
+    plus its own text-only chats; built in `natural_folder(work, k)` with seed + 1 + k, so no scene repeats an
+    earlier round's."""
+    folder = natural_folder(work, k)
     sw.ensure_built(folder, n_train=scale.n_natural, n_val=0, n_test=0, n_comp=0, n_para=0, n_multiturn=0,
-                    n_cooccur=0, n_text=scale.text_in_natural, n_text_val=0, seed=seed + 1,
+                    n_cooccur=0, n_text=scale.text_in_natural, n_text_val=0, seed=seed + 1 + k,
                     image_size=scale.clip.image_size, cooccur=sw.COOCCUR_P)
     return load_records(folder / "instruct_train.json") + load_records(folder / "text_train.json",
                                                                        check_files=False)
 
 
 def write_stage2_card(folder: Path, rounds: list[str], steps: list[str], final_loss: float,
-                      natural: bool = True) -> None:
-    """tiny-llava's model card; `rounds`: the settings and measurements of each round of stage 2, as text."""
-    facts = {f"round {i + 1}": r for i, r in enumerate(rounds)}
+                      natural: int = 1, notes: dict | None = None) -> None:
+    """tiny-llava's model card; `rounds`: the settings and measurements of each round of stage 2, as text;
+    the last `natural` of them are natural-use rounds; `notes`: more facts (a rebuild from a later round keeps
+    the card's notes about the earlier ones)."""
+    facts = {f"round {i + 1}": r for i, r in enumerate(rounds)} | (notes or {})
     later = len(rounds) - 1 - natural
     how = (f", in {len(rounds)} rounds: several epochs over the scenes stage 1 saw, then "
            + ("one pass over new scenes" if later == 1 else f"{later} more, each one pass over scenes no round saw "
               "before,") + " at a lower learning rate") if later > 0 else ""
-    how += (", and a last round on natural use (new scenes with the world's co-occurrence bias, asked with "
+    last = "a last round" if natural == 1 else f"{natural} last rounds"
+    how += (f", and {last} on natural use (new scenes with the world's co-occurrence bias, asked with "
             "follow-ups, long chats and false premises)" if natural else "")
     write_card(folder, "tiny-llava", "The tiny LLaVA after stage 2 (visual instruction tuning, `vicuna_v1`): "
                "tiny-clip's tower (frozen), the stage-1 projector and tiny-lm, projector and LM trained on "
@@ -615,7 +628,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="rebuild from this component on, keeping the earlier ones in --out")
     p.add_argument("--from-round", type=int, default=1,
                    help="with --start tiny-llava: train stage 2's rounds from this one on, from the tiny-llava in "
-                        "--out (the shipped model's last round: `--from-round 5`)")
+                        "--out (the shipped model's last round: `--from-round 6`)")
     p.add_argument("--eval-only", action="store_true", help="measure the weights already in --out")
     p.add_argument("--only", nargs="+", choices=EVALUATIONS, help="with --eval-only: these measurements only")
     p.add_argument("--no-progress", action="store_true")
