@@ -92,8 +92,8 @@ zoo-eval: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_zoo --out data --work build/shapesworld --eval-only
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_smol --out data --eval-only
 
-# Regenerate data/results/ablations.json (each variant trains both stages; about 6 minutes on one H200 with
-# the 7 variants side by side, hours on 2 CPU cores).
+# Regenerate data/results/ablations.json (each variant trains both stages; 87 minutes on 2 CPU cores one after
+# another, minutes on one GPU with the 7 variants side by side).
 ABLATION_JOBS ?= 1  # variants side by side: 7 on a GPU (make ablations ABLATION_JOBS=7), 1 on a laptop
 ablations: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.ablations --out data/results/ablations.json --jobs $(ABLATION_JOBS)

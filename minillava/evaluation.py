@@ -235,6 +235,26 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_bootstrap(correct, reference=None, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Accuracy of per-question scores `correct` (n,) (1 right, 0 wrong) with a percentile bootstrap interval:
+    `resamples` draws of n questions with replacement, the middle `level` of their accuracies.
+    {"n", "exact", "ci": [lo, hi]}; with `reference`, the same questions scored for another model (n,), also
+    {"diff": exact - reference's, "diff_ci"}, the two models scored on *the same* draws, so that how hard the
+    drawn questions are, which both share, cancels out of the difference."""
+    c = torch.as_tensor(correct, dtype=torch.float64)
+    if c.ndim != 1 or not len(c):
+        raise ValueError(f"expected one score per question, got shape {tuple(c.shape)}")
+    idx = torch.randint(len(c), (resamples, len(c)), generator=torch.Generator().manual_seed(seed))
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    out = {"n": len(c), "exact": c.mean().item(), "ci": torch.quantile(c[idx].mean(1), q).tolist()}
+    if reference is not None:
+        r = torch.as_tensor(reference, dtype=torch.float64)
+        if r.shape != c.shape:
+            raise ValueError(f"the reference has {len(r)} scores for {len(c)} questions")
+        out.update(diff=out["exact"] - r.mean().item(), diff_ci=torch.quantile((c[idx] - r[idx]).mean(1), q).tolist())
+    return out
+
+
 def pope_metrics(answers: list[str], references: list[str]) -> dict:
     """Accuracy, precision, recall, F1 of "yes" (the positive class) and the ratio of "yes" answers.
     An answer counts as yes when its first word is "yes"."""

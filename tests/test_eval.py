@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import minillava as ml
 from minillava import evaluation as ev
@@ -260,3 +261,30 @@ def test_circular_eval_catches_a_letter_biased_guesser():
     assert [p.splitlines()[1] for p in prompts] == ["A. red", "A. blue", "A. green", "A. yellow"]  # each first once
     with pytest.raises(ValueError, match="answer index 4"):
         ev.circular_eval(reader, "Q?", options, answer=4)
+
+
+def test_paired_bootstrap_intervals_and_pairing():
+    gen = torch.Generator().manual_seed(0)
+    n = 1200
+    base = (torch.rand(n, generator=gen) < 0.8).float()
+    one = ev.paired_bootstrap(base)
+    assert one["n"] == n and one["exact"] == pytest.approx(base.mean().item()) and "diff" not in one
+    lo, hi = one["ci"]
+    se = (0.8 * 0.2 / n) ** 0.5
+    assert lo < one["exact"] < hi and 3 * se < hi - lo < 5 * se  # about +-1.96 SE
+    assert ev.paired_bootstrap(base, level=0.5)["ci"][1] - ev.paired_bootstrap(base, level=0.5)["ci"][0] < hi - lo
+    # one answer in a hundred changes: the paired interval of the difference is far narrower than the unpaired
+    # 2 * 1.96 * sqrt(2) SE the two accuracies' own intervals imply
+    flipped = torch.where(torch.rand(n, generator=gen) < 0.01, 1 - base, base)
+    pair = ev.paired_bootstrap(flipped, base)
+    assert pair["diff"] == pytest.approx((flipped - base).mean().item())
+    assert pair["diff_ci"][0] <= pair["diff"] <= pair["diff_ci"][1]
+    assert pair["diff_ci"][1] - pair["diff_ci"][0] < 0.3 * (hi - lo) * 2 ** 0.5
+    worse = base * (torch.rand(n, generator=gen) > 0.1)  # wrong on a tenth more: wholly below zero
+    assert ev.paired_bootstrap(worse, base)["diff_ci"][1] < 0
+    assert ev.paired_bootstrap(base, base)["diff_ci"] == [0.0, 0.0]
+    assert ev.paired_bootstrap(base, seed=1)["ci"] != one["ci"] and ev.paired_bootstrap(base) == one  # seeded
+    with pytest.raises(ValueError, match="1199 scores for 1200"):
+        ev.paired_bootstrap(base, base[1:])
+    with pytest.raises(ValueError, match="one score per question"):
+        ev.paired_bootstrap([])

@@ -318,6 +318,10 @@ def test_ablations_run_side_by_side_and_report_failures(toy_zoo, tmp_path, monke
     for name, r in saved["results"].items():  # every variant scored on the same questions: the test split's
         assert_scores_the_questions(r, test)
         assert bool(r["paper"]) == (name != "baseline")
+        assert len(r["exact_by_question"]) == r["overall"]["n"] == len(r["qtypes"])
+        assert r["exact_by_question"].count("1") == round(r["overall"]["exact"] * r["overall"]["n"])
+    assert saved["bootstrap"]["linear_projector"]["expected"] == "lower"  # the intervals, written with the results
+    assert saved["bootstrap"] == ablations.bootstrap(saved["results"])
     lm_sha = hashlib.sha256((data / "tiny-lm" / "model.safetensors").read_bytes()).hexdigest()[:16]
     assert saved["backbones"]["tiny-lm"] == {"sha256": lm_sha, "steps x batch": "2 x 4"}  # what they started from
     monkeypatch.setenv("MINILLAVA_DATA", str(tmp_path / "empty"))  # no backbones: each variant fails, reported
@@ -326,6 +330,65 @@ def test_ablations_run_side_by_side_and_report_failures(toy_zoo, tmp_path, monke
     assert broken["backbones"] == {"tiny-clip": None, "tiny-lm": None}
     with pytest.raises(ValueError, match="unknown ablation"):
         ablations.run(tmp_path / "c.json", ["bigger_model"])
+
+
+def fake_ablation(pattern: str, qtypes: list[str]) -> dict:
+    return {"exact_by_question": pattern, "qtypes": qtypes}
+
+
+def test_ablation_bootstrap_judges_each_variant_where_its_finding_predicts():
+    from minillava.tools import ablations
+
+    gen = torch.Generator().manual_seed(0)
+    n = 1200
+    qtypes = ["multi_more" if i % 6 == 0 else "color" for i in range(n)]
+    base = (torch.rand(n, generator=gen) < 0.8).tolist()
+    worse = (torch.rand(n, generator=gen) < 0.1).tolist()
+    bits = lambda xs: "".join("1" if x else "0" for x in xs)  # noqa: E731
+    results = {
+        "baseline": fake_ablation(bits(base), qtypes),
+        "frozen_lm": fake_ablation(bits(b and not w for b, w in zip(base, worse)), qtypes),  # clearly lower
+        "lora": fake_ablation(bits(base), qtypes),  # the same answers: similar
+        "no_stage1": fake_ablation(bits(base), qtypes),  # the same answers: not lower
+        "single_image_only": fake_ablation(bits(b and not q.startswith("multi_") for b, q in zip(base, qtypes)),
+                                           qtypes),
+        "broken": {"error": "RuntimeError: out of memory"},  # a failed variant is left out, not fatal
+    }
+    boot = ablations.bootstrap(results)
+    assert "broken" not in boot and "verdict" not in boot["baseline"]
+    assert boot["baseline"]["overall"] == ml.evaluation.paired_bootstrap(torch.tensor(base))
+    assert {k: boot[k]["verdict"] for k in ("frozen_lm", "lora", "no_stage1", "single_image_only")} == {
+        "frozen_lm": "agrees", "lora": "agrees", "no_stage1": "within noise", "single_image_only": "agrees"}
+    single = boot["single_image_only"]
+    assert single["judged_on"] == "two_image" and single["two_image"]["n"] == n // 6
+    assert single["two_image"]["exact"] == 0 and single["overall"]["diff"] < 0
+    with pytest.raises(ValueError, match="other questions than the baseline"):
+        ablations.bootstrap({**results, "lora": fake_ablation(bits(base), qtypes[::-1])})
+    with pytest.raises(ValueError, match="baseline's per-question"):
+        ablations.bootstrap({"lora": results["lora"]})
+
+
+def test_ablation_verdicts_read_the_interval():
+    from minillava.tools.ablations import SIMILAR, verdict
+
+    assert verdict("lower", [-0.05, -0.01]) == "agrees"
+    assert verdict("lower", [-0.02, 0.01]) == "within noise"
+    assert verdict("lower", [0.01, 0.03]) == "disagrees"
+    assert verdict("similar", [-SIMILAR / 2, SIMILAR / 2]) == "agrees"
+    assert verdict("similar", [-2 * SIMILAR, 0.0]) == "within noise"  # could be similar, could be lower
+    assert verdict("similar", [-3 * SIMILAR, -1.5 * SIMILAR]) == "disagrees"
+
+
+def test_shipped_ablations_started_from_the_shipped_backbones_and_carry_their_intervals():
+    """Chapter 7's table: every variant measured from the zoo's tiny-clip and tiny-lm (a rebuilt zoo needs `make
+    ablations` again), on the same questions, with the intervals and verdicts `bootstrap` gives for its answers."""
+    from minillava.tools import ablations
+
+    saved = json.loads((zoo.data_dir() / "results" / "ablations.json").read_text())
+    assert saved["backbones"] == ablations.backbones()
+    assert saved["results"].keys() == ablations.VARIANTS.keys()
+    assert not [name for name, r in saved["results"].items() if "error" in r]
+    assert saved["bootstrap"] == ablations.bootstrap(saved["results"])
 
 
 @pytest.mark.slow

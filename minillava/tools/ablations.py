@@ -6,7 +6,9 @@ identical data, steps and seeds, and is scored on the same held-out questions:
 
     python -m minillava.tools.ablations --out data/results/ablations.json [--device cuda] [--jobs 7]
 
-The shipped results were run on one GPU, the variants side by side (`--jobs`); on 2 CPU cores it takes hours.
+The shipped results took 87 minutes on 2 CPU cores, one variant after another; on a GPU, `--jobs 7` trains them
+side by side in minutes. Each variant is scored question by question, and `bootstrap` turns that into paired
+95% intervals and a verdict against the papers' findings.
 
 The limitations chapter reads the JSON and tabulates it beside the paper's findings, agreeing or not.
 """
@@ -48,13 +50,21 @@ PAPER = {
     "single_image_only": "LLaVA-1.5 is trained on single images only (multi-image is minillava's extension).",
 }
 
+# The direction each finding predicts for the variant against the baseline; `single_image_only` is judged on the
+# two-image questions, the only ones it never trained on.
+EXPECTED = {"no_stage1": "lower", "linear_projector": "lower", "vision_layer_-1": "lower", "lora": "similar",
+            "frozen_lm": "lower", "single_image_only": "lower"}
+SIMILAR = 0.03  # "similar" means the whole 95% interval of the difference lies within 3 points of zero
+
 
 @dataclass
 class AblationScale:
-    """A third of the shipped model's data and half its stage-2 epochs: enough to tell the variants apart."""
+    """The shipped model's first round scaled down (8,000 of its 30,000 scenes, 2 of its 8 stage-2 epochs), and
+    every turn of 600 test conversations (about 1,300 questions): enough questions that a difference of a few
+    points shows through the bootstrap interval (`bootstrap`)."""
 
-    n_train: int = 10000
-    n_test: int = 300
+    n_train: int = 8000
+    n_test: int = 600
     stage1: dict = field(default_factory=lambda: dict(batch_size=64, micro_batch_size=64, epochs=1.0, lr=1e-3))
     stage2: dict = field(default_factory=lambda: dict(batch_size=64, micro_batch_size=64, epochs=2.0, lr=1e-3))
 
@@ -102,8 +112,11 @@ def run_variant(name: str, change: dict, work: Path, scale: AblationScale, seed:
     # every variant is scored on the same questions: the full-kinds test split
     test = load_records(_data(work, sw.KINDS, scale, seed) / "instruct_test.json")
     result = ev.evaluate_vqa(model, processor, test, progress=False)
+    # one 0/1 per question, in the test split's order (the same for every variant): the bootstrap pairs them
+    correct = "".join("1" if ev.exact_match(p["answer"], p["reference"]) else "0" for p in result["predictions"])
     return {"change": {k: list(v) if isinstance(v, tuple) else v for k, v in change.items()},
-            "overall": result["overall"], "by_type": result["by_type"], "train_seconds": seconds,
+            "overall": result["overall"], "by_type": result["by_type"], "exact_by_question": correct,
+            "qtypes": [p["qtype"] for p in result["predictions"]], "train_seconds": seconds,
             "final_loss": s2.final_loss, "paper": PAPER.get(name, "")}
 
 
@@ -131,6 +144,47 @@ def backbones() -> dict:
         facts = read_json(card).get("facts", {}) if card.is_file() else {}
         found[name] = {"sha256": digest, "steps x batch": facts.get("steps x batch")}
     return found
+
+
+def bootstrap(results: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """Exact-match accuracy with 95% intervals (`evaluation.paired_bootstrap`) for each variant that has
+    per-question results: its own, and its difference from the baseline paired on the same questions, overall and
+    on the two-image questions, with the verdict against `EXPECTED`.
+
+    Returns {variant: {"overall": {"n", "exact", "ci", "diff", "diff_ci"}, "two_image": {...}, "judged_on",
+    "expected", "verdict"}}; the baseline has no diff or verdict."""
+    scored = {k: r for k, r in results.items() if "exact_by_question" in r}
+    if "baseline" not in scored:
+        raise ValueError("the bootstrap needs the baseline's per-question results ('exact_by_question')")
+    qtypes = scored["baseline"]["qtypes"]
+    for name, r in scored.items():
+        if r["qtypes"] != qtypes:
+            raise ValueError(f"ablation '{name}' was scored on other questions than the baseline")
+    parts = {"overall": torch.ones(len(qtypes), dtype=torch.bool),
+             "two_image": torch.tensor([t.startswith("multi_") for t in qtypes])}
+    parts = {part: keep for part, keep in parts.items() if keep.any()}
+    correct = {k: torch.tensor([c == "1" for c in r["exact_by_question"]]) for k, r in scored.items()}
+    out = {}
+    for name, c in correct.items():
+        reference = None if name == "baseline" else correct["baseline"]
+        out[name] = {part: ev.paired_bootstrap(c[keep], None if reference is None else reference[keep],
+                                               resamples, seed) for part, keep in parts.items()}
+        if reference is not None and name in EXPECTED:
+            part = "two_image" if name == "single_image_only" else "overall"
+            out[name].update(judged_on=part, expected=EXPECTED[name],
+                             verdict=verdict(EXPECTED[name], out[name][part]["diff_ci"]))
+    return out
+
+
+def verdict(expected: str, diff_ci: list[float]) -> str:
+    """Whether a difference's 95% interval agrees with the direction a paper finding predicts: "lower" agrees when
+    the whole interval is below zero, disagrees when it is above; "similar" agrees when it lies within `SIMILAR`
+    of zero, disagrees when it lies wholly outside; anything else is "within noise"."""
+    lo, hi = diff_ci
+    if expected == "similar":
+        return "agrees" if -SIMILAR <= lo and hi <= SIMILAR else "disagrees" if hi < -SIMILAR or lo > SIMILAR \
+            else "within noise"
+    return "agrees" if hi < 0 else "disagrees" if lo > 0 else "within noise"
 
 
 def run(out: str | Path, variants: list[str] | None = None, scale: AblationScale | None = None,
@@ -169,6 +223,8 @@ def run(out: str | Path, variants: list[str] | None = None, scale: AblationScale
     summary = {"scale": {"n_train": scale.n_train, "n_test": scale.n_test, "stage1": scale.stage1,
                          "stage2": scale.stage2}, "seed": seed, "hardware": hardware(pick_device(device)),
                "eval_dtype": "float32", "jobs": jobs, "backbones": started_from, "results": results}
+    if "exact_by_question" in results.get("baseline", {}):
+        summary["bootstrap"] = bootstrap(results)
     write_json(out, summary)
     return summary
 
