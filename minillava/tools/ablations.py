@@ -60,7 +60,7 @@ SIMILAR = 0.03  # "similar" means the whole 95% interval of the difference lies 
 @dataclass
 class AblationScale:
     """The shipped model's first round scaled down (8,000 of its 30,000 scenes, 2 of its 8 stage-2 epochs), and
-    every turn of 600 test conversations (about 1,300 questions): enough questions that a difference of a few
+    every turn of 600 test conversations (1,692 questions): enough questions that a difference of a few
     points shows through the bootstrap interval (`bootstrap`)."""
 
     n_train: int = 8000
