@@ -100,7 +100,8 @@ ablations: $(STAMP)
 
 # Regenerate data/results/negatives_ablation.json: tiny-llava's natural-use round with and without negative
 # instructions, 500 steps each from the model before that round (`make zoo` leaves it in
-# build/shapesworld/stage2-round4); about 30 minutes on 2 CPU cores.
+# build/shapesworld/stage2-round4); about 30 minutes on 2 CPU cores. The shipped file was measured on the round
+# the shipped model had, in the default mix of kinds; after `make zoo` that round is in the natural-use mix.
 NEGATIVES_BEFORE ?= build/shapesworld/stage2-round4
 negatives: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.negatives --before $(NEGATIVES_BEFORE) \

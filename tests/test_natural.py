@@ -121,6 +121,52 @@ def test_no_image_questions_are_answered_by_saying_so():
         assert "<image>" not in "".join(m["content"] for m in r.messages[: 2 * i + 1])
 
 
+def test_natural_mix_asks_comparisons_late_pairs_and_questions_of_no_image():
+    data = generate_records("train", 500, seed=8, weights=sw.NATURAL_WEIGHTS, short_p=0.35)
+    by = {k: [r for r in data.instruct if r.meta["kind"] == k] for k in ("comparison", "long_pair", "no_image")}
+    assert all(len(v) > 10 for v in by.values()), {k: len(v) for k, v in by.items()}
+    # named objects compared one after another (an absent one gets its absence); when none can be asked
+    # unambiguously (one object; ties of references), other reasoning questions instead
+    compared = [set(r.meta["qtypes"]) <= {"compare_named", "false_premise"} for r in by["comparison"]]
+    assert sum(compared) > 0.8 * len(compared) and all(len(r.images) == 1 for r in by["comparison"])
+    late = 0
+    for r in by["long_pair"]:  # a long chat, the second image at any turn, the two-image questions after it
+        assert len(r.images) == 2 and r.images[1].name == r.images[0].name.replace(".png", "_b.png")
+        assert 5 <= len(r.meta["qtypes"]) <= 7 and r.meta["qtypes"][-1].startswith("multi_")
+        users = [m["content"] for m in r.messages if m["role"] == "user"]
+        second = next(i for i, u in enumerate(users) if u.count("<image>") == 2 or i and "<image>" in u)
+        assert sum(u.count("<image>") for u in users) == 2 and users[0].count("<image>") >= 1
+        assert all(not t.startswith("multi_") for t in r.meta["qtypes"][:second])
+        late += second > 0
+        scenes = [Scene.from_dict(d) for d in r.meta["scene"]]
+        for u, a, t in turns(r):  # the counts are the scenes' own
+            if t == "multi_count":
+                which = 0 if "first" in u else 1
+                assert a == f"{len(scenes[which].objects)}." or a == str(len(scenes[which].objects)), (u, a)
+    assert 0 < late < len(by["long_pair"])
+    for r in by["no_image"]:  # said there is none, in training phrasings, never the held-out probes
+        said = [i for i, t in enumerate(r.meta["qtypes"]) if t == "no_image"]
+        assert said == list(range(len(said))) and said
+        for q, a, _ in turns(r)[: len(said)]:
+            assert a == sw.NO_IMAGE and "<image>" not in q and bare(q) not in sw.NO_IMAGE_HELD_OUT
+        assert len(r.images) == sum(m["content"].count("<image>") for m in r.messages) <= 1
+    suffixed = sum(q.endswith(SHORT_ANSWER) for r in data.instruct for q, _, t in turns(r) if t in ("color", "shape"))
+    asked = sum(t in ("color", "shape") for r in data.instruct for t in r.meta["qtypes"])
+    assert 0.27 < suffixed / asked < 0.43  # short_p of them carry the suffix
+
+
+def test_natural_kinds_leave_the_default_mix_and_the_evaluation_splits_unchanged():
+    old_kinds = sw.KINDS[:6]
+    for split in ("train", "test", "paraphrase"):
+        a, b = generate_records(split, 40, seed=2), generate_records(split, 40, seed=2, kinds=old_kinds)
+        assert [(r.messages, r.meta["kind"]) for r in a.instruct] == [(r.messages, r.meta["kind"]) for r in b.instruct]
+    assert not {r.meta["kind"] for r in a.instruct} & {"comparison", "long_pair", "no_image"}
+    with pytest.raises(ValueError, match="must be >= 0 and not all 0"):
+        generate_records("train", 2, kinds=("no_image",))  # no weight in the default mix
+    with pytest.raises(ValueError, match="kinds"):
+        generate_records("train", 2, weights={"chitchat": 1.0})
+
+
 def test_multiturn_split_asks_one_question_three_ways():
     data = generate_records("multiturn", 40, seed=5)
     recs = {r.id: r for r in data.instruct}

@@ -61,8 +61,9 @@ class Scale:
                                                             save_every=500))  # each later round
     text_in_fresh: int = 10000  # text-only chats mixed into each later round (the same ones)
     n_natural: int = 56000  # train scenes of each natural-use round, with the co-occurrence bias
-    natural_rounds: int = 2  # the last rounds: natural use, each on scenes of its own
+    natural_rounds: int = 4  # the last rounds: natural use, each on scenes of its own
     text_in_natural: int = 6000  # text-only chats of each natural-use round (its own: some ask of an absent image)
+    natural_short_p: float = 0.35  # the share of short-answer questions with LLaVA-1.5's suffix in those rounds
     stage2_natural: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=1.0,
                                                               lr=3e-4, save_every=500))
     caption_docs: int = 4000  # documents of captions, one a line, in the LM's pretraining text (see `lm_corpus`)
@@ -78,7 +79,7 @@ TOY = Scale(n_train=24, n_val=4, n_test=8, n_comp=4, n_para=4, n_multiturn=2, n_
                            sft_batch_size=4),
             stage1=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3),
             stage2=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=1e-3), text_in_stage2=4, caption_docs=4,
-            n_eval=4, n_fresh=8, fresh_rounds=2, text_in_fresh=4,
+            n_eval=4, n_fresh=8, fresh_rounds=2, text_in_fresh=4, natural_rounds=2,
             stage2_fresh=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=3e-4), n_natural=8,
             text_in_natural=4, stage2_natural=dict(batch_size=8, micro_batch_size=8, max_steps=2, lr=3e-4))
 SCALES = {"full": FULL, "toy": TOY}
@@ -451,13 +452,15 @@ def natural_folder(work: Path, k: int) -> Path:
 
 def natural_round(work: Path, scale: Scale, seed: int, k: int = 0) -> list:
     """Natural-use round `k`'s records: `n_natural` new train scenes drawn with the world's co-occurrence bias
-    (as COCO's objects co-occur) and asked in the natural-use kinds (follow-ups, long chats, false premises),
-    plus its own text-only chats; built in `natural_folder(work, k)` with seed + 1 + k, so no scene repeats an
-    earlier round's."""
+    (as COCO's objects co-occur) and asked in the natural-use mix (`NATURAL_WEIGHTS`: more follow-ups and
+    named comparisons, long chats with one image or two, image questions asked of no image; the short-answer
+    suffix on `natural_short_p` of the short questions), plus its own text-only chats; built in
+    `natural_folder(work, k)` with seed + 1 + k, so no scene repeats an earlier round's."""
     folder = natural_folder(work, k)
     sw.ensure_built(folder, n_train=scale.n_natural, n_val=0, n_test=0, n_comp=0, n_para=0, n_multiturn=0,
                     n_cooccur=0, n_text=scale.text_in_natural, n_text_val=0, seed=seed + 1 + k,
-                    image_size=scale.clip.image_size, cooccur=sw.COOCCUR_P)
+                    image_size=scale.clip.image_size, cooccur=sw.COOCCUR_P, weights=sw.NATURAL_WEIGHTS,
+                    short_p=scale.natural_short_p)
     return load_records(folder / "instruct_train.json") + load_records(folder / "text_train.json",
                                                                        check_files=False)
 
@@ -474,7 +477,8 @@ def write_stage2_card(folder: Path, rounds: list[str], steps: list[str], final_l
               "before,") + " at a lower learning rate") if later > 0 else ""
     last = "a last round" if natural == 1 else f"{natural} last rounds"
     how += (f", and {last} on natural use (new scenes with the world's co-occurrence bias, asked with "
-            "follow-ups, long chats and false premises)" if natural else "")
+            "follow-ups, named comparisons, long chats, false premises and questions of no image, in the natural-use "
+            "mix)" if natural else "")
     write_card(folder, "tiny-llava", "The tiny LLaVA after stage 2 (visual instruction tuning, `vicuna_v1`): "
                "tiny-clip's tower (frozen), the stage-1 projector and tiny-lm, projector and LM trained on "
                f"ShapesWorld instructions plus some text-only chats{how}; weights stored in float16 "

@@ -6,7 +6,10 @@ natural use brings: "followup" chats that refer back ("Where is it?", "And the s
 one?") and "long" chats of 5-6 turns in which an image may arrive at a later turn, after questions asked of no
 image ("I don't see an image."). False premises are asked throughout (see `questions`). Some short-answer
 questions carry LLaVA-1.5's suffix and get the one-word answer. Every answer is computed from the scene; every
-answer turn is tagged with its question type in the record's "qtypes".
+answer turn is tagged with its question type in the record's "qtypes". The natural-use training mix
+(`NATURAL_WEIGHTS`) adds three kinds that no evaluation split asks as such: "comparison" (named objects
+compared, one after another), "long_pair" (a long chat whose second image comes at any turn, the two-image
+questions asked late) and "no_image" (image questions in any training phrasing, asked with no image).
 
 Splits (`SPLITS`): train, val, test and compositional as before; "paraphrase" (test scenes asked with the
 held-out phrasings alone), "multiturn" (one question asked first, as the fifth turn, and as the fifth turn with
@@ -26,6 +29,7 @@ from PIL import Image
 from ..records import Record
 from .questions import (
     NO_IMAGE,
+    NO_IMAGE_HELD_OUT,
     NO_IMAGE_QUESTIONS,
     Ctx,
     absent_ref,
@@ -175,6 +179,36 @@ def _long(scene: Scene, rng, ctx: Ctx) -> tuple[list, dict[int, str]]:
     return early + body[: n - late], {late: f"{IMAGE}\n"}
 
 
+def _comparison(scene: Scene, rng, ctx: Ctx) -> list[tuple[str, str, str]]:
+    """1-3 comparisons between named objects (size, position, counts of two kinds), one after another."""
+    qas = (q_compare_named(scene, rng, ctx) for _ in range(int(rng.integers(1, 4))))
+    return [(*qa, "compare_named")[:3] for qa in qas if qa is not None]
+
+
+def _long_pair(scene: Scene, rng, ctx: Ctx) -> tuple[Scene, list, dict[int, str]]:
+    """5-6 turns about two images: 0-4 questions about the first image, then the second image with the turn
+    that brings it, then the two-image questions (which has more shapes, what changed, the count in one of them)
+    among world facts, the last turn always one of them: as the multiturn split asks late, with the images given
+    at the start or at a later turn."""
+    second, pair = _multi(scene, rng, ctx)
+    at = int(rng.integers(0, 5))  # questions about the first image alone, before the second comes
+    first = _turns(scene, rng, ctx, at)
+    between = [_count_in(scene, second, _pick(rng, ("first", "second")), rng, ctx) if rng.random() < 0.7
+               else (*fact(rng), "fact") for _ in range(int(rng.integers(5, 7)) - at - len(pair))]
+    prefixes = {0: TWO_IMAGES} if at == 0 else {0: f"{IMAGE}\n", at: f"{IMAGE}\n"}
+    return second, first + between + pair, prefixes
+
+
+def _no_image(scene: Scene, rng, ctx: Ctx) -> tuple[list, dict[int, str]]:
+    """1-2 questions about an image asked with none given, in any training phrasing, answered by saying so
+    (none of `NO_IMAGE_HELD_OUT`, kept for measuring); half the time the image then comes with one more question."""
+    asked = [(q, NO_IMAGE, "no_image") for q, *_ in _qas(scene, rng, ctx, _CONVERSATION[:8], int(rng.integers(1, 3)))
+             if q not in NO_IMAGE_HELD_OUT]
+    if not asked or rng.random() < 0.5:
+        return asked or [(_pick(rng, NO_IMAGE_QUESTIONS), NO_IMAGE, "no_image")], {}
+    return asked + _qas(scene, rng, ctx, _CONVERSATION, 1), {len(asked): f"{IMAGE}\n"}
+
+
 def _multi(scene: Scene, rng, ctx: Ctx) -> tuple[Scene, list[tuple[str, str, str]]]:
     """A second scene and questions about the pair: the one change made, or which has more shapes."""
     changed = change_scene(scene, rng, ctx.exclude) if rng.random() < 0.6 else None
@@ -239,23 +273,29 @@ _BUCKETS = {"train": range(2, 10), "val": (0,), "test": (1,), "compositional": r
 
 def generate_records(split: str, n: int, seed: int = 0, image_size: int = 64, kinds=KINDS,
                      image_dir: str | Path = "images", negatives: bool = True,
-                     cooccur: float | None = None) -> SplitData:
+                     cooccur: float | None = None, weights: dict | None = None, short_p: float = 0.2) -> SplitData:
     """n images of a split -> one caption record and one instruction record each, plus their scenes.
 
-    The instruction record's kind is drawn from `kinds` (weights KIND_WEIGHTS); a "multi_image" record adds a
-    second image named '<first>_b.png' (given with the first, or with a later question). The "multiturn" split
+    The instruction record's kind is drawn from `kinds` with `weights` (default KIND_WEIGHTS, which gives the
+    natural-use training kinds none; NATURAL_WEIGHTS is their mix); a "multi_image" or "long_pair" record adds a
+    second image named '<first>_b.png' (given with the first, or with a later question), a "no_image" record
+    has an image only if it comes at a later turn. `short_p`: the share of short-answer questions that carry
+    LLaVA-1.5's suffix. The "multiturn" split
     makes three instruction records per image instead (`_multiturn`). Records name images as
     `image_dir / name`. negatives: ask false-premise questions (False for the ablation without them);
     cooccur: the co-occurrence bias of the scenes (default: `COOCCUR_P` in the "cooccur" split, else none).
     Deterministic in the arguments; the splits use independent random streams.
     """
     index, exclude, require = _split_setup(split)
-    bad = [k for k in kinds if k not in KIND_WEIGHTS]
+    weights = KIND_WEIGHTS if weights is None else weights
+    bad = [k for k in [*kinds, *weights] if k not in KIND_WEIGHTS]
     if bad or not kinds:
         raise ValueError(f"kinds: {bad or 'none given'}; choose from {', '.join(KINDS)}")
+    p = np.array([weights.get(k, 0.0) for k in kinds], dtype=float)
+    if (p < 0).any() or not p.sum():
+        raise ValueError(f"kinds {list(kinds)}: their weights {p.tolist()} must be >= 0 and not all 0")
     bias = (COOCCUR_P if split == "cooccur" else 0.0) if cooccur is None else cooccur
     rng = np.random.default_rng([seed, index])
-    p = np.array([KIND_WEIGHTS[k] for k in kinds])
     data, image_dir = SplitData([], [], {}), Path(image_dir)
     for i in range(n):
         scene = sample_scene(rng, exclude=exclude, require=require, image_size=image_size, cooccur=bias)
@@ -286,16 +326,24 @@ def generate_records(split: str, n: int, seed: int = 0, image_size: int = 64, ki
             qas = _followups(scene, rng, ctx) or _qas(scene, rng, ctx, _CONVERSATION, 2)
         elif kind == "long":
             qas, prefixes = _long(scene, rng, ctx)
+        elif kind == "comparison":
+            qas = _comparison(scene, rng, ctx) or _qas(scene, rng, ctx, _REASONING, 2)
+        elif kind == "no_image":
+            qas, prefixes = _no_image(scene, rng, ctx)
+            images = images if prefixes else []
         else:
-            second, qas = _multi(scene, rng, ctx)
+            if kind == "long_pair":
+                second, qas, prefixes = _long_pair(scene, rng, ctx)
+            else:
+                second, qas = _multi(scene, rng, ctx)
+                prefixes = {0: TWO_IMAGES}
+                first = _qas(scene, rng, ctx, _CONVERSATION, 1) if rng.random() < 0.4 else []
+                if first:  # the second image comes later, after a question about the first
+                    qas, prefixes = first + qas, {0: f"{IMAGE}\n", 1: f"{IMAGE}\n"}
             name2 = f"{split}_{i:06d}_b.png"
             data.scenes[name2] = second
             images, scenes = images + [image_dir / name2], [sd, second.to_dict()]
-            prefixes = {0: TWO_IMAGES}
-            first = _qas(scene, rng, ctx, _CONVERSATION, 1) if rng.random() < 0.4 else []
-            if first:  # the second image comes later, after a question about the first
-                qas, prefixes = first + qas, {0: f"{IMAGE}\n", 1: f"{IMAGE}\n"}
-        data.instruct.append(Record(f"{split}-{i:06d}", images, _chat(qas, rng, prefixes),
+        data.instruct.append(Record(f"{split}-{i:06d}", images, _chat(qas, rng, prefixes, short_p),
                                     {"kind": kind, "qtypes": [q[2] for q in qas], "scene": scenes}))
     return data
 
@@ -335,12 +383,17 @@ def _c(qa) -> tuple[str, str, str]:
     return (qa[0], qa[1], "context")
 
 
-def _context(scene: Scene, rng, ctx: Ctx) -> list[tuple[str, str, str]]:
-    """Four earlier turns about the scene (short questions, follow-ups), tagged "context"."""
+def _turns(scene: Scene, rng, ctx: Ctx, k: int) -> list[tuple[str, str, str]]:
+    """k turns about the scene (short questions, follow-ups), with their question types."""
     turns = []
-    while len(turns) < 4:
+    while len(turns) < k:
         turns += _followups(scene, rng, ctx) if rng.random() < 0.3 else _qas(scene, rng, ctx, _LONG, 1)
-    return [_c(t) for t in turns[:4]]
+    return turns[:k]
+
+
+def _context(scene: Scene, rng, ctx: Ctx) -> list[tuple[str, str, str]]:
+    """Four earlier turns about the scene (`_turns`), tagged "context"."""
+    return [_c(t) for t in _turns(scene, rng, ctx, 4)]
 
 
 _SCENE_INTROS = ("In a picture there is {}.", "A picture shows {}.", "Picture: {}.",

@@ -21,7 +21,7 @@ from ...evaluation import answer, evaluate_vqa, format_table, pope_metrics, ques
 from ...model import LlavaModel
 from ...processor import Processor
 from ..records import Record
-from .questions import NO_IMAGE_QUESTIONS, short_form
+from .questions import NO_IMAGE_HELD_OUT, NO_IMAGE_QUESTIONS, short_form
 from .scenes import (
     COLORS,
     HELD_OUT,
@@ -157,9 +157,6 @@ def multiturn(result: dict) -> dict:
                                               if first is not None and v != "first"}}
 
 
-NO_IMAGE_HELD_OUT = ("What colour is the square?", "How many stars are in the picture?", "Is the triangle big?",
-                     "What is at the top left of the image?", "Which shape is in the center?",
-                     "Tell me what the image shows.")
 NO_IMAGE_RULE = {"accept": ["don't see an image", "no image", "attach"]}
 
 

@@ -391,6 +391,9 @@ NO_IMAGE = "I don't see an image. Please attach one and ask again."
 NO_IMAGE_QUESTIONS = ("What color is the circle?", "What shape is in the image?", "How many shapes are there?",
                       "Describe the image.", "Is there a red square?", "Where is the star?",
                       "What is in the picture?", "What color is the object on the left?")
+NO_IMAGE_HELD_OUT = ("What colour is the square?", "How many stars are in the picture?", "Is the triangle big?",
+                     "What is at the top left of the image?", "Which shape is in the center?",
+                     "Tell me what the image shows.")  # never asked without an image in training (`no_image`)
 
 
 def short_form(answer: str) -> str:

@@ -23,9 +23,12 @@ POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")
 HELD_OUT = (("purple", "star"), ("orange", "triangle"))  # drawn only in the "compositional" split
 SPLITS = ("train", "val", "test", "compositional", "paraphrase", "multiturn", "cooccur")
-KINDS = ("conversation", "detail", "reasoning", "multi_image", "followup", "long")
+KINDS = ("conversation", "detail", "reasoning", "multi_image", "followup", "long", "comparison", "long_pair",
+         "no_image")
 KIND_WEIGHTS = {"conversation": 0.3, "detail": 0.07, "reasoning": 0.18, "multi_image": 0.15, "followup": 0.15,
-                "long": 0.15}
+                "long": 0.15, "comparison": 0.0, "long_pair": 0.0, "no_image": 0.0}  # every split's default mix
+NATURAL_WEIGHTS = {"conversation": 0.14, "detail": 0.05, "reasoning": 0.12, "multi_image": 0.08, "followup": 0.25,
+                   "long": 0.14, "comparison": 0.12, "long_pair": 0.06, "no_image": 0.04}  # natural-use rounds' mix
 COOCCUR = ((("red", "circle"), ("blue", "square")), (("green", "triangle"), ("yellow", "star")),
            (("orange", "circle"), ("purple", "square")))  # pairs that usually appear together (`sample_scene`)
 COOCCUR_P = 0.8  # the bias of the "cooccur" split and of training data built with it
