@@ -165,6 +165,8 @@ def test_natural_kinds_leave_the_default_mix_and_the_evaluation_splits_unchanged
         generate_records("train", 2, kinds=("no_image",))  # no weight in the default mix
     with pytest.raises(ValueError, match="kinds"):
         generate_records("train", 2, weights={"chitchat": 1.0})
+    with pytest.raises(ValueError, match="short_p 1.5"):
+        generate_records("train", 2, short_p=1.5)
 
 
 def test_multiturn_split_asks_one_question_three_ways():

@@ -294,6 +294,8 @@ def generate_records(split: str, n: int, seed: int = 0, image_size: int = 64, ki
     p = np.array([weights.get(k, 0.0) for k in kinds], dtype=float)
     if (p < 0).any() or not p.sum():
         raise ValueError(f"kinds {list(kinds)}: their weights {p.tolist()} must be >= 0 and not all 0")
+    if not 0 <= short_p <= 1:
+        raise ValueError(f"short_p {short_p}: the share of short questions with the suffix, expected 0 to 1")
     bias = (COOCCUR_P if split == "cooccur" else 0.0) if cooccur is None else cooccur
     rng = np.random.default_rng([seed, index])
     data, image_dir = SplitData([], [], {}), Path(image_dir)
