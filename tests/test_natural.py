@@ -6,11 +6,19 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from test_shapesworld import attribute, parse, resolve_phrase
+from test_shapesworld import attribute, parse, resolve_phrase, same
 
 from minillava.data import shapesworld as sw
 from minillava.data.records import Record
-from minillava.data.shapesworld import COOCCUR, PHRASINGS, SHORT_ANSWER, Scene, generate_records, text_chats
+from minillava.data.shapesworld import (
+    COOCCUR,
+    MORE_PHRASINGS,
+    PHRASINGS,
+    SHORT_ANSWER,
+    Scene,
+    generate_records,
+    text_chats,
+)
 from minillava.evaluation import questions
 from minillava.tools.negatives import drop_negatives
 from minillava.tools.redrawn import redraw, redrawn_records
@@ -153,6 +161,48 @@ def test_natural_mix_asks_comparisons_late_pairs_and_questions_of_no_image():
     suffixed = sum(q.endswith(SHORT_ANSWER) for r in data.instruct for q, _, t in turns(r) if t in ("color", "shape"))
     asked = sum(t in ("color", "shape") for r in data.instruct for t in r.meta["qtypes"])
     assert 0.27 < suffixed / asked < 0.43  # short_p of them carry the suffix
+
+
+def words(phrasing: str) -> list[str]:
+    return re.sub(r"[^\w{} ]", " ", phrasing.lower()).split()
+
+
+def word_distance(a: list[str], b: list[str]) -> int:
+    """Levenshtein distance counted in words."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def test_more_phrasings_widen_training_and_stay_away_from_the_held_out_ones():
+    assert word_distance(words("Of {a} and {b}, which is {more}?"), words("Between {a} and {b}, which is {more}?")) == 1
+    slots = re.compile(r"{\w*}")
+    for qtype, more in MORE_PHRASINGS.items():
+        used, held = PHRASINGS[qtype]
+        assert not set(more) & (set(used) | set(held)), qtype
+        for m in more:  # the same slots as the type's training phrasings; >= 3 words from each held-out one
+            assert sorted(slots.findall(m)) in [sorted(slots.findall(u)) for u in used], (qtype, m)
+            close = [h for h in held if word_distance(words(m), words(h)) < 3]
+            assert not close, (qtype, m, close)
+    data = generate_records("train", 400, seed=9, more_phrasings=True)
+    seen = Counter()
+    for r in data.instruct:  # the wider phrasings are asked, and still answered from the scene
+        scenes = r.meta["scene"] if isinstance(r.meta["scene"], list) else [r.meta["scene"]]
+        scene = Scene.from_dict(scenes[0])
+        for q, a, t in turns(r):
+            if t in ATTRS and "<image>" in q:
+                which, slot = parse(bare(q), t)
+                seen[which] += 1
+                (o,) = resolve_phrase(slot["{}"], scene)
+                assert same(a, attribute(t, o, scene)), (q, a)
+    assert 0.3 < seen["more"] / (seen["more"] + seen["train"]) < 0.55 and not seen["held_out"], seen  # ~6 in 14
+    plain = generate_records("train", 40, seed=9)  # without it, only the training phrasings
+    assert all(parse(bare(q), t)[0] == "train" for r in plain.instruct for q, _, t in turns(r) if t in ATTRS)
+    with pytest.raises(ValueError, match="only for the train split, not 'test'"):
+        generate_records("test", 2, more_phrasings=True)
 
 
 def test_natural_kinds_leave_the_default_mix_and_the_evaluation_splits_unchanged():

@@ -13,6 +13,7 @@ from minillava.data.records import load_records
 from minillava.data.shapesworld import (
     COLORS,
     HELD_OUT,
+    MORE_PHRASINGS,
     PHRASINGS,
     POSITIONS,
     SHAPES,
@@ -89,8 +90,9 @@ SLOTS = {"{}": r"(the [a-z ]+?|[a-z ]+?)", "{w}": r"(left of|right of|above|belo
 
 def parse(question: str, qtype: str) -> tuple[str, dict]:
     """Which phrasing of `qtype` a question uses, and what fills its slots (independent of the generator's
-    code: only its phrasing table is read). Returns (set "train" | "held_out", {slot: text})."""
-    forms = [(which, f) for which, fs in zip(("train", "held_out"), PHRASINGS[qtype]) for f in fs]
+    code: only its phrasing tables are read). Returns (set "train" | "held_out" | "more", {slot: text})."""
+    forms = [(which, f) for which, fs in zip(("train", "held_out", "more"),
+                                             (*PHRASINGS[qtype], MORE_PHRASINGS.get(qtype, ()))) for f in fs]
     for which, form in sorted(forms, key=lambda x: -len(x[1])):  # the most literal first: "Is {a} placed {w} {b}?"
         pattern, names = re.escape(form), []
         for slot, rx in SLOTS.items():

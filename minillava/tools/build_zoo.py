@@ -61,7 +61,7 @@ class Scale:
                                                             save_every=500))  # each later round
     text_in_fresh: int = 10000  # text-only chats mixed into each later round (the same ones)
     n_natural: int = 56000  # train scenes of each natural-use round, with the co-occurrence bias
-    natural_rounds: int = 4  # the last rounds: natural use, each on scenes of its own
+    natural_rounds: int = 6  # the last rounds: natural use, each on scenes of its own
     text_in_natural: int = 6000  # text-only chats of each natural-use round (its own: some ask of an absent image)
     natural_short_p: float = 0.35  # the share of short-answer questions with LLaVA-1.5's suffix in those rounds
     stage2_natural: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=1.0,
@@ -454,13 +454,14 @@ def natural_round(work: Path, scale: Scale, seed: int, k: int = 0) -> list:
     """Natural-use round `k`'s records: `n_natural` new train scenes drawn with the world's co-occurrence bias
     (as COCO's objects co-occur) and asked in the natural-use mix (`NATURAL_WEIGHTS`: more follow-ups and
     named comparisons, long chats with one image or two, image questions asked of no image; the short-answer
-    suffix on `natural_short_p` of the short questions), plus its own text-only chats; built in
+    suffix on `natural_short_p` of the short questions; the training phrasings and `MORE_PHRASINGS`), plus its
+    own text-only chats; built in
     `natural_folder(work, k)` with seed + 1 + k, so no scene repeats an earlier round's."""
     folder = natural_folder(work, k)
     sw.ensure_built(folder, n_train=scale.n_natural, n_val=0, n_test=0, n_comp=0, n_para=0, n_multiturn=0,
                     n_cooccur=0, n_text=scale.text_in_natural, n_text_val=0, seed=seed + 1 + k,
                     image_size=scale.clip.image_size, cooccur=sw.COOCCUR_P, weights=sw.NATURAL_WEIGHTS,
-                    short_p=scale.natural_short_p)
+                    short_p=scale.natural_short_p, more_phrasings=True)
     return load_records(folder / "instruct_train.json") + load_records(folder / "text_train.json",
                                                                        check_files=False)
 
@@ -632,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="rebuild from this component on, keeping the earlier ones in --out")
     p.add_argument("--from-round", type=int, default=1,
                    help="with --start tiny-llava: train stage 2's rounds from this one on, from the tiny-llava in "
-                        "--out (the shipped model's last round: `--from-round 6`)")
+                        "--out (the shipped model's last round: `--from-round 10`)")
     p.add_argument("--eval-only", action="store_true", help="measure the weights already in --out")
     p.add_argument("--only", nargs="+", choices=EVALUATIONS, help="with --eval-only: these measurements only")
     p.add_argument("--no-progress", action="store_true")

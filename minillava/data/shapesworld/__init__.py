@@ -35,7 +35,7 @@ from .probes import (
     pope_records,
     short_answer_records,
 )
-from .questions import NO_IMAGE, NO_IMAGE_HELD_OUT, PHRASINGS, Ctx, short_form
+from .questions import MORE_PHRASINGS, NO_IMAGE, NO_IMAGE_HELD_OUT, PHRASINGS, Ctx, short_form
 from .scenes import (
     BRIEF_INSTRUCTIONS,
     COLORS,

@@ -80,14 +80,16 @@ def ensure_built(out_dir: str | Path, **kwargs) -> dict:
 def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: int = 1000, n_comp: int = 500,
           n_text: int = 20000, n_text_val: int = 1000, seed: int = 0, image_size: int = 64,
           kinds=KINDS, n_para: int = 500, n_multiturn: int = 300, n_cooccur: int = 500, negatives: bool = True,
-          cooccur: float = 0.0, weights: dict | None = None, short_p: float = 0.2) -> dict:
+          cooccur: float = 0.0, weights: dict | None = None, short_p: float = 0.2,
+          more_phrasings: bool = False) -> dict:
     """Write every dataset under out_dir, atomically, and return the manifest.
 
     ``out_dir/images/*.png``, captions_{train,test}.json, instruct_{split}.json for every split of `SPLITS`,
     text_{train,val}.json (LLaVA JSON, images relative to out_dir) and manifest.json (counts, seed, sizes,
     sha256 of each JSON). Byte-identical for the same arguments. An existing out_dir is replaced only if it is
     empty or a previous build (it has a manifest.json); files with no records are not written. `negatives`,
-    `cooccur`, `weights` (of the kinds) and `short_p` apply to the train split (see `generate_records`).
+    `cooccur`, `weights` (of the kinds), `short_p` and `more_phrasings` apply to the train split (see
+    `generate_records`).
     """
     arguments = _arguments(locals())  # first: exactly the parameters
     out_dir = Path(out_dir)
@@ -99,7 +101,8 @@ def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: in
     counts = {"train": n_train, "val": n_val, "test": n_test, "compositional": n_comp, "paraphrase": n_para,
               "multiturn": n_multiturn, "cooccur": n_cooccur}
     data = {s: generate_records(s, n, seed, image_size, kinds, out_dir / "images",
-                                **(dict(negatives=negatives, cooccur=cooccur, weights=weights, short_p=short_p)
+                                **(dict(negatives=negatives, cooccur=cooccur, weights=weights, short_p=short_p,
+                                        more_phrasings=more_phrasings)
                                    if s == "train" else {}))
             for s, n in counts.items()}
     files = {"captions_train.json": data["train"].captions, "captions_test.json": data["test"].captions,

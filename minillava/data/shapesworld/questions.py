@@ -2,8 +2,8 @@
 
 Each question type has many phrasings, split in two: those training uses, and held-out ones that only the
 "paraphrase" test split asks (`PHRASINGS`), so an evaluation can tell understanding a question from recognising
-its wording. Besides LLaVA's kinds of questions (attributes, counts, existence, relations, grounding), the
-natural ones people ask:
+its wording; the natural-use rounds train on more phrasings still (`MORE_PHRASINGS`). Besides LLaVA's kinds of
+questions (attributes, counts, existence, relations, grounding), the natural ones people ask:
 
 - **false premises**: a question about something that is not there ("What color is the star?" with no star)
   is answered with its absence ("There is no star in the image."), as LRV-Instruction's negative instructions
@@ -118,6 +118,49 @@ PHRASINGS = {
     "multi_count": (("How many shapes are in the {} image?", "Count the shapes in the {} image."),
                     ("How many objects does the {} image have?",)),
 }
+# qtype -> more training phrasings, asked only where a split is built with `more_phrasings` (the natural-use
+# rounds), so the splits built without it are as before. Each is at least 3 words from every held-out phrasing
+# of its type (checked by a test): they widen what training says, not what the paraphrase split asks.
+MORE_PHRASINGS = {
+    "color": ("What color does {} have?", "Please tell me the color of {}.", "Do you know the color of {}?",
+              "What color is {} in the image?", "What is the colour of {}?", "Look at {}. What color is it?"),
+    "shape": ("What shape does {} have?", "Please tell me the shape of {}.", "Do you know the shape of {}?",
+              "Tell me what shape {} is.", "Look at {}. What shape is it?"),
+    "position": ("Where is {} in the image?", "Where in the picture is {}?", "I am looking for {}. Where is it?",
+                 "Do you know where {} is?", "In what part of the image is {}?", "Look at {}. Where is it?"),
+    "size": ("Please tell me the size of {}.", "Do you know the size of {}?", "What size does {} have?",
+             "Look at {}. Is it large or small?", "Would you call {} large or small?"),
+    "grounding": ("Give me the box around {}.", "Where is {}? Answer with a bounding box.",
+                  "Find {} and give its bounding box."),
+    "count": ("How many objects can you see?", "How many shapes are in the picture?", "Please count the shapes.",
+              "Tell me the number of shapes.", "How many objects does the picture contain?"),
+    "count_attr": ("How many {} appear in the image?", "How many {} are in the picture?", "Tell me the number of {}.",
+                   "How many {} does the picture have?", "Count the {} in the image."),
+    "exist": ("Is there {} in the picture?", "Is {} in the picture?", "Do you see {} in the image?",
+              "Is {} anywhere in the image?", "Is {} present in the image?"),
+    "relation": ("Which shape do you see {to} {}?", "What lies {to} {}?",
+                 "Tell me which shape is {to} {}."),
+    "relation_yn": ("Is {a} located {w} {b}?", "Is it true that {a} is {w} {b}?", "Is {a} found {w} {b}?"),
+    "compare_count": ("Does the picture have {mf} {a} than {b}?", "Is it true that there are {mf} {a} than {b}?",
+                      "Are there {mf} {a} than {b} here?"),
+    "compare_same": ("Do all the shapes have the same {}?", "Is every object the same {}?"),
+    "compare_which": ("Which is {more} here, {a} or {b}?", "Which object is {more}, {a} or {b}?",
+                      "Tell me which is {more}: {a} or {b}.", "Looking at {a} and {b}, which one is {more}?"),
+    "compare_yn": ("Is {a} {more} than {b} here?", "Is it true that {a} is {more} than {b}?",
+                   "Tell me if {a} is {more} than {b}.", "Compared with {b}, is {a} {more}?"),
+    "compare_more": ("Which are more common, {a} or {b}?", "Which do you see more of, {a} or {b}?",
+                     "More {a} or more {b}?"),
+    "it_color": ("What is its color?", "What color is that one?", "Its color, please?"),
+    "it_shape": ("What is its shape?", "What shape is that one?", "Its shape, please?"),
+    "it_position": ("Where is that one?", "And where is it located?", "Where can I find it?"),
+    "it_size": ("Is that one large or small?", "And how big is it?", "What size is it?"),
+    "and_ref": ("What about {} then?", "And {} then?", "Same question for {}."),
+    "and_other": ("Same question for the other one.", "And the remaining one?"),
+    "detail": ("Describe this picture in detail.", "Give a detailed description of the image."),
+    "multi_diff": ("What differs between the two images?", "What is not the same in the two images?"),
+    "multi_more": ("Which of the images has more shapes?", "Which picture has more objects?"),
+    "multi_count": ("Tell me how many shapes the {} image has.", "What is the number of shapes in the {} image?"),
+}
 FALSE_PREMISE_TYPES = ("color", "shape", "position", "size", "grounding")  # attribute questions, asked of nothing
 
 
@@ -130,11 +173,15 @@ class Ctx:
     focus: tuple = ()
     paraphrase: bool = False
     negatives: bool = True  # false-premise questions (LRV-Instruction's negative instructions)
+    more: bool = False  # training also asks `MORE_PHRASINGS`
 
 
 def phrasing(rng, ctx: Ctx, qtype: str) -> str:
-    """One phrasing of `qtype`: a training one, or a held-out one in the paraphrase split."""
-    return _pick(rng, PHRASINGS[qtype][int(ctx.paraphrase)])
+    """One phrasing of `qtype`: a training one (with `ctx.more`, from the wider pool too), or a held-out one in
+    the paraphrase split."""
+    if ctx.paraphrase:
+        return _pick(rng, PHRASINGS[qtype][1])
+    return _pick(rng, PHRASINGS[qtype][0] + (MORE_PHRASINGS.get(qtype, ()) if ctx.more else ()))
 
 
 # ---------------------------------------------------------------------------------------------- referring
