@@ -455,8 +455,8 @@ def natural_round(work: Path, scale: Scale, seed: int, k: int = 0) -> list:
     (as COCO's objects co-occur) and asked in the natural-use mix (`NATURAL_WEIGHTS`: more follow-ups and
     named comparisons, long chats with one image or two, image questions asked of no image; the short-answer
     suffix on `natural_short_p` of the short questions; the training phrasings and `MORE_PHRASINGS`), plus its
-    own text-only chats; built in
-    `natural_folder(work, k)` with seed + 1 + k, so no scene repeats an earlier round's."""
+    own text-only chats; built in `natural_folder(work, k)` with seed + 1 + k, so no scene repeats an earlier
+    round's."""
     folder = natural_folder(work, k)
     sw.ensure_built(folder, n_train=scale.n_natural, n_val=0, n_test=0, n_comp=0, n_para=0, n_multiturn=0,
                     n_cooccur=0, n_text=scale.text_in_natural, n_text_val=0, seed=seed + 1 + k,
