@@ -219,8 +219,10 @@ def test_toy_build_ships_a_projector_and_adapters_that_load(tmp_path):
     out.rename(moved)
     ml.load(moved / "smol-llava")
     # a variant: text-only chats (the base model's own answers) mixed into stage 2
-    done = build_smol.build_variants(moved, "toy", work, progress=False, device="cpu", names=("text_mix",))
+    done = build_smol.build_variants(moved, "toy", work, progress=False, device="cpu", names=("text_mix",),
+                                     precision="bf16")
     mix = json.loads((work / "smol_text_mix.json").read_text())
     texts = [r for r in mix if "image" not in r]
     assert len(texts) == 4 and all(r["conversations"][1]["value"] for r in texts)
     assert done["text_mix"]["steps"] == 1 and (work / "variants" / "text_mix" / "variant.json").is_file()
+    assert done["text_mix"]["precision"] == "bf16"  # as asked, not the CPU's default fp32
