@@ -219,10 +219,36 @@ def test_toy_build_ships_a_projector_and_adapters_that_load(tmp_path):
     out.rename(moved)
     ml.load(moved / "smol-llava")
     # a variant: text-only chats (the base model's own answers) mixed into stage 2
-    done = build_smol.build_variants(moved, "toy", work, progress=False, device="cpu", names=("text_mix",),
+    done = build_smol.build_variants(moved, "toy", work, progress=False, device="cpu", names=("text_mix", "lora"),
                                      precision="bf16")
     mix = json.loads((work / "smol_text_mix.json").read_text())
     texts = [r for r in mix if "image" not in r]
     assert len(texts) == 4 and all(r["conversations"][1]["value"] for r in texts)
     assert done["text_mix"]["steps"] == 1 and (work / "variants" / "text_mix" / "variant.json").is_file()
     assert done["text_mix"]["precision"] == "bf16"  # as asked, not the CPU's default fp32
+    control = json.loads((work / "variants" / "lora" / "run.json").read_text())  # the shipped recipe, retrained
+    assert control["train_config"]["lora"] and control["train_config"]["data"] == str(work / "instruct_train.json")
+
+    # the variants measured alone, beside the stored measurements of the shipped build
+    from minillava.data.records import load_records
+    from minillava.data.world_questions import candidates
+    from minillava.evaluation import questions
+    from minillava.tools import smol_eval
+
+    with pytest.raises(FileNotFoundError, match="--eval-only"):
+        smol_eval.evaluate_variants(moved, work, progress=False, device="cpu")
+    asked = candidates()[:3]
+    n_test = len(questions(load_records(work / "instruct_test.json")[:2]))
+    stored = {"n_eval": 2, "questions": {q["id"]: q for q in asked},
+              "base_answers": [{"id": q["id"], "answer": "", "correct": i != 1} for i, q in enumerate(asked)],
+              "forgetting": {"correct": 0.5}, "vqa_test": {"overall": {"n": n_test, "exact": 0.25}}}
+    (moved / "results").mkdir()
+    (moved / "results" / "smol_llava.json").write_text(json.dumps({**stored, "vqa_test": {"overall": {"n": 99}}}))
+    with pytest.raises(ValueError, match="test split changed"):  # stored on another test split: not comparable
+        smol_eval.evaluate_variants(moved, work, progress=False, device="cpu")
+    (moved / "results" / "smol_llava.json").write_text(json.dumps(stored))
+    card = smol_eval.evaluate_variants(moved, work, progress=False, device="cpu")
+    assert list(card) == ["lora (shipped)", "lora", "text_mix"] and card["lora (shipped)"]["vqa_test"] == 0.25
+    result = json.loads((moved / "results" / "smol_llava.json").read_text())
+    assert result["variants"] == card and result["variant_forgetting"]["lora"]["n"] == 2  # the 2 kept questions
+    assert "| text_mix.precision | bf16 |" in (moved / "smol-llava" / "README.md").read_text()

@@ -30,7 +30,7 @@ from ..outputs import check_replaceable
 from ..training import TrainConfig, train
 from ..utils import load_tensors, pick_device, save_tensors, write_json
 from .build_zoo import hardware, write_card
-from .smol_eval import HELD_OUT, SECTIONS, evaluate
+from .smol_eval import HELD_OUT, SECTIONS, evaluate, evaluate_variants
 
 LM = "smollm2-135m-instruct"
 VISION = "tiny-clip"
@@ -105,6 +105,7 @@ def build(out: str | Path = "data", scale_name: str = "cpu", work: str | Path = 
 
 
 VARIANTS = ("full", "text_mix")  # measured beside the shipped LoRA build, not shipped
+CONTROL = "lora"  # the shipped recipe retrained by a variants run: asked for by name, not one of the defaults
 
 
 def build_variants(out: str | Path = "data", scale_name: str = "gpu", work: str | Path = "build/shapesworld-smol",
@@ -114,7 +115,9 @@ def build_variants(out: str | Path = "data", scale_name: str = "gpu", work: str 
 
     - `full`: the language model fully fine-tuned (LLaVA-1.5's main recipe, learning rate 2e-5) instead of LoRA;
     - `text_mix`: the shipped LoRA recipe with text-only conversations mixed in, LLaVA-1.5's remedy against
-      forgetting (it mixes ShareGPT into mix665k): the base model's own answers to `chat_prompts()`.
+      forgetting (it mixes ShareGPT into mix665k): the base model's own answers to `chat_prompts()`;
+    - `lora` (`CONTROL`, only when named): the shipped LoRA recipe itself, on this run's data and precision, the
+      control for the other two when the shipped build came from an earlier run (older data, another precision).
     `smol_eval.evaluate` measures each one where it finds it."""
     out, work, scale, dev = Path(out), Path(work), SCALES[scale_name], pick_device(device)
     build_data(work, scale, seed)
@@ -122,7 +125,10 @@ def build_variants(out: str | Path = "data", scale_name: str = "gpu", work: str 
                   precision=precision)
     done = {}
     for name in names:
-        if name == "full":
+        if name == CONTROL:
+            cfg = TrainConfig(stage=2, data=str(work / "instruct_train.json"), out=str(work / "variants" / name),
+                              lora=True, **common, **scale.lora, **scale.stage2)
+        elif name == "full":
             cfg = TrainConfig(stage=2, data=str(work / "instruct_train.json"), out=str(work / "variants" / name),
                               **common, **{**scale.stage2, "lr": 2e-5})
         elif name == "text_mix":
@@ -132,7 +138,7 @@ def build_variants(out: str | Path = "data", scale_name: str = "gpu", work: str 
             cfg = TrainConfig(stage=2, data=str(data), images=str(work), out=str(work / "variants" / name),
                               lora=True, **common, **scale.lora, **scale.stage2)
         else:
-            raise ValueError(f"variant '{name}': expected one of {', '.join(VARIANTS)}")
+            raise ValueError(f"variant '{name}': expected one of {', '.join(VARIANTS + (CONTROL,))}")
         r = train(cfg)
         done[name] = {"steps": r.steps, "seconds": round(r.seconds), "final_train_loss": r.final_loss,
                       "hardware": hardware(dev), "precision": cfg.resolved_precision(dev)}
@@ -175,14 +181,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
     p.add_argument("--eval-only", action="store_true", help="measure the weights already in --out")
-    p.add_argument("--variants", nargs="*", choices=VARIANTS, default=None,
-                   help="train these stage-2 variants from the shipped stage 1 (measured by --eval-only, not shipped)")
+    p.add_argument("--variants", nargs="*", choices=VARIANTS + (CONTROL,), default=None,
+                   help=f"train these stage-2 variants from the shipped stage 1 (measured by --eval-only, not shipped; "
+                        f"none named: {', '.join(VARIANTS)}; '{CONTROL}': the shipped recipe again, as their control)")
+    p.add_argument("--variants-only", action="store_true",
+                   help="with --eval-only: measure only the trained variants, beside the stored measurements of the "
+                        "shipped build (minutes instead of an hour on a CPU)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="training compute precision (default: bf16 on CUDA, fp32 elsewhere; bf16 is about 2x faster "
                         "on a CPU with AVX512-BF16)")
     p.add_argument("--n-eval", type=int, default=None, help="with --eval-only: this many test records (default all)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.variants_only and not a.eval_only:
+        p.error("--variants-only measures: it goes with --eval-only")
+    if a.eval_only and a.variants_only:
+        return evaluate_variants(a.out, a.work, not a.no_progress, a.device)
     if a.eval_only:
         return evaluate(a.out, a.work, a.seed, not a.no_progress, a.device, a.n_eval)
     if a.variants is not None:

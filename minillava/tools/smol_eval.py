@@ -73,30 +73,71 @@ def evaluate(out: str | Path = "data", work: str | Path = "build/shapesworld-smo
     for t in WRONG_TEMPLATES:
         results[f"vqa_test_{t}"] = evaluate_vqa(model, processor.with_template(t), test, **kw)
     del model
+    variants = _measure_variants(work, kept, test, device, kw)
+    card = {k: {kk: vv for kk, vv in v.items() if kk not in ("predictions", "answers")} for k, v in results.items()}
+    if variants:
+        card["variants"] = _variants_card(card["forgetting"]["correct"], card["vqa_test"]["overall"]["exact"], variants)
+    update_card(out / "smol-llava", {k: v for k, v in card.items() if k != "world_questions"})
+    update_card(out / "smol-llava-stage1", {"world_questions": card["world_questions"]})
+    summary = {"n_eval": n_eval, "held_out": HELD_OUT, "eval_seconds": round(time.time() - t0),
+               "questions": {q["id"]: q for q in asked}, "base_answers": before["answers"],
+               "after_answers": after["answers"], **card,
+               "variant_forgetting": _variant_answers(variants),
+               "predictions": {k: v["predictions"][:200] for k, v in results.items() if "predictions" in v}}
+    write_json(out / "results" / "smol_llava.json", summary)
+    return card
+
+
+def evaluate_variants(out: str | Path = "data", work: str | Path = "build/shapesworld-smol", progress: bool = True,
+                      device: str | None = None) -> dict:
+    """Only the variants, beside the shipped build's stored measurements (`data/results/smol_llava.json`, from a
+    whole `evaluate` run, whose forgetting set and `n_eval` it reuses): minutes instead of the whole evaluation's
+    hour on 2 CPU cores. Updates the results file and the card; returns the card's `variants`."""
+    out, work = Path(out), Path(work)
+    path = out / "results" / "smol_llava.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no stored measurements of smol-llava to put the variants beside; measure "
+                                f"it first: python -m minillava.tools.build_smol --out {out} --eval-only")
+    summary = read_json(path, what="smol-llava results")
+    kept = [summary["questions"][a["id"]] for a in summary["base_answers"] if a["correct"]]
+    test = load_records(work / "instruct_test.json")[: summary["n_eval"]]
+    variants = _measure_variants(work, kept, test, device, dict(progress=progress))
+    if not variants:
+        raise FileNotFoundError(f"{work / 'variants'}: no variants to measure; train them first: "
+                                f"python -m minillava.tools.build_smol --out {out} --variants")
+    for name, v in variants.items():
+        if v["vqa_test"]["n"] != summary["vqa_test"]["overall"]["n"]:
+            raise ValueError(f"variant '{name}': {v['vqa_test']['n']} test questions in {work}, but the stored "
+                             f"measurement asked {summary['vqa_test']['overall']['n']}: the test split changed since; "
+                             f"measure everything again: python -m minillava.tools.build_smol --out {out} --eval-only")
+    card = _variants_card(summary["forgetting"]["correct"], summary["vqa_test"]["overall"]["exact"], variants)
+    update_card(out / "smol-llava", {"variants": card})
+    write_json(path, {**summary, "variants": card, "variant_forgetting": _variant_answers(variants)})
+    return card
+
+
+def _measure_variants(work: Path, kept: list[dict], test: list, device: str | None, kw: dict) -> dict:
+    """Forgetting and test VQA of each variant `build_smol --variants` left in `work/variants`."""
     variants = {}
-    for folder in sorted((work / "variants").glob("*/variant.json")):  # `build_smol --variants` trained them
+    for folder in sorted((work / "variants").glob("*/variant.json")):
         v_model, v_proc = load(folder.parent, device=device)
         v_after = evaluate_rules(v_model, v_proc, kept, **kw)
         variants[folder.parent.name] = {**read_json(folder, what="variant"), "forgetting": _rules_summary(v_after),
                                         "answers": v_after["answers"],
                                         "vqa_test": _overall(evaluate_vqa(v_model, v_proc, test, **kw))}
         del v_model
-    card = {k: {kk: vv for kk, vv in v.items() if kk not in ("predictions", "answers")} for k, v in results.items()}
-    if variants:
-        card["variants"] = {"lora (shipped)": {"forgetting": card["forgetting"]["correct"],
-                                               "vqa_test": card["vqa_test"]["overall"]["exact"]},
-                            **{k: {"forgetting": v["forgetting"]["correct"], "vqa_test": v["vqa_test"]["exact"],
-                                   **{kk: v[kk] for kk in ("steps", "seconds", "hardware", "precision") if kk in v}}
-                               for k, v in variants.items()}}
-    update_card(out / "smol-llava", {k: v for k, v in card.items() if k != "world_questions"})
-    update_card(out / "smol-llava-stage1", {"world_questions": card["world_questions"]})
-    summary = {"n_eval": n_eval, "held_out": HELD_OUT, "eval_seconds": round(time.time() - t0),
-               "questions": {q["id"]: q for q in asked}, "base_answers": before["answers"],
-               "after_answers": after["answers"], **card,
-               "variant_forgetting": {k: {**v["forgetting"], "answers": v["answers"]} for k, v in variants.items()},
-               "predictions": {k: v["predictions"][:200] for k, v in results.items() if "predictions" in v}}
-    write_json(out / "results" / "smol_llava.json", summary)
-    return card
+    return variants
+
+
+def _variants_card(forgetting: float, vqa_test: float, variants: dict) -> dict:
+    return {"lora (shipped)": {"forgetting": forgetting, "vqa_test": vqa_test},
+            **{k: {"forgetting": v["forgetting"]["correct"], "vqa_test": v["vqa_test"]["exact"],
+                   **{kk: v[kk] for kk in ("steps", "seconds", "hardware", "precision") if kk in v}}
+               for k, v in variants.items()}}
+
+
+def _variant_answers(variants: dict) -> dict:
+    return {k: {**v["forgetting"], "answers": v["answers"]} for k, v in variants.items()}
 
 
 def _overall(result: dict) -> dict:
