@@ -21,7 +21,7 @@ from ..checkpoints import load
 from ..data import shapesworld as sw
 from ..data.records import load_records
 from ..data.world_questions import candidates
-from ..evaluation import evaluate_rules, evaluate_vqa
+from ..evaluation import evaluate_rules, evaluate_vqa, questions
 from ..utils import read_json, write_json
 from .build_zoo import update_card
 
@@ -101,15 +101,15 @@ def evaluate_variants(out: str | Path = "data", work: str | Path = "build/shapes
     summary = read_json(path, what="smol-llava results")
     kept = [summary["questions"][a["id"]] for a in summary["base_answers"] if a["correct"]]
     test = load_records(work / "instruct_test.json")[: summary["n_eval"]]
+    n_test, n_stored = len(questions(test)), summary["vqa_test"]["overall"]["n"]
+    if n_test != n_stored:  # checked before the minutes of measuring
+        raise ValueError(f"{n_test} test questions in {work}, but the stored measurement asked {n_stored}: the test "
+                         f"split changed since; measure everything again: python -m minillava.tools.build_smol "
+                         f"--out {out} --eval-only")
     variants = _measure_variants(work, kept, test, device, dict(progress=progress))
     if not variants:
         raise FileNotFoundError(f"{work / 'variants'}: no variants to measure; train them first: "
                                 f"python -m minillava.tools.build_smol --out {out} --variants")
-    for name, v in variants.items():
-        if v["vqa_test"]["n"] != summary["vqa_test"]["overall"]["n"]:
-            raise ValueError(f"variant '{name}': {v['vqa_test']['n']} test questions in {work}, but the stored "
-                             f"measurement asked {summary['vqa_test']['overall']['n']}: the test split changed since; "
-                             f"measure everything again: python -m minillava.tools.build_smol --out {out} --eval-only")
     card = _variants_card(summary["forgetting"]["correct"], summary["vqa_test"]["overall"]["exact"], variants)
     update_card(out / "smol-llava", {"variants": card})
     write_json(path, {**summary, "variants": card, "variant_forgetting": _variant_answers(variants)})
