@@ -247,7 +247,11 @@ def test_toy_build_ships_a_projector_and_adapters_that_load(tmp_path):
     with pytest.raises(ValueError, match="test split changed"):  # stored on another test split: not comparable
         smol_eval.evaluate_variants(moved, work, progress=False, device="cpu")
     (moved / "results" / "smol_llava.json").write_text(json.dumps(stored))
+    card_json = moved / "smol-llava" / "card.json"
+    written = json.loads(card_json.read_text())
+    card_json.write_text(json.dumps({**written, "sections": {**written.get("sections", {}), "variants": "stale"}}))
     card = smol_eval.evaluate_variants(moved, work, progress=False, device="cpu")
+    assert json.loads(card_json.read_text())["sections"]["variants"] == smol_eval.SECTIONS["variants"]
     assert list(card) == ["lora (shipped)", "lora", "text_mix"] and card["lora (shipped)"]["vqa_test"] == 0.25
     result = json.loads((moved / "results" / "smol_llava.json").read_text())
     assert result["variants"] == card and result["variant_forgetting"]["lora"]["n"] == 2  # the 2 kept questions

@@ -185,12 +185,12 @@ def _metrics_md(metrics: dict, sections: dict) -> str:
     return "\n".join(out)
 
 
-def update_card(folder: Path, metrics: dict) -> None:
-    """Merge `metrics` into a card written by `write_card` and render it again."""
+def update_card(folder: Path, metrics: dict, sections: dict | None = None) -> None:
+    """Merge `metrics` (and the texts of `sections`) into a card written by `write_card` and render it again."""
     card = read_json(folder / "card.json", what="model card")
     old = read_json(folder / "metrics.json", what="model metrics")
     write_card(folder, card["title"], card["summary"], card["facts"], {**old, **metrics},
-               card.get("rebuild", REBUILD), card.get("sections"))
+               card.get("rebuild", REBUILD), {**card.get("sections", {}), **(sections or {})} or None)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
