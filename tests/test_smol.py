@@ -255,4 +255,7 @@ def test_toy_build_ships_a_projector_and_adapters_that_load(tmp_path):
     assert list(card) == ["lora (shipped)", "lora", "text_mix"] and card["lora (shipped)"]["vqa_test"] == 0.25
     result = json.loads((moved / "results" / "smol_llava.json").read_text())
     assert result["variants"] == card and result["variant_forgetting"]["lora"]["n"] == 2  # the 2 kept questions
+    assert result["variant_vqa"]["text_mix"]["overall"]["n"] == n_test  # by type too: false premises, follow-ups
+    asked_types = {q["qtype"] for q in questions(load_records(work / "instruct_test.json")[:2])}
+    assert set(result["variant_vqa"]["lora"]["by_type"]) == asked_types
     assert "| text_mix.precision | bf16 |" in (moved / "smol-llava" / "README.md").read_text()

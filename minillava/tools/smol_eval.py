@@ -82,7 +82,7 @@ def evaluate(out: str | Path = "data", work: str | Path = "build/shapesworld-smo
     summary = {"n_eval": n_eval, "held_out": HELD_OUT, "eval_seconds": round(time.time() - t0),
                "questions": {q["id"]: q for q in asked}, "base_answers": before["answers"],
                "after_answers": after["answers"], **card,
-               "variant_forgetting": _variant_answers(variants),
+               "variant_forgetting": _variant_answers(variants), "variant_vqa": _variant_vqa(variants),
                "predictions": {k: v["predictions"][:200] for k, v in results.items() if "predictions" in v}}
     write_json(out / "results" / "smol_llava.json", summary)
     return card
@@ -112,7 +112,8 @@ def evaluate_variants(out: str | Path = "data", work: str | Path = "build/shapes
                                 f"python -m minillava.tools.build_smol --out {out} --variants")
     card = _variants_card(summary["forgetting"]["correct"], summary["vqa_test"]["overall"]["exact"], variants)
     update_card(out / "smol-llava", {"variants": card}, {"variants": SECTIONS["variants"]})
-    write_json(path, {**summary, "variants": card, "variant_forgetting": _variant_answers(variants)})
+    write_json(path, {**summary, "variants": card, "variant_forgetting": _variant_answers(variants),
+                      "variant_vqa": _variant_vqa(variants)})
     return card
 
 
@@ -124,14 +125,14 @@ def _measure_variants(work: Path, kept: list[dict], test: list, device: str | No
         v_after = evaluate_rules(v_model, v_proc, kept, **kw)
         variants[folder.parent.name] = {**read_json(folder, what="variant"), "forgetting": _rules_summary(v_after),
                                         "answers": v_after["answers"],
-                                        "vqa_test": _overall(evaluate_vqa(v_model, v_proc, test, **kw))}
+                                        "vqa_test": evaluate_vqa(v_model, v_proc, test, **kw)}
         del v_model
     return variants
 
 
 def _variants_card(forgetting: float, vqa_test: float, variants: dict) -> dict:
     return {"lora (shipped)": {"forgetting": forgetting, "vqa_test": vqa_test},
-            **{k: {"forgetting": v["forgetting"]["correct"], "vqa_test": v["vqa_test"]["exact"],
+            **{k: {"forgetting": v["forgetting"]["correct"], "vqa_test": v["vqa_test"]["overall"]["exact"],
                    **{kk: v[kk] for kk in ("steps", "seconds", "hardware", "precision") if kk in v}}
                for k, v in variants.items()}}
 
@@ -140,8 +141,9 @@ def _variant_answers(variants: dict) -> dict:
     return {k: {**v["forgetting"], "answers": v["answers"]} for k, v in variants.items()}
 
 
-def _overall(result: dict) -> dict:
-    return {"n": result["overall"]["n"], "exact": result["overall"]["exact"]}
+def _variant_vqa(variants: dict) -> dict:
+    """Each variant's test VQA, overall and by question type (false premises, follow-ups, ...)."""
+    return {k: {kk: v["vqa_test"][kk] for kk in ("overall", "by_type")} for k, v in variants.items()}
 
 
 def _rules_summary(result: dict) -> dict:
