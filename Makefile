@@ -76,20 +76,20 @@ check-book: $(STAMP)
 # Rebuild every shipped component in data/ from scratch (fixed seeds; minutes on one GPU, hours on 2 CPU
 # cores), then measure it. `make zoo-eval` measures the weights in data/ again (about 15 minutes on 2 cores for
 # the tiny zoo). smol-llava (SmolLM2-135M-Instruct with tiny-clip's tower): `make smol-llava` alone builds it,
-# trains the stage-2 variants measured beside it (full fine-tune, text-only chats mixed in) and measures all;
+# trains the stage-2 variants measured beside it (full fine-tune, no text-only chats) and measures all;
 # SMOL_SCALE is gpu (the recipe to ship) or cpu (a small recipe a 2-core machine runs in about an hour a build);
-# SMOL_PRECISION=bf16 trains the variants in bf16 autocast on a CPU too (about 2x faster with AVX512-BF16; the
-# cpu variants in smol-llava's card were trained so).
+# SMOL_PRECISION=bf16 trains in bf16 autocast on a CPU too (about 2x faster with AVX512-BF16; the shipped cpu
+# build's stage 2 and its variants were trained so).
 SMOL_SCALE ?= gpu
 SMOL_PRECISION ?=
+SMOL_OPTIONS = --out data --scale $(SMOL_SCALE) $(if $(SMOL_PRECISION),--precision $(SMOL_PRECISION))
 zoo: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_zoo --out data --work build/shapesworld
 	$(MAKE) smol-llava
 
 smol-llava: $(STAMP)
-	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_smol --out data --scale $(SMOL_SCALE)
-	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_smol --out data --scale $(SMOL_SCALE) --variants \
-		$(if $(SMOL_PRECISION),--precision $(SMOL_PRECISION))
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_smol $(SMOL_OPTIONS)
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_smol $(SMOL_OPTIONS) --variants
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_smol --out data --eval-only
 
 zoo-eval: $(STAMP)

@@ -1,6 +1,7 @@
 """The book: every chapter listed, committed without outputs, opening with the Colab badge and install cell;
 and, once built (`make book`), every rendered chapter page checked in headless Chromium."""
 
+import html
 import json
 import os
 import re
@@ -94,3 +95,28 @@ def test_formulas_render_offline(tmp_path):
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert "_static/mathjax/tex-chtml.js" in dom, "MathJax is not served from the book"
     assert "<mjx-container" in dom and "\\(" not in re.sub(r"<script.*?</script>", "", dom, flags=re.S)
+
+
+MYST_LEFTOVERS = re.compile(r"`{3,}\s*\{[\w-]+\}|\{(?:cite:\w+|doc|ref|numref|term|math)\}`|^\s*:class:", re.M)
+
+
+def unrendered_myst(page_html: str) -> list[str]:
+    """MyST markup left as text in a rendered page (a directive fence, a role, a directive option): what a broken
+    list or fence nearby leaves behind, which Sphinx does not warn about. Code blocks and scripts are skipped."""
+    body = re.sub(r"<(script|style|pre)\b.*?</\1>", "", page_html, flags=re.S)
+    return MYST_LEFTOVERS.findall(html.unescape(re.sub(r"<[^>]+>", "", body)))
+
+
+def test_unrendered_myst_is_found():
+    broken = "<p>Then:</p><p>````{admonition} Solution\n:class: dropdown</p><p>see {cite:p}`liu2023visual`</p>"
+    assert len(unrendered_myst(broken)) == 3
+    assert unrendered_myst("<pre>```{admonition} in a code block</pre><p>an admonition, rendered</p>") == []
+
+
+@pytest.mark.skipif(not HTML, reason="set MINILLAVA_BOOK_HTML to a built book (make check-book does)")
+def test_no_page_shows_unrendered_myst():
+    pages = sorted(Path(HTML).glob("notebooks/*.html")) + sorted(Path(HTML).glob("book/*.html"))
+    assert len(pages) >= len(NOTEBOOKS)
+    for page in pages:
+        found = unrendered_myst(page.read_text())
+        assert not found, f"{page.name} shows MyST markup as text: {found[:3]}"

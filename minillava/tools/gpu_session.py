@@ -9,7 +9,7 @@ its results under `--out` as it finishes (a part cut short keeps what it wrote),
   and without activation checkpointing; `torch.cuda.max_memory_allocated` of the second step against the plan's
   total (its fixed overhead left out). -> `plan_cuda.json`
 - `bench`: `minillava bench --device cuda --config base`, every phase, TRL's included. -> `bench_cuda_base.json`
-- `smol`: smol-llava's GPU recipe, its variants (full fine-tune, text mix) and its evaluation (#22), built into
+- `smol`: smol-llava's GPU recipe, its variants (full fine-tune, no text chats) and its evaluation (#22), built into
   `DIR/zoo`, to be copied into `data/` after a look. -> `zoo/`, `smol.log`
 
 `--smoke` runs each part at toy size on whatever device there is, to check the script itself (the tests run

@@ -7,7 +7,7 @@
 - `vqa_test`, `vqa_compositional`: ShapesWorld visual questions in its own `smollm2` template;
 - `vqa_test_vicuna_v1`, `vqa_test_chatml_direct`: the same test questions in a layout it was not trained on;
 - `variants`: forgetting and test VQA of the stage-2 variants `build_smol --variants` trained (full fine-tune,
-  text-only chats mixed in), beside the shipped LoRA build.
+  no text-only chats), beside the shipped build.
 
 Everything goes into the cards and into `data/results/smol_llava.json` (answers included), which chapter 9 reads.
 """
@@ -40,13 +40,11 @@ SECTIONS = {
                          "triangle).",
     **{f"vqa_test_{t}": f"The same test questions in the `{t}` layout instead of the model's own (template "
                         "sensitivity)." for t in WRONG_TEMPLATES},
-    "variants": "Stage 2 changed in one way each, from the same stage 1 (`build_smol --variants`, not shipped): "
-                "`full`, the language model fully fine-tuned (lr 2e-5); `text_mix`, the LoRA recipe with text-only "
-                "chats mixed in (the base model's own answers to 320 open prompts, LLaVA-1.5's remedy against "
-                "forgetting); and `lora`, the shipped LoRA recipe retrained by the same run, on the same data and in "
-                "the same precision: the control the others are measured against when the shipped build came from "
-                "other data (the shipped cpu build was trained in fp32 before the natural-use questions came). Share "
-                "of the forgetting set still right, and test VQA exact match.",
+    "variants": "Stage 2 changed in one way each, from the same stage 1, on the same data and in the same precision "
+                "as the shipped build (`build_smol --variants`, not shipped): `full`, the language model fully "
+                "fine-tuned (lr 2e-5) on the same records; `no_text`, the shipped LoRA recipe without the text-only "
+                "chats (what LLaVA-1.5's remedy against forgetting buys). Share of the forgetting set still right, "
+                "and test VQA exact match.",
 }
 
 
@@ -131,7 +129,7 @@ def _measure_variants(work: Path, kept: list[dict], test: list, device: str | No
 
 
 def _variants_card(forgetting: float, vqa_test: float, variants: dict) -> dict:
-    return {"lora (shipped)": {"forgetting": forgetting, "vqa_test": vqa_test},
+    return {"shipped": {"forgetting": forgetting, "vqa_test": vqa_test},
             **{k: {"forgetting": v["forgetting"]["correct"], "vqa_test": v["vqa_test"]["overall"]["exact"],
                    **{kk: v[kk] for kk in ("steps", "seconds", "hardware", "precision") if kk in v}}
                for k, v in variants.items()}}
