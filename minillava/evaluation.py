@@ -294,10 +294,14 @@ def score_answer_file(qs: list[dict], path) -> dict:
 
 # ---- what a chat model knows without images, and keeps after training (forgetting) -----------------------------
 def rule_holds(answer_text: str, q: dict) -> bool:
-    """Whether an answer satisfies a written rule `q` = {"accept": [phrases], "reject": [phrases], "case": bool}:
-    its first sentence (what the model answers first, not what it rambles on to) contains an accepted phrase as
-    whole words and no rejected one; normalised (`normalize`) unless `case`, then the raw text is searched."""
+    """Whether an answer satisfies a written rule `q` = {"accept": [phrases], "reject": [phrases], "case": bool,
+    "ignore": [regular expressions]}: its first sentence (what the model answers first, not what it rambles on to),
+    without what `ignore` matches (the question restated: "9 divided by 3" holds a 3 that is no answer), contains an
+    accepted phrase as whole words and no rejected one; normalised (`normalize`) unless `case`, then the raw text
+    is searched."""
     answer_text = re.split(r"(?<=[.!?])\s+|\n", answer_text.strip(), maxsplit=1)[0]
+    for pattern in q.get("ignore", []):
+        answer_text = re.sub(pattern, " ", answer_text, flags=re.IGNORECASE)
 
     def has(phrase):
         if q.get("case"):
@@ -313,8 +317,13 @@ def evaluate_rules(model: LlavaModel, processor: Processor, qs: list[dict], batc
     template with its default system prompt, greedily; check each answer with its rule (`rule_holds`).
     Returns {"n", "correct", "by_kind": {kind: share correct}, "answers": [{"id", "answer", "correct"}]}."""
     asked = [{"id": q["id"], "messages": [{"role": "user", "content": q["question"]}], "images": []} for q in qs]
-    answers = answer(model, processor, asked, batch_size, max_new_tokens, progress)
-    right = [rule_holds(a, q) for a, q in zip(answers, qs)]
+    return rules_report(qs, answer(model, processor, asked, batch_size, max_new_tokens, progress))
+
+
+def rules_report(qs: list[dict], answers: list[str]) -> dict:
+    """`answers` (one text per question of `qs`) checked with their rules (`rule_holds`), as `evaluate_rules`
+    returns them: {"n", "correct", "by_kind", "answers"}. Stored answers can be checked again after a rule is fixed."""
+    right = [rule_holds(a, q) for a, q in zip(answers, qs, strict=True)]
     kinds = sorted({q["kind"] for q in qs})
     return {"n": len(qs), "correct": sum(right) / max(len(qs), 1),
             "by_kind": {k: sum(r for r, q in zip(right, qs) if q["kind"] == k) / sum(q["kind"] == k for q in qs)

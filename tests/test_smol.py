@@ -163,6 +163,55 @@ def test_world_questions_have_rules_that_can_pass_and_fail():
     assert not rule_holds("The answer is 1. A square has 4 sides.", {"accept": ["4"]})  # the first sentence counts
     assert rule_holds("HELLO", {"accept": ["HELLO"], "case": True})
     assert not rule_holds("Hello", {"accept": ["HELLO"], "case": True})
+    by_text = {q["question"]: q for q in qs}  # the question restated is no answer: 9 / 3 holds a 3
+    div, times = by_text["What is 9 divided by 3?"], by_text["What is 6 times 7?"]
+    assert not any(rule_holds(a, div) for a in ("9 divided by 3 is 2.", "9 / 3 = 2", "To find 9 divided by 3, add."))
+    assert all(rule_holds(a, div) for a in ("9 divided by 3 is 3.", "9/3 = 3", "3."))
+    assert rule_holds("6 x 7 = 42.", times) and not rule_holds("6 times 7 is 41.", times)
+
+
+def test_rescore_checks_the_stored_answers_with_todays_rules(tmp_path):
+    from minillava.data.world_questions import candidates
+    from minillava.tools import smol_eval
+    from minillava.tools.build_zoo import write_card
+    from minillava.utils import write_json
+
+    by_text = {q["question"]: q for q in candidates()}
+    div, cap = by_text["What is 9 divided by 3?"], by_text["What is the capital of France?"]
+    for name in ("smol-llava", "smol-llava-stage1"):
+        (tmp_path / name).mkdir()
+        write_card(tmp_path / name, name, "A card.", {}, {})
+    results = tmp_path / "results" / "smol_llava.json"
+
+    def store(base_div: str, after_ids: tuple, questions: dict | None = None):
+        answers = {div["id"]: "3.", cap["id"]: "Lyon."}
+        write_json(results, {
+            "questions": questions or {q["id"]: q for q in (div, cap)},
+            "base_answers": [{"id": div["id"], "answer": base_div, "correct": True},  # right by the old rule
+                             {"id": cap["id"], "answer": "Paris.", "correct": True}],
+            "after_answers": [{"id": i, "answer": answers[i], "correct": True} for i in after_ids],
+            "variants": {"shipped": {"forgetting": 1.0, "vqa_test": 0.25},
+                         "full": {"forgetting": 1.0, "vqa_test": 0.5}},
+            "variant_forgetting": {"full": {"answers": [{"id": div["id"], "answer": "3.", "correct": True},
+                                                        {"id": cap["id"], "answer": "Paris.", "correct": True}]}}})
+
+    store("9 divided by 3 is 2.", (div["id"], cap["id"]))
+    card = smol_eval.rescore(tmp_path)
+    assert card["world_questions"]["correct"] == 0.5  # the base model's 9 / 3 no longer passes: not in the set
+    assert card["forgetting"] == {"n": 1, "correct": 0.0, "by_kind": {"knowledge": 0.0}}  # "Lyon." fails
+    assert card["variants"] == {"shipped": {"forgetting": 0.0, "vqa_test": 0.25},
+                                "full": {"forgetting": 1.0, "vqa_test": 0.5}}
+    saved = json.loads(results.read_text())
+    assert [a["id"] for a in saved["after_answers"]] == [cap["id"]] and saved["variant_forgetting"]["full"]["n"] == 1
+    assert saved["questions"][div["id"]]["ignore"] == div["ignore"]  # the rules it checked with
+    assert json.loads((tmp_path / "smol-llava" / "metrics.json").read_text())["forgetting"]["n"] == 1
+    assert "| n | 2 |" in (tmp_path / "smol-llava-stage1" / "README.md").read_text()
+    store("9 divided by 3 is 3.", (cap["id"],))  # now right, but never asked after stage 2: measure again
+    with pytest.raises(ValueError, match="not asked after stage 2"):
+        smol_eval.rescore(tmp_path)
+    store("3.", (div["id"], cap["id"]), {div["id"]: {**div, "question": "What is 9 over 3?"}, cap["id"]: cap})
+    with pytest.raises(ValueError, match="no longer those of candidates"):
+        smol_eval.rescore(tmp_path)
 
 
 @needs_wheel
@@ -271,3 +320,13 @@ def test_toy_build_ships_a_projector_and_adapters_that_load(tmp_path):
     asked_types = {q["qtype"] for q in questions(load_records(work / "instruct_test.json")[:2])}
     assert set(result["variant_vqa"]["no_text"]["by_type"]) == asked_types
     assert "| no_text.precision | bf16 |" in (moved / "smol-llava" / "README.md").read_text()
+    # the named variants measured again, the stored measurements of the others kept
+    other = {"forgetting": 0.125, "vqa_test": 0.5}
+    result["variants"]["full"], result["variant_forgetting"]["full"] = other, {"n": 2, "correct": 0.125}
+    (moved / "results" / "smol_llava.json").write_text(json.dumps(result))
+    with pytest.raises(FileNotFoundError, match="variant full not trained"):
+        smol_eval.evaluate_variants(moved, work, progress=False, device="cpu", names=("full",))
+    card = smol_eval.evaluate_variants(moved, work, progress=False, device="cpu", names=("no_text",))
+    assert list(card) == ["shipped", "no_text", "full"] and card["full"] == other
+    again = json.loads((moved / "results" / "smol_llava.json").read_text())
+    assert again["variant_forgetting"]["full"]["correct"] == 0.125 and again["variant_vqa"]["no_text"]["by_type"]

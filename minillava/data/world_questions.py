@@ -196,10 +196,14 @@ INSTRUCTIONS = [  # (instruction, accepted, rejected, case-sensitive)
 
 _OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b), "*": ("times", lambda a, b: a * b),
         "/": ("divided by", lambda a, b: a // b)}
+# The ways an answer restates "a OP b" ("9 divided by 3 is 2", "9 / 3 = 2"): not part of the answer, whose rule
+# ignores them (9 / 3 = 3 would otherwise pass on the restated divisor).
+_RESTATED = {"+": r"plus|and|\+", "-": r"minus|-|−", "*": r"times|multiplied by|x|×|\*", "/": r"divided by|by|/|÷"}
 
 
 def candidates() -> list[dict]:
-    """Every candidate question: {"id", "kind", "question", "accept", "reject", "case"}."""
+    """Every candidate question: {"id", "kind", "question", "accept", "reject", "case"}, and "ignore" (the question
+    restated) for arithmetic; `evaluation.rule_holds` reads the rule."""
     out = []
     for country, city in CAPITALS.items():
         out.append(dict(kind="knowledge", question=f"What is the capital of {country}?", accept=[city], reject=[]))
@@ -207,7 +211,8 @@ def candidates() -> list[dict]:
         out.append(dict(kind="knowledge", question=question, accept=accept, reject=reject))
     for a, op, b in ARITHMETIC:
         word, f = _OPS[op]
-        out.append(dict(kind="arithmetic", question=f"What is {a} {word} {b}?", accept=[str(f(a, b))], reject=[]))
+        out.append(dict(kind="arithmetic", question=f"What is {a} {word} {b}?", accept=[str(f(a, b))], reject=[],
+                        ignore=[rf"(?<![\d.]){a}\s*(?:{_RESTATED[op]})\s*{b}(?![\d.])"]))
     for question, accept, reject, case in INSTRUCTIONS:
         out.append(dict(kind="instruction", question=question, accept=accept, reject=reject, case=case))
     return [{"id": f"world-{i:03d}", "case": False, **q} for i, q in enumerate(out)]

@@ -31,7 +31,7 @@ from ..outputs import check_replaceable
 from ..training import TrainConfig, train
 from ..utils import load_tensors, pick_device, save_tensors, write_json
 from .build_zoo import hardware, write_card
-from .smol_eval import HELD_OUT, SECTIONS, evaluate, evaluate_variants
+from .smol_eval import HELD_OUT, SECTIONS, evaluate, evaluate_variants, rescore
 
 LM = "smollm2-135m-instruct"
 VISION = "tiny-clip"
@@ -215,18 +215,23 @@ def main(argv: list[str] | None = None) -> dict:
                    help=f"train these stage-2 variants from the shipped stage 1 (measured by --eval-only, not shipped; "
                         f"none named: all of {', '.join(VARIANTS)})")
     p.add_argument("--variants-only", action="store_true",
-                   help="with --eval-only: measure only the trained variants, beside the stored measurements of the "
-                        "shipped build (minutes instead of an hour on a CPU)")
+                   help="with --eval-only: measure only the trained variants (those named by --variants, if any), "
+                        "beside the stored measurements of the shipped build (minutes instead of an hour on a CPU)")
+    p.add_argument("--rescore", action="store_true",
+                   help="with --eval-only: check the stored answers again with today's rules (after a rule is fixed; "
+                        "the models answer greedily, so this is what a new measurement gives, in a second)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="training compute precision (default: bf16 on CUDA, fp32 elsewhere; bf16 is about 2x faster "
                         "on a CPU with AVX512-BF16; the shipped cpu build was trained so)")
     p.add_argument("--n-eval", type=int, default=None, help="with --eval-only: this many test records (default all)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    if a.variants_only and not a.eval_only:
-        p.error("--variants-only measures: it goes with --eval-only")
+    if (a.variants_only or a.rescore) and not a.eval_only:
+        p.error("--variants-only and --rescore measure: they go with --eval-only")
+    if a.rescore:
+        return rescore(a.out)
     if a.eval_only and a.variants_only:
-        return evaluate_variants(a.out, a.work, not a.no_progress, a.device)
+        return evaluate_variants(a.out, a.work, not a.no_progress, a.device, tuple(a.variants or ()) or None)
     if a.eval_only:
         return evaluate(a.out, a.work, a.seed, not a.no_progress, a.device, a.n_eval)
     if a.variants is not None:

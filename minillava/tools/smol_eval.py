@@ -21,7 +21,7 @@ from ..checkpoints import load
 from ..data import shapesworld as sw
 from ..data.records import load_records
 from ..data.world_questions import candidates
-from ..evaluation import evaluate_rules, evaluate_vqa, questions
+from ..evaluation import evaluate_rules, evaluate_vqa, questions, rules_report
 from ..utils import read_json, write_json
 from .build_zoo import update_card
 
@@ -87,10 +87,11 @@ def evaluate(out: str | Path = "data", work: str | Path = "build/shapesworld-smo
 
 
 def evaluate_variants(out: str | Path = "data", work: str | Path = "build/shapesworld-smol", progress: bool = True,
-                      device: str | None = None) -> dict:
-    """Only the variants, beside the shipped build's stored measurements (`data/results/smol_llava.json`, from a
-    whole `evaluate` run, whose forgetting set and `n_eval` it reuses): minutes instead of the whole evaluation's
-    hour on 2 CPU cores. Updates the results file and the card; returns the card's `variants`."""
+                      device: str | None = None, names: tuple[str, ...] | None = None) -> dict:
+    """Only the variants (those in `names`, or every one trained), beside the shipped build's stored measurements
+    (`data/results/smol_llava.json`, from a whole `evaluate` run, whose forgetting set and `n_eval` it reuses):
+    minutes instead of the whole evaluation's hour on 2 CPU cores. Updates the results file and the card, keeping
+    the stored measurements of variants not named; returns the card's `variants`."""
     out, work = Path(out), Path(work)
     path = out / "results" / "smol_llava.json"
     if not path.is_file():
@@ -104,21 +105,71 @@ def evaluate_variants(out: str | Path = "data", work: str | Path = "build/shapes
         raise ValueError(f"{n_test} test questions in {work}, but the stored measurement asked {n_stored}: the test "
                          f"split changed since; measure everything again: python -m minillava.tools.build_smol "
                          f"--out {out} --eval-only")
-    variants = _measure_variants(work, kept, test, device, dict(progress=progress))
+    untrained = [n for n in names or () if not (work / "variants" / n / "variant.json").is_file()]
+    if untrained:  # checked before the minutes of measuring the others
+        raise FileNotFoundError(f"{work / 'variants'}: variant {', '.join(untrained)} not trained; train it first: "
+                                f"python -m minillava.tools.build_smol --out {out} --variants {' '.join(untrained)}")
+    variants = _measure_variants(work, kept, test, device, dict(progress=progress), names)
     if not variants:
         raise FileNotFoundError(f"{work / 'variants'}: no variants to measure; train them first: "
                                 f"python -m minillava.tools.build_smol --out {out} --variants")
-    card = _variants_card(summary["forgetting"]["correct"], summary["vqa_test"]["overall"]["exact"], variants)
+    card = {**summary.get("variants", {}),
+            **_variants_card(summary["forgetting"]["correct"], summary["vqa_test"]["overall"]["exact"], variants)}
     update_card(out / "smol-llava", {"variants": card}, {"variants": SECTIONS["variants"]})
-    write_json(path, {**summary, "variants": card, "variant_forgetting": _variant_answers(variants),
-                      "variant_vqa": _variant_vqa(variants)})
+    write_json(path, {**summary, "variants": card,
+                      "variant_forgetting": {**summary.get("variant_forgetting", {}), **_variant_answers(variants)},
+                      "variant_vqa": {**summary.get("variant_vqa", {}), **_variant_vqa(variants)}})
     return card
 
 
-def _measure_variants(work: Path, kept: list[dict], test: list, device: str | None, kw: dict) -> dict:
-    """Forgetting and test VQA of each variant `build_smol --variants` left in `work/variants`."""
+def rescore(out: str | Path = "data") -> dict:
+    """The stored answers of `data/results/smol_llava.json` checked again with today's rules (`candidates()`), after
+    a rule is fixed: the base model, the shipped build and the variants answer greedily, so this gives what a new
+    `--eval-only` would, in a second instead of an hour. The forgetting set is chosen again from the base model's
+    answers (a stricter rule can only shrink it). Updates the results file and the cards; returns the forgetting."""
+    out = Path(out)
+    path = out / "results" / "smol_llava.json"
+    summary = read_json(path, what="smol-llava results")
+    rules = {q["id"]: q for q in candidates()}
+    moved = [i for i, q in summary["questions"].items() if rules.get(i, {}).get("question") != q["question"]]
+    if moved:
+        raise ValueError(f"{path}: {len(moved)} stored questions (e.g. {moved[:3]}) are no longer those of "
+                         f"candidates(); measure again: python -m minillava.tools.build_smol --out {out} --eval-only")
+
+    def check(answers: list[dict], only: set | None = None) -> dict:
+        kept = [a for a in answers if only is None or a["id"] in only]
+        return rules_report([rules[a["id"]] for a in kept], [a["answer"] for a in kept])
+
+    before = check(summary["base_answers"])
+    kept = {a["id"] for a in before["answers"] if a["correct"]}
+    unasked = kept - {a["id"] for a in summary["after_answers"]}
+    if unasked:
+        raise ValueError(f"{path}: the base model now passes {len(unasked)} questions that were not asked after "
+                         f"stage 2 (a rule was loosened); measure again: python -m minillava.tools.build_smol "
+                         f"--out {out} --eval-only")
+    after = check(summary["after_answers"], kept)
+    variants = {k: check(v["answers"], kept) for k, v in summary.get("variant_forgetting", {}).items()}
+    card = {"world_questions": _rules_summary(before), "forgetting": _rules_summary(after)}
+    stored = summary.get("variants", {})
+    if stored:
+        card["variants"] = {k: {**v, "forgetting": (after if k == "shipped" else variants[k])["correct"]}
+                            for k, v in stored.items()}
+    update_card(out / "smol-llava", {k: v for k, v in card.items() if k != "world_questions"})
+    update_card(out / "smol-llava-stage1", {"world_questions": card["world_questions"]})
+    write_json(path, {**summary, **card, "questions": {i: rules[i] for i in summary["questions"]},
+                      "base_answers": before["answers"], "after_answers": after["answers"],
+                      "variant_forgetting": {k: {**_rules_summary(v), "answers": v["answers"]}
+                                             for k, v in variants.items()}})
+    return card
+
+
+def _measure_variants(work: Path, kept: list[dict], test: list, device: str | None, kw: dict,
+                      names: tuple[str, ...] | None = None) -> dict:
+    """Forgetting and test VQA of each variant `build_smol --variants` left in `work/variants` (those in `names`)."""
     variants = {}
     for folder in sorted((work / "variants").glob("*/variant.json")):
+        if names and folder.parent.name not in names:
+            continue
         v_model, v_proc = load(folder.parent, device=device)
         v_after = evaluate_rules(v_model, v_proc, kept, **kw)
         variants[folder.parent.name] = {**read_json(folder, what="variant"), "forgetting": _rules_summary(v_after),
