@@ -126,7 +126,7 @@ def rescore(out: str | Path = "data") -> dict:
     """The stored answers of `data/results/smol_llava.json` checked again with today's rules (`candidates()`), after
     a rule is fixed: the base model, the shipped build and the variants answer greedily, so this gives what a new
     `--eval-only` would, in a second instead of an hour. The forgetting set is chosen again from the base model's
-    answers (a stricter rule can only shrink it). Updates the results file and the cards; returns the forgetting."""
+    answers (a stricter rule can only shrink it). Updates the results file and the cards; returns what they gained."""
     out = Path(out)
     path = out / "results" / "smol_llava.json"
     summary = read_json(path, what="smol-llava results")
