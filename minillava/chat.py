@@ -89,6 +89,7 @@ class ChatSession:
                  reuse_cache: bool = True, context_policy: str = "error", compile: bool = False):
         if context_policy not in CONTEXT_POLICIES:
             raise ValueError(f"context_policy {context_policy!r}: expected one of {', '.join(CONTEXT_POLICIES)}")
+        decoding.check_sampling(max_new_tokens, temperature, top_p)  # at once, not at the first question
         limit = getattr(model, "max_length", None) or (STATIC_CONTEXT if compile else None)
         if limit and max_new_tokens >= limit:
             raise ValueError(f"max_new_tokens {max_new_tokens}: must leave room for the question in the model's "
@@ -112,7 +113,8 @@ class ChatSession:
     @property
     def history(self) -> list[dict]:
         """The conversation, oldest first: {"role": "user", "content", "images": [PIL images]} and
-        {"role": "assistant", "content"} messages (copies: changing them changes nothing)."""
+        {"role": "assistant", "content"} messages: new lists and dicts (changing them changes nothing), holding the
+        session's own PIL images (not copies: do not draw on them)."""
         out = []
         for t in self._turns:
             out += [{"role": "user", "content": t.question, "images": [im.image for im in t.images]},
@@ -172,7 +174,10 @@ class ChatSession:
         is complete (or the iterator is closed early).
         """
         start = time.perf_counter()
-        if not isinstance(question, str) or not question.strip():
+        if not isinstance(question, str):
+            raise TypeError(f"question: a {type(question).__name__}; ask with the text of the question (a str) and "
+                            "pass its images as `images`")
+        if not question.strip():
             raise ValueError("question: empty; ask something (images go with a question)")
         check_text(question, "question")
         if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):

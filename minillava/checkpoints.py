@@ -31,6 +31,7 @@ from .utils import (
     pick_dtype,
     quiet_loading,
     read_json,
+    require_keys,
     save_tensors,
     write_json,
 )
@@ -39,6 +40,7 @@ from .vision import CLIP_MEAN, CLIP_STD, ImageProcessor, VisionTower, vision_mod
 FORMAT, STAGE1_FORMAT, LORA_FORMAT = "minillava", "minillava-stage1", "minillava-lora"
 CONFIG_NAME, WEIGHTS_NAME, PROJECTOR_NAME, ADAPTER_DIR = (
     "config.json", "model.safetensors", "projector.safetensors", "adapter")
+MODEL_KEYS = ("projector", "feature_layer", "feature_select", "image_token_id", "vision_config", "text_config")
 
 
 # ---- the one loader ---------------------------------------------------------------------------------------------
@@ -48,7 +50,8 @@ def load(name_or_path: str | Path, device=None, dtype=None,
 
     Takes a zoo name (`tiny-llava`, `tiny-llava-stage1`), a minillava model folder, a stage-1 output, a LoRA
     output (merged in memory) or a transformers Llava folder (llava-1.5-hf layout; also a hub id, with network).
-    `template` overrides the processor's chat template (a stage-1 folder defaults to `plain`).
+    `template` overrides the processor's chat template; by default each folder's own (a stage-1 folder: `plain`;
+    a transformers folder: the one its saved chat template renders, else `vicuna_v1`: `hf.saved_template`).
     """
     name = str(name_or_path)
     if name in zoo.BACKBONES + zoo.WHEEL_LMS:
@@ -57,20 +60,23 @@ def load(name_or_path: str | Path, device=None, dtype=None,
     if not Path(folder).exists():  # a hub id: only transformers Llava checkpoints live there
         from .hf import load_hf
 
-        return load_hf(folder, device=device, dtype=dtype, template=template or "vicuna_v1")
+        return load_hf(folder, device=device, dtype=dtype, template=template)
     folder = Path(folder)
-    config = read_json(folder / CONFIG_NAME, what="model config")
+    config = read_json(folder / CONFIG_NAME, what="model config", keys=())
     kind = config.get("format") or config.get("model_type")
     if kind == "llava":
         from .hf import load_hf
 
-        return load_hf(folder, device=device, dtype=dtype, template=template or "vicuna_v1")
+        return load_hf(folder, device=device, dtype=dtype, template=template)
     if kind == STAGE1_FORMAT:
         model, processor = load_stage1(folder, template=template or "plain", aspect="square")
     elif kind == LORA_FORMAT:
         model, processor = _load_lora(folder, config)
     elif kind == FORMAT:
         model, processor = _load_full(folder, config), Processor.from_pretrained(folder)
+        if processor.num_image_tokens != model.num_image_tokens:
+            raise ValueError(f"model folder '{folder}': its processor puts {processor.num_image_tokens} tokens per "
+                             f"image in the prompt, its vision tower gives {model.num_image_tokens}")
     else:
         raise ValueError(f"model folder '{folder}': config.json names no model minillava knows (format "
                          f"'{config.get('format')}', model_type '{config.get('model_type')}'); expected a minillava, "
@@ -99,6 +105,7 @@ def write_model_files(model: LlavaModel, processor: Processor | None, folder: Pa
 
 
 def _load_full(folder: Path, config: dict) -> LlavaModel:
+    require_keys(config, MODEL_KEYS, f"model config '{folder / CONFIG_NAME}'")
     model = LlavaModel.from_config(config)
     load_state(model, load_tensors(folder / WEIGHTS_NAME), f"model folder '{folder}'")
     return model

@@ -55,9 +55,10 @@ OVERFLOW_HINT = "/reset the chat, or start it with --context-policy drop_oldest 
 
 
 def chat_command(model: str = "tiny-llava", images=(), max_new_tokens: int = 128, temperature: float = 0.0,
-                 context_policy: str = "error") -> int:
+                 context_policy: str = "error", template: str | None = None) -> int:
     """Chat on stdin/stdout, a line per question, answers streamed; works through a pipe. Returns the exit code.
-    `model`: anything `minillava.load` takes (a zoo name, a minillava or transformers Llava folder).
+    `model`: anything `minillava.load` takes (a zoo name, a minillava or transformers Llava folder); `template`:
+    another chat template than the model's own.
 
     `images` (--image) go with the first question; one that cannot be used raises, so the chat does not start.
     Later, a bad line (a bad /image, a refused question, bytes that are not UTF-8) is reported on stderr and
@@ -66,7 +67,7 @@ def chat_command(model: str = "tiny-llava", images=(), max_new_tokens: int = 128
     from .chat import ChatSession
     from .checkpoints import load
 
-    chat = ChatSession(*load(model), template=None, max_new_tokens=max_new_tokens, temperature=temperature,
+    chat = ChatSession(*load(model, template=template), max_new_tokens=max_new_tokens, temperature=temperature,
                        context_policy=context_policy)
     chat.overflow_hint = OVERFLOW_HINT
     pending: list[str] = []
@@ -149,8 +150,14 @@ def eval_command(args) -> dict:
     from .data import shapesworld as sw
     from .data.records import load_records
     from .evaluation import SHORT_ANSWER, format_table, questions, score_answer_file
-    from .utils import write_json
+    from .utils import check_file_target, write_json
 
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: expected a number of records, 1 or more")
+    if args.out:
+        check_file_target(args.out, "--out")  # before the evaluation, not after it
+    if args.answers and args.kind != "vqa":
+        raise ValueError(f"--answers scores VQA answers; --kind {args.kind} asks its own questions of a model")
     records = load_records(args.data, args.images)[: args.limit]
     suffix = SHORT_ANSWER if args.short_answer else ""
     if args.answers:
@@ -159,8 +166,8 @@ def eval_command(args) -> dict:
     else:
         model, processor = load(args.model, template=args.template)
         result = sw.evaluate(model, processor, records, args.kind, suffix, compile=args.compile)
-    result.update(model=str(args.model), data=str(args.data), kind=args.kind, suffix=suffix,
-                  template=args.template)
+    result.update(model=None if args.answers else str(args.model), answers=args.answers, data=str(args.data),
+                  kind=args.kind, suffix=suffix, template=args.template)
     print(result["table"])
     if args.out:
         write_json(args.out, result)
@@ -194,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
     p_chat.add_argument("--context-policy", choices=CONTEXT_POLICIES, default="error",
                         help="when a turn does not fit the context: 'error' refuses it, 'drop_oldest' forgets the "
                              "oldest turns (default: error)")
+    p_chat.add_argument("--template", default=None, help="chat with this template instead of the model's own")
     p_eval = sub.add_parser("eval", help="evaluate a model on a LLaVA-format question file with reference answers")
     p_eval.add_argument("--model", default="tiny-llava", help="a zoo name or a model folder (default: tiny-llava)")
     p_eval.add_argument("--data", required=True, help="LLaVA-format JSON with reference answers (records with an "
@@ -252,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             eval_command(args)
         elif args.command == "chat":
-            return chat_command(args.model, args.image, args.max_new_tokens, args.temperature, args.context_policy)
+            return chat_command(args.model, args.image, args.max_new_tokens, args.temperature, args.context_policy,
+                                args.template)
     except (ValueError, OSError) as e:  # FileNotFoundError, FileExistsError, NotADirectoryError, ...
         print(f"minillava {args.command}: error: {e}", file=sys.stderr)
         return 2

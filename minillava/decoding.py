@@ -12,6 +12,8 @@ the same tokens from each:
 
 from __future__ import annotations
 
+import math
+import numbers
 import weakref
 
 import torch
@@ -59,6 +61,7 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     step. The first call compiles (seconds); later calls of the same shapes reuse it. Its `cache`, if given,
     must be a static one (a chat keeps one for the whole conversation).
     """
+    check_sampling(max_new_tokens, temperature, top_p)
     if compile and (not use_cache or not (cache is None or _is_static(cache))):
         raise ValueError("compile=True decodes through a static KV cache: it needs use_cache=True, and a `cache` "
                          "given must be a StaticCache (decoding.new_cache(model, max_length))")
@@ -176,6 +179,16 @@ def _compiled_step(device_type: str):
         mode = "reduce-overhead" if device_type == "cuda" else None
         _COMPILED_STEPS[device_type] = torch.compile(_one_step, mode=mode)
     return _COMPILED_STEPS[device_type]
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Refuse decoding settings that would quietly mean something else: ValueError naming the setting."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens!r}: expected a whole number of at least 1")
+    if not 0 <= temperature < math.inf:  # (NaN fails too)
+        raise ValueError(f"temperature {temperature}: expected 0 (greedy) or a positive, finite number")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p {top_p}: expected a probability mass in (0, 1]")
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:

@@ -22,6 +22,7 @@ from .model import LlavaModel
 from .outputs import atomic_dir
 from .processor import Processor
 from .projector import build_projector
+from .templates import TEMPLATES
 from .utils import check_weights, pick_device, pick_dtype, quiet_loading, read_json, save_tensors, write_json
 from .vision import CLIP_MEAN, CLIP_STD, ImageProcessor, VisionTower
 
@@ -123,11 +124,12 @@ def from_hf_model(hf) -> LlavaModel:
     return model
 
 
-def load_hf(path: str | Path, device=None, dtype=None, template: str = "vicuna_v1") -> tuple[LlavaModel, Processor]:
+def load_hf(path: str | Path, device=None, dtype=None, template: str | None = None) -> tuple[LlavaModel, Processor]:
     """Load a transformers Llava folder (e.g. llava-1.5-hf) as (LlavaModel, Processor). Local folders only
     unless `path` is a hub id and the user has network access. Weights are read as safetensors, strictly:
     ValueError names an unreadable file, or the weights that are missing, unexpected (a config with fewer
-    layers than the file) or of the wrong shape."""
+    layers than the file) or of the wrong shape. `template`: by default the one `export_hf` wrote into the
+    folder's chat template (`saved_template`), else `vicuna_v1`, the layout LLaVA-1.5 was trained with."""
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     path = Path(path)
@@ -148,9 +150,21 @@ def load_hf(path: str | Path, device=None, dtype=None, template: str = "vicuna_v
     model = from_hf_model(hf).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     ip = _image_processor(path, model.vision_tower)
-    processor = Processor(tokenizer, ip, model.num_image_tokens, template,
+    processor = Processor(tokenizer, ip, model.num_image_tokens, template or saved_template(path, tokenizer),
                           max_length=getattr(hf.config.text_config, "max_position_embeddings", None))
     return model, processor
+
+
+def saved_template(path: Path, tokenizer) -> str:
+    """The minillava template whose Jinja (`Template.to_jinja`) is the chat template saved in the folder
+    `path` (as `export_hf` writes it), or `vicuna_v1` when none is (a released llava-1.5-hf's own Jinja
+    drops the system prompt it was trained with)."""
+    saved = tokenizer.chat_template
+    if (path / "chat_template.jinja").is_file():
+        saved = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (path / "chat_template.json").is_file():
+        saved = read_json(path / "chat_template.json", what="chat template").get("chat_template")
+    return next((name for name, t in TEMPLATES.items() if saved and t.to_jinja() == saved), "vicuna_v1")
 
 
 def _check_weight_files(folder: Path) -> None:

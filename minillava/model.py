@@ -181,7 +181,9 @@ class LlavaModel(nn.Module):
                  images: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
                  **kwargs) -> torch.Tensor:
         """Sample a continuation of each prompt: input_ids (B, T) -> new tokens (B, n <= max_new_tokens).
-        Keyword arguments as `decoding.stream` (max_new_tokens, temperature, top_p, eos_token_id, compile...)."""
+        Keyword arguments as `decoding.stream` (max_new_tokens, temperature, top_p, eos_token_id, compile...).
+        Without `eos_token_id` it runs to max_new_tokens: pass `processor.stop_token_ids()` to stop at the end of
+        the answer (`ChatSession` and `evaluation.answer` do)."""
         return decoding.generate(self, input_ids, attention_mask, images, image_features, **kwargs)
 
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

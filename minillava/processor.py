@@ -127,6 +127,11 @@ class Processor:
         images = images if images is not None else [[] for _ in conversations]
         if len(images) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+        images = [[] if one is None else one for one in images]
+        flat = next((i for i, one in enumerate(images) if not isinstance(one, (list, tuple))), None)
+        if flat is not None:
+            raise ValueError(f"images[{flat}]: a {type(images[flat]).__name__}; with several conversations, images "
+                             "is one list of images per conversation ([] for none)")
         ids = sample_ids if sample_ids is not None else [str(i) for i in range(len(conversations))]
         samples = [self.encode(c, im, add_generation_prompt, sample_id=sid)
                    for sid, c, im in zip(ids, conversations, images)]
@@ -169,7 +174,11 @@ class Processor:
     def from_pretrained(cls, path: str | Path) -> Processor:
         from transformers import AutoTokenizer
 
-        cfg = read_json(Path(path) / PROCESSOR_NAME, what="processor config")
+        cfg = read_json(Path(path) / PROCESSOR_NAME, what="processor config",
+                        keys=("image_processor", "num_image_tokens", "template"))
+        if not any((Path(path) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise FileNotFoundError(f"model folder '{path}': no tokenizer files (tokenizer.json, "
+                                    "tokenizer_config.json)")
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         return cls(tokenizer, ImageProcessor(**cfg["image_processor"]), cfg["num_image_tokens"],
                    cfg["template"], cfg.get("max_length"))

@@ -64,7 +64,7 @@ def current_umask() -> int:
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; it is renamed onto `path` only if the block succeeds."""
-    path = Path(path)
+    path = check_file_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
@@ -76,6 +76,18 @@ def atomic_path(path: str | Path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_file_target(path: str | Path, what: str = "output file") -> Path:
+    """`path` as a Path, if a file can be written there: not a folder, and no file where a folder must be (call it
+    before long work whose result goes there). ValueError naming the path otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} '{path}': a folder is there; name a file")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"{what} '{path}': '{blocking}' is a file, not a folder")
+    return path
 
 
 @contextlib.contextmanager
@@ -92,15 +104,37 @@ def write_json(path: str | Path, obj) -> None:
         f.write("\n")
 
 
-def read_json(path: str | Path, what: str = "file") -> dict:
-    """Read a JSON file with an error that names the file when it is missing or malformed."""
+def existing_file(path: str | Path, what: str = "file") -> Path:
+    """`path` as a Path, when a file is there; else FileNotFoundError naming `what` and the path (and saying
+    when it is a folder)."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{what} '{path}': a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} '{path}': not found")
+    return path
+
+
+def read_json(path: str | Path, what: str = "file", keys: tuple[str, ...] | None = None) -> dict:
+    """Read a JSON file (UTF-8, whatever the locale) with an error that names the file when it is missing or
+    malformed. `keys`: the file must hold a JSON object with (at least) these keys."""
+    path = existing_file(path, what)
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} '{path}': not valid JSON ({e})") from None
+    if keys is not None:
+        require_keys(value, keys, f"{what} '{path}'")
+    return value
+
+
+def require_keys(value, keys: tuple[str, ...], where: str) -> None:
+    """ValueError naming `where` unless `value` is a dict holding every one of `keys`."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise ValueError(f"{where}: missing {', '.join(repr(k) for k in missing)}")
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:

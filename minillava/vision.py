@@ -25,6 +25,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from .utils import existing_file
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_PIXELS = 64_000_000  # refuse larger images: a decompression bomb, or a scan no vision tower needs
@@ -46,9 +48,7 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS) ->
         image = source
     else:
         if isinstance(source, (str, Path)):
-            if not Path(source).is_file():
-                raise FileNotFoundError(f"image '{name}': file not found")
-            data = Path(source).read_bytes()
+            data = existing_file(source, "image").read_bytes()
         elif isinstance(source, (bytes, bytearray)):
             data = bytes(source)
         else:
@@ -63,13 +63,23 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS) ->
 
 def check_image_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> None:
     """Check an image file without decoding its pixels: it exists, its format is recognised, its size is sane
-    and (for PNG and other formats PIL can verify) its data is complete. ValueError names the file."""
-    name = str(path)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image '{name}': file not found")
+    and its data is complete (PNG and the other formats PIL can verify; a JPEG whose last bytes hold no
+    end-of-image marker, as a cut-off download's do not, is decoded to be sure). ValueError names the file."""
+    name = str(existing_file(path, "image"))
     with _decoding(name), Image.open(path) as image:
         _check_size(image, name, max_pixels)
+        jpeg = image.format == "JPEG"
         image.verify()
+    if jpeg and not _ends_jpeg(path):  # (data after the marker, as in phones' motion photos, is allowed)
+        with _decoding(name), Image.open(path) as image:
+            image.load()
+
+
+def _ends_jpeg(path: str | Path, tail: int = 4096) -> bool:
+    """Whether the last `tail` bytes of a JPEG file (trailing zeros left out) hold its end-of-image marker."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - tail))
+        return b"\xff\xd9" in f.read().rstrip(b"\x00")
 
 
 @contextlib.contextmanager

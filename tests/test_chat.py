@@ -248,12 +248,20 @@ def test_bad_input_leaves_the_session_usable(model, processor, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     with pytest.raises(ValueError, match="bad.png': not an image file"):
         chat.ask("And this?", images=[tmp_path / "bad.png"])
-    with pytest.raises(FileNotFoundError, match="missing.png': file not found"):
+    with pytest.raises(FileNotFoundError, match="missing.png': not found"):
         chat.ask("And this?", images=[str(tmp_path / "missing.png")])
     with pytest.raises(ValueError, match="2 '<image>' placeholders but 1 images"):
         chat.stream("Compare <image> and <image>.", images=[img])
     with pytest.raises(ValueError, match="question: empty"):
         chat.ask("   ", images=[img])
+    with pytest.raises(TypeError, match="question: a list; ask with the text"):
+        chat.ask([{"type": "text", "text": "What is it?"}], images=[img])
+    with pytest.raises(FileNotFoundError, match="a folder, not a file"):
+        chat.ask("And this?", images=[tmp_path])
+    for bad, match in ((dict(max_new_tokens=0), "max_new_tokens 0"), (dict(temperature=-1.0), "temperature -1"),
+                       (dict(temperature=float("nan")), "temperature nan"), (dict(top_p=0.0), "top_p 0")):
+        with pytest.raises(ValueError, match=match):
+            ChatSession(model, processor, **bad)
     with pytest.raises(ValueError, match="context_policy"):
         ChatSession(model, processor, context_policy="truncate")
     assert chat.history == before and chat.stats == stats
@@ -332,7 +340,7 @@ def test_cli_through_a_pipe(saved_model):
                           capture_output=True, timeout=120, env=env, cwd=d)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("assistant> ") == 3 and "(conversation cleared)" in done.stdout
-    for message in ["missing.png': file not found", "bad.png': not an image file",
+    for message in ["missing.png': not found", "bad.png': not an image file",
                     "2 '<image>' placeholders but 0 images", "unknown command '/bogus'"]:
         assert message in done.stderr
 

@@ -177,6 +177,14 @@ def test_eval_cli_bad_input(eval_files, capsys):
     (d / "notmodel" / "config.json").write_text('{"model_type": "bert"}')
     assert main(["eval", "--model", str(d / "notmodel"), "--data", str(d / "q.json")]) == 2
     assert "names no model minillava knows" in capsys.readouterr().err
+    for args, message in ((["--limit", "0"], "--limit 0: expected a number of records"),
+                          (["--limit", "-1"], "--limit -1"),  # (not a slice dropping the last record)
+                          (["--out", str(d)], "a folder is there"),  # refused before the evaluation runs
+                          (["--out", str(d / "q.json" / "r.json")], "is a file, not a folder")):
+        assert main(["eval", "--model", str(d / "nope"), "--data", str(d / "q.json"), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["eval", "--data", str(d / "q.json"), "--answers", str(d / "q.json"), "--kind", "pope"]) == 2
+    assert "--answers scores VQA answers" in capsys.readouterr().err
 
 
 # ---- VQAv2's soft accuracy ---------------------------------------------------------------------------------------

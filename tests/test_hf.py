@@ -83,6 +83,15 @@ def test_roundtrip_through_transformers(tmp_path, model, processor):
     b = proc(TWO_IMAGES, [random_image(seed=3), random_image(seed=4)])
     assert torch.equal(back(**b).logits, model(**b).logits)
     assert proc.image_processor == processor.image_processor
+    assert proc.template.name == processor.template.name
+
+
+@pytest.mark.parametrize("name", ["chatml_direct", "plain"])
+def test_the_exported_template_comes_back(tmp_path, model, processor, name):
+    """`load` reads the template back from the exported chat template, not a fixed default."""
+    ml.export_hf(model, processor.with_template(name), tmp_path / "hf")
+    assert ml.load(tmp_path / "hf", device="cpu")[1].template.name == name
+    assert ml.load(tmp_path / "hf", device="cpu", template="vicuna_v1")[1].template.name == "vicuna_v1"
 
 
 def test_greedy_generation_matches_transformers(tmp_path, model, processor):

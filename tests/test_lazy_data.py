@@ -305,7 +305,7 @@ def test_check_file_reports_every_bad_record_and_image(folder, processor, monkey
     assert re.search(r"record 10 \(id 'long'\): sample 'long': \d+ tokens exceed max_length 256", text)
     assert "record 11 (id 'turns'): turn 0 is from 'assistant'" in text
     assert "record 12: a record must be a JSON object, got str" in text
-    assert re.search(r"image '.*nope.png': file not found \(used by record 'gone'\)", text)
+    assert re.search(r"image '.*nope.png': not found \(used by record 'gone'\)", text)
     assert re.search(r"image '.*torn.png': cannot be decoded \(image file is truncated\) \(used by record 'torn'\)",
                      text)
     assert len(report.bad_records) == 4 and len(report.bad_images) == 2

@@ -143,6 +143,10 @@ def test_placeholders_and_images_must_agree(model, processor):
         processor(chat("<image> vs <image>?", "A."), [random_image()])
     with pytest.raises(ValueError, match="0 '<image>' placeholders but 1 images"):
         processor(chat("What?", "A."), [random_image()])
+    one = chat("<image>\nWhat?", "A.")
+    with pytest.raises(ValueError, match=r"images\[0\]: a str; with several conversations, images is one list"):
+        processor([one, one], ["a.png", "b.png"])  # one image per conversation, but not each in its list
+    assert processor([one, one], [[random_image()], [random_image()]])["images"].shape[0] == 2
     b = processor(chat("<image>\nWhat?", "A."), [random_image()])
     with pytest.raises(ValueError, match="1 image placeholders .* but 2 images"):
         model(b["input_ids"], images=torch.cat([b["images"], b["images"]]))

@@ -46,3 +46,31 @@ def test_a_system_turn_may_open_the_conversation(tmp_path):
                                          "conversations": qa(("system", "Be brief."), *[(t["from"], t["value"])
                                                                                         for t in GOOD])}]))
     assert r.id == "7" and [m["role"] for m in r.messages] == ["system", "user", "assistant"]
+
+
+def test_a_utf8_file_reads_the_same_under_any_locale(tmp_path):
+    """Data files are UTF-8 (JSON's encoding), whatever the locale says; a byte-order mark is tolerated."""
+    import os
+    import subprocess
+    import sys
+
+    path = write(tmp_path, [{"id": "café", "image": "a.png", "conversations": qa(("human", "<image>\nCafé?"),
+                                                                                 ("gpt", "Oui."))}])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    code = "from minillava.data.records import load_records; import sys; print(load_records(sys.argv[1])[0].id)"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "utf-8"}
+    out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True,
+                         encoding="utf-8")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "café"
+
+
+def test_json_lines_and_folders_are_named_for_what_they_are(tmp_path):
+    write(tmp_path, [])
+    record = {"id": "a", "image": "a.png", "conversations": GOOD}
+    (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match="looks like JSON Lines, one record per line: LLaVA's format is one JSON list"):
+        load_records(tmp_path / "data.jsonl")
+    with pytest.raises(FileNotFoundError, match="data file '.*': a folder, not a file"):
+        load_records(tmp_path)

@@ -79,6 +79,35 @@ def test_half_broken_transformers_folders_are_refused(case, hf_folder, tmp_path)
         ml.load(folder, device="cpu")
 
 
+def _without(key):
+    return lambda folder: (folder / "config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k != key}))
+
+
+def _processor_edit(**changes):
+    def edit(folder):
+        path = folder / "minillava_processor.json"
+        cfg = {**json.loads(path.read_text()), **changes}
+        path.write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return edit
+
+
+@pytest.mark.parametrize("breakage, error, match", [
+    (lambda f: (f / "config.json").write_text("[1, 2]"), ValueError, "config.json': expected a JSON object, got list"),
+    (_without("text_config"), ValueError, "config.json': missing 'text_config'"),
+    (_processor_edit(num_image_tokens=None), ValueError, "minillava_processor.json': missing 'num_image_tokens'"),
+    (_processor_edit(num_image_tokens=5), ValueError, "its processor puts 5 tokens per image in the prompt, its "
+                                                      "vision tower gives"),
+    (lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], FileNotFoundError,
+     "no tokenizer files"),
+], ids=["list", "no-text-config", "no-image-tokens", "image-tokens-disagree", "no-tokenizer"])
+def test_half_broken_minillava_folders_are_refused(model, processor, tmp_path, breakage, error, match):
+    folder = ml.save(model, processor, tmp_path / "model")
+    breakage(folder)
+    with pytest.raises(error, match=match):
+        ml.load(folder, device="cpu")
+
+
 def test_chat_refuses_a_folder_without_projector_weights(hf_folder, tmp_path, monkeypatch, capsys):
     from minillava.cli import main
 

@@ -330,3 +330,15 @@ def test_toy_build_ships_a_projector_and_adapters_that_load(tmp_path):
     assert list(card) == ["shipped", "no_text", "full"] and card["full"] == other
     again = json.loads((moved / "results" / "smol_llava.json").read_text())
     assert again["variant_forgetting"]["full"]["correct"] == 0.125 and again["variant_vqa"]["no_text"]["by_type"]
+
+
+def test_eval_only_measures_with_the_built_scales_test_records(tmp_path):
+    """`--eval-only` repeats the shipped measurement: the card's scale names how many test records it used."""
+    from minillava.tools.build_smol import SCALES, scale_n_eval
+
+    assert scale_n_eval(tmp_path) is None  # nothing built: every record
+    (tmp_path / "smol-llava").mkdir()
+    for scale in ("cpu", "gpu"):
+        (tmp_path / "smol-llava" / "card.json").write_text(json.dumps({"facts": {"scale": scale}}))
+        assert scale_n_eval(tmp_path) == SCALES[scale].n_eval
+    assert SCALES["cpu"].n_eval == 150 and SCALES["gpu"].n_eval is None

@@ -186,7 +186,10 @@ def test_bad_input(world, s1, tmp_path):
                           projector="linear", progress=False))
     for bad, match in ((dict(max_grad_norm=-1.0), "max grad norm -1"), (dict(warmup_ratio=5.0), "warmup ratio 5"),
                        (dict(max_steps=-3), "max steps -3"), (dict(weight_decay=-0.1), "weight decay -0.1"),
-                       (dict(max_length=4096), "max length 4096: longer than the language model's context")):
+                       (dict(max_length=4096), "max length 4096: longer than the language model's context"),
+                       (dict(max_length=-5), "max length -5: must be positive"),
+                       (dict(max_steps=None, epochs=float("nan")), "epochs nan: must be a positive, finite number"),
+                       (dict(max_steps=None, epochs=float("inf")), "epochs inf")):
         with pytest.raises(ValueError, match=match):
             stage1(world, out, **bad)
     with pytest.raises(ValueError, match="init is a stage-2 option"):
@@ -210,6 +213,23 @@ def test_a_folder_of_other_files_is_never_replaced(world, tmp_path):
     with pytest.raises(NotADirectoryError, match="out '.*afile': exists and is not a folder"):
         stage1(world, tmp_path / "afile")
     assert (mine / "notes.txt").read_text() == "precious" and sorted(mine.iterdir()) == [mine / "notes.txt"]
+
+
+def test_a_run_removes_only_its_own_features_beside_the_output(world, tmp_path):
+    """The default disk cache `<out>.features` goes when the run ends; what a user kept there stays."""
+    users = tmp_path / "run.features"
+    users.mkdir()
+    (users / "notes.txt").write_text("precious")
+    stage1(world, tmp_path / "run", feature_cache="disk", max_steps=2)
+    assert sorted(p.name for p in users.iterdir()) == ["notes.txt"]
+    stage1(world, tmp_path / "other", feature_cache="disk", max_steps=2)
+    assert not (tmp_path / "other.features").exists()  # nothing else there: the folder goes too
+
+
+def test_lazy_data_names_the_first_bad_sample_of_an_all_bad_batch(world, tmp_path):
+    """A wrong image folder makes every sample bad: the error is the first one's, not 'all skipped'."""
+    with pytest.raises(DataError, match=r"id 'c\d+'\): image '.*\d+.png' not found"):
+        stage1(world, tmp_path / "lazy", lazy_data=True, images=str(tmp_path), max_steps=1)
 
 
 def test_a_checkpoint_of_another_run_is_not_resumed(world, tmp_path, monkeypatch):

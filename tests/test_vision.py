@@ -72,7 +72,7 @@ def test_load_from_path_and_bytes(tmp_path):
 
 
 def test_bad_images_get_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="'nope.png': file not found"):
+    with pytest.raises(FileNotFoundError, match="'nope.png': not found"):
         ml.load_image("nope.png")
     (tmp_path / "broken.png").write_bytes(png_bytes(random_image(20, 20))[:60])
     with pytest.raises(ValueError, match="broken.png'.*cannot be decoded"):
@@ -161,8 +161,26 @@ def test_check_image_file_finds_what_only_decoding_would(tmp_path):
     assert Image.open(tmp_path / "torn.png").size == (20, 20)
     with pytest.raises(ValueError, match="torn.png'.*cannot be decoded"):
         check_image_file(tmp_path / "torn.png")
-    with pytest.raises(FileNotFoundError, match="'nope.png': file not found"):
+    with pytest.raises(FileNotFoundError, match="'nope.png': not found"):
         check_image_file("nope.png")
+    with pytest.raises(FileNotFoundError, match="a folder, not a file"):
+        check_image_file(tmp_path)
+
+
+def test_check_image_file_finds_a_cut_off_jpeg(tmp_path):
+    """A JPEG's header reads and PIL's verify() passes when its end is missing (a cut-off download): the
+    missing end-of-image marker makes the check decode it. Data after the marker (phones' motion photos) is
+    allowed."""
+    buffer = io.BytesIO()
+    random_image(64, 64).save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with Image.open(tmp_path / "cut.jpg") as image:
+        image.verify()  # what the header check alone would accept
+    with pytest.raises(ValueError, match="cut.jpg'.*cannot be decoded.*truncated"):
+        check_image_file(tmp_path / "cut.jpg")
+    (tmp_path / "more.jpg").write_bytes(data + b"\x01" * 20000)
+    check_image_file(tmp_path / "more.jpg")
 
 
 def test_a_strip_too_long_to_pad_is_refused_before_the_canvas_is_made():

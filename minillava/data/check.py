@@ -100,7 +100,7 @@ def _run(pool, fn, tasks: list[tuple], total: int, what: str, progress: bool) ->
 def _image_problems(found: list[tuple[str, str | None]], users: dict[str, list[str]], image_dir: Path) -> list[str]:
     """A line per bad image, naming the records that use it; one line when none of them exists (a wrong
     image folder, not hundreds of thousands of missing files)."""
-    missing = [p for p, error in found if error and error.endswith("file not found")]
+    missing = [p for p, error in found if error and error.endswith(": not found")]
     if len(found) > 1 and len(missing) == len(found):
         return [f"none of the {len(found):,} images is in the image folder '{image_dir}' (the first: '{missing[0]}'); "
                 "is it the right folder (--images)?"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..templates import IMAGE_PLACEHOLDER, from_llava, to_llava
-from ..utils import atomic_file
+from ..utils import atomic_file, existing_file
 
 
 @dataclass
@@ -96,13 +96,14 @@ def read_raw(path: str | Path, image_dir: str | Path | None = None, check_files:
     """A LLaVA-format file's records as raw JSON objects, unchecked, and the image folder (default: the file's
     folder). Refuses, naming the file, what is wrong with the file as a whole: missing, not JSON, not a list,
     empty, no image folder (ids used twice: `duplicate_ids`). A large file is read without parsing its records."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file '{path}': not found")
+    path = existing_file(path, "data file")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))  # (a byte-order mark is tolerated)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"data file '{path}': not valid JSON ({e})") from None
+        lines = isinstance(e, json.JSONDecodeError) and e.msg == "Extra data" and e.lineno > 1
+        hint = ("; it looks like JSON Lines, one record per line: LLaVA's format is one JSON list of records"
+                if lines else "")
+        raise DataError(f"data file '{path}': not valid JSON in UTF-8 ({e}){hint}") from None
     if not isinstance(raw, list):
         raise DataError(f"data file '{path}': expected a JSON list of records, got {type(raw).__name__}")
     if not raw:

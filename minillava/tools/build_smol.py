@@ -29,7 +29,7 @@ from ..data import shapesworld as sw
 from ..data.records import load_records, read_raw
 from ..outputs import check_replaceable
 from ..training import TrainConfig, train
-from ..utils import load_tensors, pick_device, save_tensors, write_json
+from ..utils import load_tensors, pick_device, read_json, save_tensors, write_json
 from .build_zoo import hardware, write_card
 from .smol_eval import HELD_OUT, SECTIONS, evaluate, evaluate_variants, rescore
 
@@ -51,6 +51,7 @@ class SmolScale:
     stage2: dict  # LoRA settings included
     lora: dict = field(default_factory=lambda: dict(lora_r=16, lora_alpha=32, lora_dropout=0.05))
     n_chats: int | None = None  # stage 2's text-only chats (None: every prompt of `chat_prompts`)
+    n_eval: int | None = None  # test records `--eval-only` measures a build of this scale with (None: all)
 
 
 SCALES = {
@@ -60,10 +61,17 @@ SCALES = {
     # linear layer's input, 1.6x the step time on a CPU); a higher learning rate for the few steps.
     "cpu": SmolScale(2400, dict(batch_size=16, micro_batch_size=16, epochs=1.0, lr=1e-3),
                      dict(batch_size=16, micro_batch_size=16, epochs=1.0, lr=5e-4),
-                     dict(lora_r=16, lora_alpha=32, lora_dropout=0.0)),
+                     dict(lora_r=16, lora_alpha=32, lora_dropout=0.0), n_eval=150),  # an hour's measurement
     "toy": SmolScale(8, dict(batch_size=4, micro_batch_size=4, max_steps=1, lr=1e-3),
                      dict(batch_size=4, micro_batch_size=4, max_steps=1, lr=2e-4), n_chats=4),
 }
+
+
+def scale_n_eval(out: Path) -> int | None:
+    """The test records that measure the smol-llava in `out`: its scale's `n_eval` (the card names the scale)."""
+    card = Path(out) / "smol-llava" / "card.json"
+    scale = read_json(card, what="model card").get("facts", {}).get("scale") if card.is_file() else None
+    return SCALES[scale].n_eval if scale in SCALES else None
 
 
 def build_data(work: Path, scale: SmolScale, seed: int) -> dict:
@@ -223,7 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="training compute precision (default: bf16 on CUDA, fp32 elsewhere; bf16 is about 2x faster "
                         "on a CPU with AVX512-BF16; the shipped cpu build was trained so)")
-    p.add_argument("--n-eval", type=int, default=None, help="with --eval-only: this many test records (default all)")
+    p.add_argument("--n-eval", type=int, default=None,
+                   help="with --eval-only: this many test records (default: the built scale's, all for gpu, 150 for "
+                        "cpu)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if (a.variants_only or a.rescore) and not a.eval_only:
@@ -233,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.eval_only and a.variants_only:
         return evaluate_variants(a.out, a.work, not a.no_progress, a.device, tuple(a.variants or ()) or None)
     if a.eval_only:
-        return evaluate(a.out, a.work, a.seed, not a.no_progress, a.device, a.n_eval)
+        n_eval = a.n_eval if a.n_eval is not None else scale_n_eval(Path(a.out))
+        return evaluate(a.out, a.work, a.seed, not a.no_progress, a.device, n_eval)
     if a.variants is not None:
         names = tuple(a.variants or VARIANTS)
         return build_variants(a.out, a.scale, a.work, a.seed, not a.no_progress, a.device, names, a.precision)

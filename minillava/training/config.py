@@ -8,6 +8,7 @@ line is generated from its fields and their comments, so Python and `minillava t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,8 +123,10 @@ class TrainConfig:
         if batch % (self.micro_batch_size * world):
             raise ValueError(f"batch size {batch} is not a multiple of micro batch {self.micro_batch_size} x "
                              f"{world} processes")
-        if self.epochs <= 0 and not self.max_steps:
-            raise ValueError(f"epochs {self.epochs}: must be positive")
+        if not self.max_steps and not (0 < self.epochs < math.inf):  # (NaN fails both comparisons)
+            raise ValueError(f"epochs {self.epochs}: must be a positive, finite number")
+        if self.max_length is not None and self.max_length < 0:
+            raise ValueError(f"max length {self.max_length}: must be positive (or 0/None: the model's context)")
         if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
                                            or self.max_steps < 1):
             raise ValueError(f"max steps {self.max_steps}: must be a whole number of at least 1 (or None: epochs)")

@@ -315,6 +315,12 @@ class LazyData:
             inputs["images"] = micro["pixels"].to(device)
         return inputs
 
+    def raise_first_bad(self, loaded: list[dict]) -> None:
+        """The DataError of the first bad sample in this process's micro-batches `loaded`, if any."""
+        for micro in loaded:
+            for _, _, error in micro["bad"]:
+                raise DataError(error)
+
     def stand_in(self, cache: FeatureCache | None, device) -> dict:
         """Inputs to run, with the loss weighted 0, where a process's micro-batch had only bad samples but every
         process must still take part in the step's collectives (DDP's gradient all-reduce, FSDP's gathers): the

@@ -211,6 +211,8 @@ def train_step(run: Run, step: int, order: list[int], loaded: list[dict] | None 
         micro = [ids[(k * world + rank) * m:(k * world + rank + 1) * m] for k in range(run.accum)]
     else:
         micro = loaded
+    if n_tokens == 0 and loaded is not None and not run.data.skip_bad:  # what is wrong with the first bad sample
+        run.data.raise_first_bad(loaded)
     if n_tokens == 0:  # (lazy_data with skip_bad_samples: all processes agree, the counts are all-reduced)
         raise DataError(f"step {step + 1}: every sample of the global batch of {run.batch} was bad and skipped; "
                         "check the data with `minillava data check`")
@@ -389,10 +391,18 @@ def finish(run: Run, out: Path, partial: Path, metrics: list[dict]) -> None:
         save_result(out, run.cfg, model, run.processor, metrics)
         clean_up(out, partial)
         if run.cache is not None and run.cache.directory is not None and not run.cfg.cache_dir:
-            shutil.rmtree(default_cache_dir(out), ignore_errors=True)  # the run's own disk cache (none was named)
+            remove_own_cache(run.cache.directory)  # the run's own disk cache (none was named)
         if run.cfg.log_dir is None and run.cfg.report_to is None:  # the default log was a live view (`logs.py`)
             logs.remove_live_log(logs.log_dir(out, None))
     distributed.barrier(run.world)
+
+
+def remove_own_cache(directory: Path) -> None:
+    """Delete the features a run kept in its default cache folder (`<out>.features/<tower fingerprint>`), and
+    `<out>.features` if that empties it: anything else a user put there stays."""
+    shutil.rmtree(directory, ignore_errors=True)
+    if directory.parent.is_dir() and not any(directory.parent.iterdir()):
+        directory.parent.rmdir()
 
 
 def save_result(out: Path, cfg: TrainConfig, model: LlavaModel, processor: Processor, metrics: list[dict]) -> None:
