@@ -185,6 +185,8 @@ def test_eval_cli_bad_input(eval_files, capsys):
         assert message in capsys.readouterr().err
     assert main(["eval", "--data", str(d / "q.json"), "--answers", str(d / "q.json"), "--kind", "pope"]) == 2
     assert "--answers scores VQA answers" in capsys.readouterr().err
+    assert main(["eval", "--model", str(d / "model"), "--data", str(d / "q.json"), "--kind", "multiturn"]) == 2
+    assert "is not of ShapesWorld's multiturn split" in capsys.readouterr().err
 
 
 # ---- VQAv2's soft accuracy ---------------------------------------------------------------------------------------

@@ -144,6 +144,9 @@ def short_answer_records(records: list[Record]) -> list[Record]:
     return out
 
 
+MULTITURN_VARIANTS = ("first", "fifth", "late")  # the multiturn split's record ids end in one of these
+
+
 def multiturn(result: dict) -> dict:
     """Exact match per variant of the multiturn split ("first", "fifth", "late": the record id's last part),
     from an `evaluate_vqa` result, and the differences from "first"."""
@@ -193,6 +196,10 @@ def evaluate(model: LlavaModel, processor: Processor, records: list[Record], kin
             t if t == "false_premise" else "context" for t in r.meta["qtypes"]]}) for r in records]
         if not records:
             raise ValueError("false-premise evaluation: no record has a turn tagged 'false_premise'")
+    other = next((r.id for r in records if r.id.rsplit("-", 1)[-1] not in MULTITURN_VARIANTS), None)
+    if kind == "multiturn" and other is not None:
+        raise ValueError(f"multiturn evaluation: record '{other}' is not of ShapesWorld's multiturn split (its ids "
+                         f"end in -{', -'.join(MULTITURN_VARIANTS)})")
     if kind in ("vqa", "multi-image", "multiturn", "false-premise"):
         result = evaluate_vqa(model, processor, records, suffix, batch_size, progress=progress, compile=compile)
         result["table"] = format_table(result)
