@@ -115,11 +115,24 @@ class LlavaModel(nn.Module):
         if not torch.compiler.is_compiling():  # (reading counts back to Python would split a compiled graph)
             self._check_image_tokens(is_image, n_images)
         if n_images == 0:
-            return embeds
+            return embeds + self._blank_image_term(embeds) if self.training and torch.is_grad_enabled() else embeds
         if image_features is None:
             image_features = self.encode_images(images)
         image_embeds = self.project(image_features.to(self.device))
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def _blank_image_term(self, embeds: torch.Tensor) -> torch.Tensor | float:
+        """0 x the projection (and, when the tower trains, the encoding) of a blank image, for a training batch
+        without images: every trainable weight is then used in every micro-batch, as DDP and FSDP need of each
+        process (LLaVA gives text-only samples a blank image for the same reason). Adds exactly nothing."""
+        tower = self.vision_tower
+        if not tower.frozen and any(p.requires_grad for p in tower.parameters()):
+            features = self.encode_images(torch.zeros(1, 3, tower.image_size, tower.image_size))
+        elif any(p.requires_grad for p in self.projector.parameters()):
+            features = torch.zeros(1, 1, tower.hidden_size, device=self.device)
+        else:
+            return 0.0
+        return 0.0 * self.project(features).sum().to(embeds.dtype)
 
     def _check_image_tokens(self, is_image: torch.Tensor, n_images: int) -> None:
         """Every sample's image tokens (B, T) must come in whole runs of P, one run per image."""

@@ -377,3 +377,33 @@ def test_pixel_shuffle_puts_each_block_of_patches_into_one_token(grid, factor):
         pixel_shuffle(torch.randn(1, 10, c), 2)
     with pytest.raises(ValueError, match="multiple of 3"):
         pixel_shuffle(torch.randn(1, 16, c), 3)
+
+
+def test_a_text_only_training_batch_still_uses_every_trainable_weight(model, processor):
+    """DDP and FSDP need each process's micro-batch to use the weights every other one uses: a batch without
+    images adds 0 x a blank image's projection (or, with the tower training, its encoding), as LLaVA does; so it
+    gives gradients, all zero, to exactly the weights an image batch gives gradients to, and adds nothing."""
+    text = processor(chat("How many sides does a triangle have?", "3."))
+    image = processor(chat("<image>\nWhat color?", "Red."), [random_image()])
+
+    def weights_used(batch) -> dict:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    try:
+        for tower_trains in (False, True):
+            model.vision_tower.frozen = not tower_trains
+            model.vision_tower.requires_grad_(tower_trains)
+            by_image, by_text = weights_used(image), weights_used(text)
+            assert set(by_text) == set(by_image)
+            assert any(n.startswith("vision_tower") for n in by_text) == tower_trains
+            assert not any(by_text[n].any() for n in by_text if not n.startswith("language_model"))
+            ids = text["input_ids"]  # (still training: the term is there, and adds exactly nothing)
+            assert torch.equal(model.embed(ids).detach(), model.language_model.get_input_embeddings()(ids).detach())
+    finally:
+        model.vision_tower.frozen = True
+        model.vision_tower.requires_grad_(False)
+        model.zero_grad(set_to_none=True)
+        model.eval()

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from test_train import world  # noqa: F401  (the tiny backbones, images and LLaVA-format files)
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from minillava.model import LlavaModel
@@ -112,10 +113,39 @@ def test_fsdp_divides_the_sharded_parts_by_the_world_size():
     assert eight.detail["fp32 gradients"] == one.detail["fp32 gradients"] // 8
     assert eight.detail["trainable weights (fp32)"] == one.detail["trainable weights (fp32)"] // 8
     key = "vision tower (frozen, replicated)"
-    assert eight.detail[key] == one.detail[key] == 2 * one.counts["vision"]  # replicated, bf16
+    assert eight.detail[key] == one.detail[key] == 4 * one.counts["vision"]  # replicated, fp32 (FSDP leaves it)
     assert eight.activations == one.activations  # each device still runs its own micro-batch
     ddp = plan("clip-vit-l-336", "vicuna-7b", seq_len=2048, micro_batch=4, strategy="ddp", world=8)
     assert ddp.optimizer == one.optimizer and ddp.detail["DDP buckets"] == ddp.detail["fp32 gradients"]
+    assert ddp.detail[key] == 2 * one.counts["vision"]  # bf16: `store_frozen`
+    frozen_lm = plan("clip-vit-l-336", "vicuna-7b", seq_len=2048, stage=1, strategy="fsdp", world=8)
+    assert frozen_lm.detail["frozen LM"] == 4 * frozen_lm.counts["lm"] // 8  # sharded, fp32
+
+
+def test_the_plan_holds_frozen_weights_as_training_does(world, tmp_path):  # noqa: F811
+    """The dtypes `plan` counts are those `train` holds: bf16 frozen weights under ddp, fp32 under fsdp."""
+    from minillava.training import TrainConfig, setup
+    from minillava.training import distributed as md
+
+    for strategy, dtype in (("ddp", torch.bfloat16), ("fsdp", torch.float32)):
+        try:
+            run = setup(TrainConfig(stage=1, out=str(tmp_path / strategy), data=world["captions"],
+                                    images=world["images"], vision=world["vision"], lm=world["lm"], batch_size=8,
+                                    micro_batch_size=8, max_steps=1, precision="bf16", strategy=strategy,
+                                    progress=False))
+            assert {p.dtype for p in run.model.parameters() if not p.requires_grad} == {dtype}
+        finally:
+            md.finish()
+
+
+def test_plan_command_refuses_what_it_would_ignore(capsys):
+    from minillava.training.plan import main
+
+    for argv, message in ((["--recipe", "llava-1.5-7b", "--world", "4"], "leave out --world"),
+                          (["--stage", "1", "--lora"], "--lora with --stage 1"),
+                          (["--gpu-gb", "-1"], "--gpu-gb -1.0: must be positive"),
+                          (["--lora-r", "0"], "--lora-r 0: must be positive")):
+        assert main(argv) == 2 and message in capsys.readouterr().err
 
 
 def test_precision_and_stage_decide_the_bytes_per_parameter(folders):
@@ -316,9 +346,9 @@ def test_plan_command_shows_both_stages(capsys):
 
 def test_bad_inputs_are_named(capsys):
     assert main(["--lm", "gpt-17"]) == 2
-    assert "lm 'gpt-17': not a named shape" in capsys.readouterr().out
+    assert "lm 'gpt-17': not a named shape" in capsys.readouterr().err
     assert main(["--vision", "clip-vit-l-336", "--seq-len", "500"]) == 2
-    assert "seq_len 500: no room for text after the 576 image tokens" in capsys.readouterr().out
+    assert "seq_len 500: no room for text after the 576 image tokens" in capsys.readouterr().err
     assert main(["--micro-batch", "auto"]) == 2
     with pytest.raises(ValueError, match="strategy 'zero3'"):
         plan("clip-vit-b-16", "smollm2-135m", strategy="zero3")

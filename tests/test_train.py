@@ -108,6 +108,16 @@ def test_stage2_full_from_stage1(world, s1, tmp_path):
     assert all(torch.equal(v, model.vision_tower.model.state_dict()[k]) for k, v in vision.items())  # frozen
 
 
+def test_accumulation_changes_nothing_but_speed(world, s1, tmp_path):
+    """Length groups are one global batch (LLaVA's LengthGroupedSampler): micro-batches of 8, 4 or 2 make the
+    same batches, hence the same losses (up to the order in which the sums are added)."""
+    runs = [train(TrainConfig(stage=2, data=world["instruct"], images=world["images"], out=str(tmp_path / f"m{m}"),
+                              init=str(s1.out), batch_size=8, micro_batch_size=m, max_steps=3, lr=1e-3,
+                              progress=False)) for m in (8, 4, 2)]
+    losses = [[r["loss"] for r in run.metrics] for run in runs]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
+
+
 def test_stage2_lora_and_merge(world, s1, tmp_path):
     res = train(TrainConfig(stage=2, data=world["instruct"], images=world["images"], out=str(tmp_path / "lora"),
                             init=str(s1.out), lora=True, lora_r=4, lora_alpha=8, batch_size=8, micro_batch_size=4,
@@ -135,6 +145,7 @@ def test_resume_gives_the_same_losses(world, tmp_path, monkeypatch):
     resumed = stage1(world, tmp_path / "cut", max_steps=6, lr=1e-2, save_every=3)
     assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
     assert not (tmp_path / "cut.partial").exists()
+    assert "done: 6 steps, the last 3 in " in resumed.summary and "(resumed at step 3)" in resumed.summary
 
 
 @pytest.mark.slow

@@ -66,6 +66,15 @@ def broadcast(obj, world: int):
     return box[0]
 
 
+def gather(obj, world: int) -> list:
+    """Every process's `obj` (any picklable value), in rank order, on every process."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # ---- memory savers -------------------------------------------------------------------------------------------------
 def enable_checkpointing(model: LlavaModel) -> None:
     """Activation checkpointing of every decoder layer of the LM: a layer's activations are not kept for the

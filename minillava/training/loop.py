@@ -323,8 +323,9 @@ def run_stage(cfg: TrainConfig) -> TrainResult:
     hits = f", feature cache {run.cache.hits} hits / {run.cache.misses} misses" if run.cache else ""
     if run.data is not None and run.data.skipped_report():  # (each process lists the bad samples it met)
         print("\n".join(run.data.skipped_report()), file=sys.stderr)
-    summary = (f"stage {cfg.stage} done: {len(metrics)} steps in {seconds:.1f} s, final loss {final:.4f}"
-               f"{hits} -> {out}")
+    took = (f"{len(metrics)} steps, the last {len(metrics) - start} in {seconds:.1f} s (resumed at step {start})"
+            if start else f"{len(metrics)} steps in {seconds:.1f} s")
+    summary = f"stage {cfg.stage} done: {took}, final loss {final:.4f}{hits} -> {out}"
     if run.rank == 0:
         print(summary)
     return TrainResult(out, len(metrics), final, seconds, metrics, summary)
@@ -355,8 +356,10 @@ def run_steps(run: Run, start: int, metrics: list[dict], log: logs.MetricsLog | 
 
 def epoch_plan(run: Run, epoch: int, step: int) -> tuple[list[int], Iterator | None]:
     """The order of `epoch` and, with lazy_data, an iterator over this process's micro-batches of its steps from
-    `step` (a resumed run starts mid-epoch) to the end of the epoch or of the run."""
-    cfg, group = run.cfg, run.cfg.micro_batch_size * run.world
+    `step` (a resumed run starts mid-epoch) to the end of the epoch or of the run. Length groups are one global
+    batch, as LLaVA's LengthGroupedSampler makes them (per-device batch x processes x accumulation steps), so
+    the order, and with it the losses, do not depend on how the batch is split."""
+    cfg, group = run.cfg, run.batch
     if run.data is None:
         return epoch_order(run.examples, cfg, epoch, group), None
     order = run.data.order(cfg.seed, epoch, group, cfg.group_by_length)
@@ -369,15 +372,17 @@ def checkpoint(run: Run, partial: Path, step: int, metrics: list[dict], settings
     """A resumable checkpoint after `step` steps: process 0 writes it (ddp), or every process its shards (fsdp)."""
     if run.cfg.strategy == "fsdp":
         save_sharded_state(partial, run.model, run.opt, step, metrics, settings)
-    elif run.rank == 0:
-        save_state(partial, run.opt, run.trainable, step, metrics, settings)
+        return
+    rng = distributed.gather(torch.get_rng_state(), run.world)  # each process draws its own LoRA dropout masks
+    if run.rank == 0:
+        save_state(partial, run.opt, run.trainable, step, metrics, settings, rng)
 
 
 def restore(run: Run, partial: Path, settings: dict) -> tuple[int, list[dict]]:
     """Load the checkpoint `partial` (as `checkpoint` wrote it) into the run; returns (step, metrics so far)."""
     if run.cfg.strategy == "fsdp":
         return restore_sharded_state(partial, run.model, run.opt, settings)
-    return restore_state(partial, run.opt, run.trainable, settings)
+    return restore_state(partial, run.opt, run.trainable, settings, run.rank)
 
 
 def finish(run: Run, out: Path, partial: Path, metrics: list[dict]) -> None:

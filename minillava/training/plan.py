@@ -4,8 +4,10 @@
 no memory), counts their parameters, and adds up, per device:
 
 - parameters: trainable weights in fp32 (the master copy in bf16 mixed precision); frozen weights in the
-  compute dtype (LLaVA holds its frozen tower in bf16); bf16 compute copies of the trainable weights (autocast
-  caches one per weight for the step) or, under FSDP2, the gathered (unsharded) root and two decoder layers.
+  compute dtype under DDP (LLaVA holds its frozen tower in bf16; `distributed.store_frozen`), in fp32 under FSDP2
+  (whose mixed-precision policy casts what it gathers; the tower, which it does not manage, stays fp32 too);
+  bf16 compute copies of the trainable weights (autocast caches one per weight for the step) or, under FSDP2,
+  the gathered (unsharded) root and two decoder layers.
 - gradients: fp32, one per trainable weight (plus DDP's bucket copy when world > 1, plus one unsharded layer
   under FSDP2).
 - optimizer: AdamW's two fp32 moments per trainable weight.
@@ -56,6 +58,7 @@ import argparse
 import functools
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,9 +106,10 @@ SCALE_RECIPES = {
     "llava-1.5-7b": dict(about="LLaVA-1.5-7B stage 2 (finetune.sh: ZeRO-3, 16 per GPU)",
                          vision="clip-vit-l-336", lm="vicuna-7b", stage=2, seq_len=2048, strategy="fsdp", world=8,
                          micro_batch=16, batch=128, gpu_gb=80),
-    "llava-1.5-7b-lora": dict(about="LLaVA-1.5-7B stage 2, LoRA r=128 (finetune_lora.sh: ZeRO-3, 16 per GPU)",
+    "llava-1.5-7b-lora": dict(about="LLaVA-1.5-7B stage 2, LoRA r=128 (finetune_lora.sh: ZeRO-3, 16 per GPU; "
+                                    "here DDP, as `train` runs LoRA, the frozen LM replicated in bf16)",
                               vision="clip-vit-l-336", lm="vicuna-7b", stage=2, lora=True, seq_len=2048,
-                              strategy="fsdp", world=8, micro_batch=16, batch=128, gpu_gb=80),
+                              strategy="ddp", world=8, micro_batch=16, batch=128, gpu_gb=80),
     "llava-1.5-13b": dict(about="LLaVA-1.5-13B stage 2 (finetune.sh: ZeRO-3, 16 per GPU)",
                           vision="clip-vit-l-336", lm="llama-2-13b", stage=2, seq_len=2048, strategy="fsdp", world=8,
                           micro_batch=16, batch=128, gpu_gb=80),
@@ -326,9 +330,10 @@ def plan(vision: str, lm: str, projector: str = "mlp2x_gelu", seq_len: int = 204
     trainable = proj + (t.params if tune == "full" else lora_params)
     frozen_lm = 0 if tune == "full" else t.params
     shard = world if strategy == "fsdp" else 1
-    detail = {"vision tower (frozen, replicated)": v.params * a,
+    held = 4 if strategy == "fsdp" else a  # frozen weights: bf16 under ddp (`store_frozen`), fp32 under fsdp
+    detail = {"vision tower (frozen, replicated)": v.params * held,
               "trainable weights (fp32)": 4 * trainable // shard,
-              "frozen LM": frozen_lm * a // shard}
+              "frozen LM": frozen_lm * held // shard}
     if strategy == "fsdp":  # unsharded for compute: the root (embeddings, head, projector) and two layers
         root = t.params - t.layers * t.layer_params + proj
         detail["gathered: root + 2 layers"] = a * (root + 2 * t.layer_params)
@@ -492,19 +497,30 @@ def main(argv: list[str] | None = None) -> int:
     """`minillava plan`: print a recipe's plan, the recipe table, or the plan of the shapes given per stage."""
     args = parser().parse_args(argv)
     try:
+        bad = [f"--{k.replace('_', '-')} {v}" for k in ("gpu_gb", "overhead_gb", "lora_r", "world", "seq_len")
+               if (v := getattr(args, k)) is not None and (v < 0 or (v == 0 and k != "overhead_gb"))]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be positive")
+        if args.stage == 1 and args.lora:
+            raise ValueError("--lora with --stage 1: stage 1 trains the projector only (LoRA is a stage-2 option)")
         if args.shapes:
             for name, s in SHAPES.items():
                 print(f"{name:<16} {s['config']['model_type']:<20} {s['source']}")
         elif args.recipes:
             print(table([recipe_plan(n) for n in SCALE_RECIPES], markdown=args.markdown))
         elif args.recipe:
+            given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                     if k not in ("recipe", "markdown") and v != parser().get_default(k)]
+            if given:
+                raise ValueError(f"--recipe {args.recipe} fixes every setting; leave out {', '.join(given)} (or plan "
+                                 "those shapes without --recipe)")
             p = recipe_plan(args.recipe)
             print(f"{args.recipe}: {SCALE_RECIPES[args.recipe]['about']}")
             print(breakdown([p]))
         else:
             print(breakdown(_plans_of(args)))
     except (ValueError, OSError) as e:  # (a missing folder or zoo component is an OSError)
-        print(f"minillava plan: {e}")
+        print(f"minillava plan: {e}", file=sys.stderr)
         return 2
     return 0
 

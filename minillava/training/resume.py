@@ -49,20 +49,24 @@ def fingerprint(path: str | Path) -> str:
     return sha.hexdigest()[:16]
 
 
-def save_state(path: Path, opt, trainable, step: int, metrics: list[dict], settings: dict) -> None:
-    """Write the trainable weights, AdamW's moments and the RNG state into the folder `path`, atomically."""
+def save_state(path: Path, opt, trainable, step: int, metrics: list[dict], settings: dict,
+               rng: list[torch.Tensor] | None = None) -> None:
+    """Write the trainable weights, AdamW's moments and the RNG state of each process (`rng`, in rank order;
+    default: this process's) into the folder `path`, atomically."""
     tensors = {f"param/{n}": p.detach().cpu() for n, p in trainable}
     for n, p in trainable:
         for k, v in opt.state.get(p, {}).items():
             tensors[f"opt/{n}/{k}"] = torch.as_tensor(v).detach().cpu()
-    tensors["rng/torch"] = torch.get_rng_state()  # LoRA dropout draws from it
+    for rank, state in enumerate(rng or [torch.get_rng_state()]):  # LoRA dropout draws from it
+        tensors[f"rng/torch/{rank}"] = state
     with atomic_dir(path, marker="state.json") as tmp:
         save_tensors(tensors, tmp / "state.safetensors")
         write_json(tmp / "state.json", {"step": step, "metrics": metrics, "settings": settings})
 
 
-def restore_state(path: Path, opt, trainable, settings: dict) -> tuple[int, list[dict]]:
-    """Load a `save_state` folder into the trainable weights and `opt`; returns (step, metrics so far)."""
+def restore_state(path: Path, opt, trainable, settings: dict, rank: int = 0) -> tuple[int, list[dict]]:
+    """Load a `save_state` folder into the trainable weights and `opt`, and process `rank`'s RNG state; returns
+    (step, metrics so far)."""
     state = checked_state(path, settings)
     tensors = load_tensors(path / "state.safetensors")
     with torch.no_grad():
@@ -73,7 +77,7 @@ def restore_state(path: Path, opt, trainable, settings: dict) -> tuple[int, list
             st = {k.split("/")[-1]: v for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
             if st:
                 opt.state[p] = {k: (v if k != "step" else v.clone()) for k, v in st.items()}
-    torch.set_rng_state(tensors["rng/torch"])
+    torch.set_rng_state(tensors.get(f"rng/torch/{rank}", tensors.get("rng/torch")))  # (older: one state for all)
     return state["step"], state["metrics"]
 
 
