@@ -298,16 +298,17 @@ class ChatSession:
 
     def visible_text(self, text: str, final: bool) -> str:
         """The part of the decoded answer `text` to show: cut at the stop string, without "<image>", stripped.
-        Unless `final`, also hold back what may still change: the start of a stop string or of "<image>",
-        trailing spaces. An unfinished UTF-8 character (decoded as U+FFFD) at the end is held back, and dropped at
-        the end of an answer cut short by max_new_tokens."""
+        Unless `final`, also hold back what may still change: the start of a stop string or of "<image>", an
+        unfinished UTF-8 character (decoded as U+FFFD), trailing spaces. An answer cut short by max_new_tokens
+        in the middle of a character ends in U+FFFD, as transformers' decoding of the same tokens does."""
         stop = self.processor.template.stop_str
         if stop and stop in text:
             text = text[:text.index(stop)]
         text = text.replace(IMAGE_PLACEHOLDER, "").lstrip()
         if not final:
             text = text[:len(text) - max(_partial_suffix(text, m) for m in (stop, IMAGE_PLACEHOLDER))]
-        return text.rstrip("\ufffd").rstrip()
+            text = text.rstrip("\ufffd")
+        return text.rstrip()
 
 
 def common_prefix(cached: list[int], keys: list[int]) -> int:

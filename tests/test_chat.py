@@ -119,8 +119,8 @@ def test_streaming_decodes_characters_split_across_tokens(tokenizer, processor):
     pieces = list(chat.stream("What color?"))
     assert "".join(pieces) == "Red\U0001F534." and not any("\ufffd" in p for p in pieces)
     assert chat.stats["new_token_ids"][-1] == tokenizer.eos_token_id
-    cut = chat_of(model, processor, max_new_tokens=5)  # "Red" and 2 of the 4 bytes of the red circle
-    assert cut.ask("What color?") == "Red" and cut.history[1]["content"] == "Red"
+    cut = chat_of(model, processor, max_new_tokens=5)  # "Red" and 2 of the 4 bytes: U+FFFD, as transformers
+    assert cut.ask("What color?").startswith("Red\ufffd")
 
 
 def test_stop_token_and_cache_accounting(tokenizer, processor):
