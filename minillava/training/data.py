@@ -297,9 +297,9 @@ class LazyData:
     def inputs(self, micro: dict, cache: FeatureCache | None, device) -> dict | None:
         """One micro-batch from `steps` -> model inputs on `device`, as `collate` gives them. Its bad samples
         first: a DataError naming the first, or (skip_bad) noted and left out. None when none is left."""
+        if not self.skip_bad:
+            self.raise_first_bad([micro])
         for index, _, error in micro["bad"]:
-            if not self.skip_bad:
-                raise DataError(error)
             self.skipped.setdefault(index, error)
             self.skips += 1
         if micro["input_ids"] is None:

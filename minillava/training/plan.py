@@ -495,7 +495,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`minillava plan`: print a recipe's plan, the recipe table, or the plan of the shapes given per stage."""
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
     try:
         bad = [f"--{k.replace('_', '-')} {v}" for k in ("gpu_gb", "overhead_gb", "lora_r", "world", "seq_len")
                if (v := getattr(args, k)) is not None and (v < 0 or (v == 0 and k != "overhead_gb"))]
@@ -510,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table([recipe_plan(n) for n in SCALE_RECIPES], markdown=args.markdown))
         elif args.recipe:
             given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                     if k not in ("recipe", "markdown") and v != parser().get_default(k)]
+                     if k not in ("recipe", "markdown") and v != cli.get_default(k)]
             if given:
                 raise ValueError(f"--recipe {args.recipe} fixes every setting; leave out {', '.join(given)} (or plan "
                                  "those shapes without --recipe)")
