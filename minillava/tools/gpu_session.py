@@ -9,8 +9,9 @@ its results under `--out` as it finishes (a part cut short keeps what it wrote),
   and without activation checkpointing; `torch.cuda.max_memory_allocated` of the second step against the plan's
   total (its fixed overhead left out). -> `plan_cuda.json`
 - `bench`: `minillava bench --device cuda --config base`, every phase, TRL's included. -> `bench_cuda_base.json`
-- `smol`: smol-llava's GPU recipe, its variants (full fine-tune, no text chats) and its evaluation (#22), built into
-  `DIR/zoo`, to be copied into `data/` after a look. -> `zoo/`, `smol.log`
+- `smol`: smol-llava's GPU recipe and its evaluation (#22), built into `DIR/zoo`, to be copied into `data/` after a
+  look. -> `zoo/`
+- `smol-variants`: its variants (full fine-tune, no text chats), measured beside it. -> `zoo/`
 
 `--smoke` runs each part at toy size on whatever device there is, to check the script itself (the tests run
 `--part plan --smoke`). One part per call keeps each within a device session's ten-minute limit per command:
@@ -18,6 +19,10 @@ its results under `--out` as it finishes (a part cut short keeps what it wrote),
     python -m minillava.tools.gpu_session --out $OUT --part plan
     python -m minillava.tools.gpu_session --out $OUT --part bench
     python -m minillava.tools.gpu_session --out $OUT --part smol
+    python -m minillava.tools.gpu_session --out $OUT --part smol-variants
+
+A lent machine has no network and takes 64 MiB of files a call: `.ci/device_kit` packs what these parts need
+(SmolLM2's GGUF across two calls) and prints the commands that run them there.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 
 from ..utils import pick_device, write_json
 
-PARTS = ("plan", "bench", "smol")
+PARTS = ("plan", "bench", "smol", "smol-variants")
 PLAN_CASES = [dict(vision="clip-vit-l-336", lm="qwen2.5-0.5b", seq_len=1024, micro_batch=8)]
 SMOKE_CASES = [dict(vision="tiny-clip", lm="tiny-lm", seq_len=128, micro_batch=2)]
 
@@ -122,14 +127,24 @@ def part_bench(out: Path, device: torch.device, smoke: bool) -> None:
 
 
 def part_smol(out: Path, device: torch.device, smoke: bool) -> None:
-    """smol-llava's recipe with its variants and evaluation, into out/zoo."""
+    """smol-llava's recipe (both stages) and its evaluation, into out/zoo; the build is written before the
+    evaluation starts, so a session cut short during the measurement keeps the weights."""
     from . import build_smol
 
     where = ["--out", str(out / "zoo"), "--work", str(out / "work"), "--device", device.type]
-    scale = ["--scale", "toy" if smoke else "gpu"]
-    build_smol.main(where + scale)
-    build_smol.main(where + scale + ["--variants"])
+    build_smol.main(where + ["--scale", "toy" if smoke else "gpu"])
     build_smol.main(where + ["--eval-only"] + (["--n-eval", "8"] if smoke else []))
+
+
+def part_smol_variants(out: Path, device: torch.device, smoke: bool) -> None:
+    """The variants (full fine-tune, no text chats) from the stage 1 in out/zoo, measured beside the stored
+    measurement there (in a later session: first copy data/smol-llava-stage1, data/smol-llava and data/results
+    into out/zoo, where `--part smol` left them)."""
+    from . import build_smol
+
+    where = ["--out", str(out / "zoo"), "--work", str(out / "work"), "--device", device.type]
+    build_smol.main(where + ["--scale", "toy" if smoke else "gpu", "--variants"])
+    build_smol.main(where + ["--eval-only", "--variants-only"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for part in args.part:
         start = time.perf_counter()
-        {"plan": part_plan, "bench": part_bench, "smol": part_smol}[part](out, device, args.smoke)
+        {"plan": part_plan, "bench": part_bench, "smol": part_smol,
+         "smol-variants": part_smol_variants}[part](out, device, args.smoke)
         print(f"gpu_session: {part} done in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 
