@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from . import decoding
-from .templates import IMAGE_PLACEHOLDER, Template, check_text, to_llava
+from .templates import IMAGE_PLACEHOLDER, Template, check_text, special_text, to_llava
 
 CONTEXT_POLICIES = ("error", "drop_oldest")
 STATIC_CONTEXT = 4096  # positions of a compiled chat's static cache for a model that states no context length
@@ -96,15 +96,19 @@ class ChatSession:
                              f"context of {limit} tokens")
         self.model = model
         self.processor = processor if template is None else processor.with_template(template)
+        if system is not None:
+            _check_message(system, "system", self.processor.tokenizer)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.system, self.seed, self.reuse_cache, self.context_policy = system, seed, reuse_cache, context_policy
         self.context, self.compile, self._static = limit, compile, None  # the static cache, made at the first turn
         self.stop_ids = self.processor.stop_token_ids()
         self.stats: dict = {}
+        self._open = None  # the answer being streamed, if any
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation, its images and the KV cache; re-seed sampling."""
+        self._close_open()
         self._turns: list[Turn] = []
         self._cache, self._cache_keys = None, []  # the KV cache and the keys (see `_tokenize`) of what it holds
         self._generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
@@ -179,7 +183,7 @@ class ChatSession:
                             "pass its images as `images`")
         if not question.strip():
             raise ValueError("question: empty; ask something (images go with a question)")
-        check_text(question, "question")
+        _check_message(question, "question", self.processor.tokenizer, images_allowed=True)
         if isinstance(images, (str, Path, bytes, bytearray, Image.Image)):
             images = [images]
         new = []
@@ -193,8 +197,17 @@ class ChatSession:
                              "one image per placeholder, or no placeholder to put the images before the question")
         if not n_slots:
             question = f"{IMAGE_PLACEHOLDER}\n" * len(new) + question
+        self._close_open()  # an answer still streaming ends here, with what it has shown
         turns, ids, keys = self._fit(self._turns + [Turn(question, new)])
-        return self._answer(turns, ids, keys, start)
+        self._open = self._answer(turns, ids, keys, start)
+        return self._open
+
+    def _close_open(self) -> None:
+        """End the answer still being streamed, if any: its turn keeps what was shown (`_answer`'s finally), so a
+        later turn never finds the cache holding a conversation other than `_turns`."""
+        if self._open is not None:
+            self._open.close()
+            self._open = None
 
     def _tokenize(self, turns: list[Turn], generation_prompt: bool = True) -> tuple[list[int], list[int]]:
         """The prompt of `turns` -> token ids (T,) and cache keys (T,): the ids, except that each image token
@@ -267,11 +280,14 @@ class ChatSession:
             raise
         finally:
             steps.close()
-            if done:  # the cache holds the prompt and every generated token but the last
+            self._open = None
+            said = special_text(self.processor.tokenizer).sub("", shown)  # (text the template cannot carry)
+            if done and said == shown:  # the cache holds the prompt and every generated token but the last
                 self._cache_keys = (keys + new)[:int(self._cache.get_seq_length())]
-                self._turns = turns[:-1] + [Turn(turns[-1].question, turns[-1].images, shown)]
-            else:  # an error mid-step may leave the cache half-updated: start the next turn afresh
+            else:  # an error mid-step (an interrupt) may leave the cache half-updated: the next turn starts afresh
                 self._cache, self._cache_keys = None, []
+            if done or shown:  # the turn keeps what was shown (an interrupt before any text drops it)
+                self._turns = turns[:-1] + [Turn(turns[-1].question, turns[-1].images, said)]
 
     def _empty_cache(self):
         """A KV cache for a new conversation: one that grows, or (compile) the session's static one."""
@@ -309,6 +325,20 @@ class ChatSession:
             text = text[:len(text) - max(_partial_suffix(text, m) for m in (stop, IMAGE_PLACEHOLDER))]
             text = text.rstrip("\ufffd")
         return text.rstrip()
+
+
+def _check_message(text, what: str, tokenizer, images_allowed: bool = False) -> None:
+    """A system prompt or question the template can carry: a str of valid Unicode without a special token's text
+    (nor "<image>" in a system prompt: images go with questions). ValueError names `what`."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what}: a {type(text).__name__}; expected text (a str)")
+    check_text(text, what)
+    if not images_allowed and IMAGE_PLACEHOLDER in text:
+        raise ValueError(f"{what}: holds '{IMAGE_PLACEHOLDER}'; images go with a question, not the system prompt")
+    found = special_text(tokenizer).search(text)
+    if found:
+        raise ValueError(f"{what}: holds {found.group()!r}, the text of a special token of the tokenizer; it would "
+                         "be read as that token, not as text: remove or reword it")
 
 
 def common_prefix(cached: list[int], keys: list[int]) -> int:

@@ -129,7 +129,8 @@ def _answer(chat, question: str, images: list[str]) -> bool:
     try:
         for piece in pieces:
             print(piece, end="", flush=True)
-    except KeyboardInterrupt:  # Ctrl-C stops this answer (the turn is dropped), not the chat
+    except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat: the turn keeps what was shown
+        pieces.close()
         print(" [interrupted]", end="")
     print(flush=True)
     return True

@@ -65,6 +65,9 @@ def stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None =
     if compile and (not use_cache or not (cache is None or _is_static(cache))):
         raise ValueError("compile=True decodes through a static KV cache: it needs use_cache=True, and a `cache` "
                          "given must be a StaticCache (decoding.new_cache(model, max_length))")
+    if cache is not None and not use_cache:
+        raise ValueError("a `cache` with use_cache=False: the uncached path recomputes the whole sequence and "
+                         "cannot continue a cache; pass one or the other")
     device = model.device
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
@@ -195,7 +198,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -
     """Next token ids (B,) from logits (B, V): argmax, or temperature + nucleus (top-p) sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    shifted = logits - logits.max(dim=-1, keepdim=True).values  # (B, V) <= 0: a tiny temperature gives -inf, not NaN
+    probs = torch.softmax(shifted / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p

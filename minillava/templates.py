@@ -303,15 +303,19 @@ def check_special_text(messages: list[dict], tokenizer, where: str) -> None:
     special tokens, and chat and training would have to agree on it. ValueError names `where`, the message
     and the token.
     """
-    specials = tuple(t for t in getattr(tokenizer, "all_special_tokens", []) if t and t != IMAGE_PLACEHOLDER)
-    if not specials:
-        return
-    pattern = _any_of(specials)
+    pattern = special_text(tokenizer)
     for i, message in enumerate(messages):
         found = pattern.search(content_text(message["content"], f"{where}: message {i}"))
         if found:
             raise ValueError(f"{where}: message {i} holds {found.group()!r}, the text of a special token of the "
                              "tokenizer; it would be read as that token, not as text: remove or reword it")
+
+
+def special_text(tokenizer) -> re.Pattern:
+    """A regex matching the text of any special token of `tokenizer` but "<image>" (one that matches nothing when
+    there is none)."""
+    specials = tuple(t for t in getattr(tokenizer, "all_special_tokens", []) if t and t != IMAGE_PLACEHOLDER)
+    return _any_of(specials) if specials else re.compile(r"(?!)")
 
 
 @functools.lru_cache(maxsize=16)

@@ -58,7 +58,10 @@ def load_image(source, name: str | None = None, max_pixels: int = MAX_PIXELS) ->
             _check_size(image, name, max_pixels)  # before decoding: the header is enough
             image.load()
     _check_size(image, name, max_pixels)
-    return to_rgb(ImageOps.exif_transpose(image))
+    try:
+        return to_rgb(ImageOps.exif_transpose(image))
+    except (ValueError, OSError) as e:  # a mode PIL cannot convert
+        raise ValueError(f"image '{name}': mode {image.mode!r} cannot be converted to RGB ({e})") from None
 
 
 def check_image_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> None:
@@ -116,7 +119,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         a = np.asarray(image, dtype=np.float32)
         top = max(float(a.max()), 255.0)
         image = Image.fromarray(np.clip(a / top * 255.0, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode == "La":  # premultiplied alpha, which PIL converts to nothing: divide it out
+        la = np.asarray(image).astype(np.float32)
+        grey = np.where(la[..., 1] > 0, la[..., 0] * 255.0 / np.maximum(la[..., 1], 1.0), 0.0)
+        image = Image.fromarray(np.stack([np.clip(grey, 0, 255), la[..., 1]], -1).astype(np.uint8), "LA")
+    if image.mode in ("RGBA", "RGBa", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")

@@ -127,7 +127,8 @@ class ChatWidget:
             return
         self.question.value, self.pending = "", []
         self._say("")
-        asked = _bubble("you", "".join(thumbnail_html(im) for im in images) + html.escape(question))
+        content = question if IMAGE_PLACEHOLDER in question else IMAGE_PLACEHOLDER * len(images) + question
+        asked = _bubble("you", _question_html(content.strip(), images, 96))  # as the transcript will show it
         text = ""
         for piece in pieces:
             text += piece

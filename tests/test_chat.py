@@ -113,6 +113,78 @@ def test_streaming_joins_to_the_answer(model, processor):
     assert answers[0] == answers[1]
 
 
+def test_a_stream_left_open_ends_where_the_next_question_starts(model, processor):
+    """A partly read answer that is dropped only after later turns (`del` of the iterator) never writes its old
+    conversation back over theirs: the next question closes it, and the cache stays the conversation's."""
+    img = random_image()
+    answers, histories = [], []
+    for reuse in (True, False):
+        chat = chat_of(model, processor, reuse_cache=reuse)
+        pieces = chat.stream("How many shapes are there?", images=[img])
+        first = next(pieces)
+        chat.ask("What color is the circle?")
+        del pieces
+        answers.append(chat.ask("Where is it?"))
+        histories.append([m["content"] for m in chat.history])
+        assert histories[-1][:2] == ["<image>\nHow many shapes are there?", first.strip()]
+        assert len(histories[-1]) == 6
+    assert answers[0] == answers[1] and histories[0] == histories[1]
+    chat = chat_of(model, processor)
+    pieces = chat.stream("How many shapes are there?", images=[img])
+    next(pieces)
+    chat.reset()  # closes it too: the reset session stays empty
+    del pieces
+    assert chat.history == []
+
+
+def test_an_answer_with_a_special_tokens_text_does_not_break_the_chat(tokenizer, processor):
+    """The model may spell "<s>" out of ordinary tokens; the template could not carry that text back (it would
+    read as the BOS token), so the turn keeps the answer without it and the chat goes on."""
+    ids = [i for piece in ("Mark", "<", "s", ">") for i in tokenizer.encode(piece, add_special_tokens=False)]
+    model = scripted_model(tokenizer, "", end=ids + [tokenizer.eos_token_id])
+    chat = chat_of(model, processor, max_new_tokens=12)
+    assert chat.ask("What?") == "Mark<s>"
+    assert chat.history[1]["content"] == "Mark"
+    assert chat.ask("Again?") == "Mark<s>" and chat.stats["reused_tokens"] == 0  # the cache was not kept
+
+
+def test_an_interrupted_answer_keeps_what_was_shown(model, processor, monkeypatch):
+    """An exception inside a step (Ctrl-C during the model's work) keeps the turn with the text already shown and
+    starts the next turn's cache afresh; one before any text drops the turn."""
+    img = random_image()
+    reference = chat_of(model, processor)
+    full = reference.stream("How many shapes are there?", images=[img])
+    first = next(full)
+    full.close()
+    expected = reference.ask("Where is it?")
+    real = type(model).stream
+
+    def interrupted_after(n):
+        def stream(self, *args, **kw):
+            for i, token in enumerate(real(self, *args, **kw)):
+                if i == n:
+                    raise KeyboardInterrupt
+                yield token
+        return stream
+
+    chat = chat_of(model, processor)
+    monkeypatch.setattr(type(model), "stream", interrupted_after(0))
+    with pytest.raises(KeyboardInterrupt):
+        chat.ask("How many shapes are there?", images=[img])
+    assert chat.history == []
+    monkeypatch.setattr(type(model), "stream", interrupted_after(len(reference.stats["new_token_ids"]) - 1))
+    pieces = chat.stream("How many shapes are there?", images=[img])
+    shown = []
+    with pytest.raises(KeyboardInterrupt):
+        for piece in pieces:
+            shown.append(piece)
+    assert shown
+    assert chat.history[1]["content"] == "".join(shown).strip() and chat.history[1]["content"].startswith(first)
+    monkeypatch.setattr(type(model), "stream", real)
+    again = chat.ask("Where is it?")
+    assert chat.stats["reused_tokens"] == 0 and (again == expected) == (chat.history[1] == reference.history[1])
+
+
 def test_streaming_decodes_characters_split_across_tokens(tokenizer, processor):
     model = scripted_model(tokenizer, "Red\U0001F534.", end=[tokenizer.eos_token_id])  # 🔴 is 4 byte tokens
     chat = chat_of(model, processor)
@@ -266,6 +338,14 @@ def test_bad_input_leaves_the_session_usable(model, processor, tmp_path):
             ChatSession(model, processor, **bad)
     with pytest.raises(ValueError, match="context_policy"):
         ChatSession(model, processor, context_policy="truncate")
+    with pytest.raises(ValueError, match="system: holds '<image>'; images go with a question"):
+        ChatSession(model, processor, system="You see <image>.")
+    with pytest.raises(ValueError, match="system: holds '</s>', the text of a special token"):
+        ChatSession(model, processor, system="End with </s>.")
+    with pytest.raises(TypeError, match="system: a int"):
+        ChatSession(model, processor, system=123)
+    with pytest.raises(ValueError, match="question: holds '</s>', the text of a special token"):
+        chat.ask("What is </s>?")
     assert chat.history == before and chat.stats == stats
     assert chat.ask("Where?") == expected[1]  # as if the bad questions had never been asked
 

@@ -254,12 +254,15 @@ def test_sampling_is_seeded_and_top_p_narrows(model, processor):
     def sample(seed, **kw):
         g = torch.Generator().manual_seed(seed)
         return model.generate(b["input_ids"], b["attention_mask"], b["images"], max_new_tokens=10,
-                              temperature=1.0, generator=g, **kw)
+                              **{"temperature": 1.0, **kw}, generator=g)
 
     assert torch.equal(sample(0), sample(0))
     assert not torch.equal(sample(0), sample(1))
     greedy = model.generate(b["input_ids"], b["attention_mask"], b["images"], max_new_tokens=10)
     assert torch.equal(sample(3, top_p=1e-6), greedy)  # the nucleus of mass ~0 is the argmax alone
+    assert torch.equal(sample(3, temperature=1e-45), greedy)  # (logits / 1e-45 overflow; their shift does not)
+    with pytest.raises(ValueError, match="a `cache` with use_cache=False"):
+        list(model.stream(b["input_ids"], images=b["images"], cache=ml.decoding.new_cache(model), use_cache=False))
 
 
 def test_generation_stops_at_eos_and_pads(model, processor):

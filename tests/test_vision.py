@@ -64,6 +64,17 @@ def test_transparent_pixels_become_white():
     assert np.asarray(ml.load_image(img)).min() == 255
 
 
+def test_premultiplied_alpha_is_composited_as_straight_alpha():
+    """"La" and "RGBa" hold colour times alpha; composited on white they give what "LA" and "RGBA" give."""
+    la = np.zeros((2, 2, 2), np.uint8)
+    la[..., 0], la[..., 1] = 100, 128  # grey 199 (100 * 255 / 128) at half opacity
+    straight = ml.load_image(Image.fromarray(np.stack([np.full((2, 2), 199), la[..., 1]], -1).astype(np.uint8), "LA"))
+    assert np.array_equal(np.asarray(ml.load_image(Image.frombytes("La", (2, 2), la.tobytes()))), np.asarray(straight))
+    rgba = Image.new("RGBA", (2, 2), (199, 0, 0, 128))
+    assert np.abs(np.asarray(ml.load_image(rgba.convert("RGBa")), dtype=int)
+                  - np.asarray(ml.load_image(rgba), dtype=int)).max() <= 1
+
+
 def test_load_from_path_and_bytes(tmp_path):
     img = random_image(20, 10)
     (tmp_path / "a.png").write_bytes(png_bytes(img))
