@@ -27,17 +27,19 @@ _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six se
 _ARTICLES = {"a", "an", "the"}
 
 
-def normalize(text: str) -> str:
+def normalize(text: str, drop_articles: bool = True) -> str:
     """Lower-case, drop punctuation and articles, spell numbers as digits: "The Red circle." -> "red circle"."""
     text = re.sub(r"[^\w\s\[\]\.,]", " ", text.lower())
     text = re.sub(r"(?<!\d)[.,]|[.,](?!\d)", " ", text)  # a dot between digits stays: "0.25"
-    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    words = [_NUMBERS.get(w, w) for w in text.split() if not (drop_articles and w in _ARTICLES)]
     return " ".join(words)
 
 
 def exact_match(prediction: str, reference: str) -> bool:
-    """The normalised answer equals the normalised reference: "The red circle." matches "red circle"."""
-    return normalize(prediction) == normalize(reference)
+    """The normalised answer equals the normalised reference: "The red circle." matches "red circle". An answer
+    that normalises to nothing ("", "A.") matches nothing."""
+    pred = normalize(prediction)
+    return pred != "" and pred == normalize(reference)
 
 
 def contains(prediction: str, reference: str) -> bool:
@@ -68,10 +70,10 @@ _RESTORE = {c.replace("'", ""): c for c in _CONTRACTIONS}
 
 def vqa_normalize(text: str) -> str:
     """An answer as VQAv2's evaluation compares it: "Two dogs!" -> "2 dogs", "It's a cat." -> "it's cat"."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
+    text = original = text.replace("\n", " ").replace("\t", " ").strip()
     glue = re.search(r"\d,\d", text) is not None  # "1,000": punctuation goes without leaving a space
-    for p in _VQA_PUNCT:
-        text = text.replace(p, "" if glue or f"{p} " in text or f" {p}" in text else " ")
+    for p in _VQA_PUNCT:  # (whether a mark touches a space is read from the answer as given, as the official script)
+        text = text.replace(p, "" if glue or f"{p} " in original or f" {p}" in original else " ")
     text = re.sub(r"\.(?!\d)", "", text)
     words = [_VQA_DIGITS.get(w, w) for w in text.lower().split()]
     return " ".join(_RESTORE.get(w, w) for w in words if w not in _ARTICLES)
@@ -81,9 +83,10 @@ def vqa_soft_accuracy(prediction: str, answers: list[str]) -> float:
     """VQAv2's accuracy of one prediction against its human answers (10 in VQAv2): for each human left out,
     min(1, matches among the others / 3); the mean over the humans. 1.0 when 4 or more humans agree, 0.9 for 3.
     Both sides are normalised (`vqa_normalize`); VQAv2's human answers are stored normalised already (digits, no
-    articles), and on them this equals the official script, which only strips their punctuation."""
-    if not answers:
-        raise ValueError("VQA soft accuracy needs at least one reference answer")
+    articles), and on them this equals the official script, which only strips their punctuation. The measure is
+    defined on VQAv2's ten answers: another count raises (one answer would score 0 even when matched)."""
+    if len(answers) != 10:
+        raise ValueError(f"VQA soft accuracy needs VQAv2's 10 human answers, got {len(answers)}")
     pred, refs = vqa_normalize(prediction), [vqa_normalize(a) for a in answers]
     return sum(min(1.0, sum(r == pred for k, r in enumerate(refs) if k != i) / 3) for i in range(len(refs))) / len(refs)
 
@@ -140,10 +143,10 @@ def questions(records: list[Record], suffix: str = "") -> list[dict]:
     for r in records:
         qtypes = r.meta.get("qtypes") or []
         answers = r.meta.get("answers")
-        if answers is not None and not (isinstance(answers, list) and answers
+        if answers is not None and not (isinstance(answers, list) and len(answers) == 10
                                         and all(isinstance(a, str) for a in answers)):
-            raise ValueError(f"record {r.id!r}: 'answers' must be a non-empty list of strings (VQAv2's human "
-                             f"answers), got {answers!r}")
+            raise ValueError(f"record {r.id!r}: 'answers' must be a list of 10 strings (VQAv2's human answers, "
+                             f"which its soft accuracy is defined on), got {answers!r}")
         if answers and sum(m["role"] == "assistant" for m in r.messages) != 1:
             raise ValueError(f"record {r.id!r}: 'answers' belong to a single question, but the record has "
                              f"{sum(m['role'] == 'assistant' for m in r.messages)} answers")
@@ -196,6 +199,8 @@ def score(qs: list[dict], answers: list[str]) -> dict:
     """Accuracy overall and per question type: {"overall": {...}, "by_type": {qtype: {"n", "exact", "contains"}}}."""
     if len(qs) != len(answers):
         raise ValueError(f"{len(answers)} answers for {len(qs)} questions")
+    if not qs:
+        raise ValueError("no questions to score (the records hold only history turns, or none)")
     soft = all("answers" in q for q in qs)  # VQAv2-style questions: the soft accuracy too
     table: dict[str, list] = {}
     for q, a in zip(qs, answers):
@@ -255,17 +260,21 @@ def paired_bootstrap(correct, reference=None, resamples: int = 2000, seed: int =
     return out
 
 
+def pope_yes(text: str) -> bool:
+    """Whether an answer to a POPE question says yes, as LLaVA's `eval_pope.py` reads it: its first sentence
+    (up to the first "."), commas dropped, is "no" if one of its words is "No", "no" or "not", else "yes" (an
+    empty answer too)."""
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return not ({"No", "no", "not"} & set(words))
+
+
 def pope_metrics(answers: list[str], references: list[str]) -> dict:
-    """Accuracy, precision, recall, F1 of "yes" (the positive class) and the ratio of "yes" answers.
-    An answer counts as yes when its first word is "yes"."""
+    """Accuracy, precision, recall, F1 of "yes" (the positive class) and the ratio of "yes" answers, each answer
+    read as LLaVA's POPE evaluation reads it (`pope_yes`)."""
     if len(answers) != len(references) or not answers:
         raise ValueError(f"{len(answers)} answers for {len(references)} POPE questions")
-
-    def yes(text):
-        return normalize(text).split()[:1] == ["yes"]
-
-    pred = [yes(a) for a in answers]
-    gold = [yes(r) for r in references]
+    pred = [pope_yes(a) for a in answers]
+    gold = [pope_yes(r) for r in references]
     tp = sum(p and g for p, g in zip(pred, gold))
     fp = sum(p and not g for p, g in zip(pred, gold))
     fn = sum(g and not p for p, g in zip(pred, gold))
@@ -282,7 +291,14 @@ def score_answer_file(qs: list[dict], path) -> dict:
     rows = read_json(path, what="answer file")
     if not isinstance(rows, list) or not all(isinstance(r, dict) and {"id", "answer"} <= set(r) for r in rows):
         raise ValueError(f"answer file '{path}': expected a JSON list of {{\"id\", \"turn\", \"answer\"}} objects")
-    given = {(str(r["id"]), int(r.get("turn", 0))): str(r["answer"]) for r in rows}
+    bad = next((r for r in rows if not isinstance(r["answer"], str)), None)
+    if bad is not None:
+        raise ValueError(f"answer file '{path}': the answer of {bad['id']!r} is {bad['answer']!r}, not text")
+    given = {(str(r["id"]), int(r.get("turn", 0))): r["answer"] for r in rows}
+    if len(given) < len(rows):
+        seen = [(str(r["id"]), int(r.get("turn", 0))) for r in rows]
+        twice = next(k for k in seen if seen.count(k) > 1)
+        raise ValueError(f"answer file '{path}': two answers for question {twice} (id, turn)")
     wanted = [(q["id"], q["turn"]) for q in qs]
     missing = [k for k in wanted if k not in given]
     extra = [k for k in given if k not in set(wanted)]
@@ -297,8 +313,8 @@ def rule_holds(answer_text: str, q: dict) -> bool:
     """Whether an answer satisfies a written rule `q` = {"accept": [phrases], "reject": [phrases], "case": bool,
     "ignore": [regular expressions]}: its first sentence (what the model answers first, not what it rambles on to),
     without what `ignore` matches (the question restated: "9 divided by 3" holds a 3 that is no answer), contains an
-    accepted phrase as whole words and no rejected one; normalised (`normalize`) unless `case`, then the raw text
-    is searched."""
+    accepted phrase as whole words and no rejected one; normalised (`normalize`, articles kept: the letters "a b c"
+    are an answer) unless `case`, then the raw text is searched."""
     answer_text = re.split(r"(?<=[.!?])\s+|\n", answer_text.strip(), maxsplit=1)[0]
     for pattern in q.get("ignore", []):
         answer_text = re.sub(pattern, " ", answer_text, flags=re.IGNORECASE)
@@ -306,7 +322,7 @@ def rule_holds(answer_text: str, q: dict) -> bool:
     def has(phrase):
         if q.get("case"):
             return re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", answer_text) is not None
-        return contains(answer_text, phrase)
+        return f" {normalize(phrase, False)} " in f" {normalize(answer_text, False)} "
 
     return any(has(p) for p in q["accept"]) and not any(has(p) for p in q.get("reject", []))
 
@@ -323,6 +339,8 @@ def evaluate_rules(model: LlavaModel, processor: Processor, qs: list[dict], batc
 def rules_report(qs: list[dict], answers: list[str]) -> dict:
     """`answers` (one text per question of `qs`) checked with their rules (`rule_holds`), as `evaluate_rules`
     returns them: {"n", "correct", "by_kind", "answers"}. Stored answers can be checked again after a rule is fixed."""
+    if not qs:
+        raise ValueError("no questions to check (an empty forgetting set: the base model answered none right?)")
     right = [rule_holds(a, q) for a, q in zip(answers, qs, strict=True)]
     kinds = sorted({q["kind"] for q in qs})
     return {"n": len(qs), "correct": sum(right) / max(len(qs), 1),

@@ -63,6 +63,33 @@ def test_pope_metrics_on_known_answers():
         ev.pope_metrics(["Yes."] * 3, refs)
 
 
+@pytest.mark.parametrize("answer, yes", [
+    ("Yes.", True), ("No.", False), ("Yes, but not the big one.", False), ("There is a red circle.", True),
+    ("There is not a red circle.", False), ("No, there is none.", False), ("", True), ("Yeah", True),
+    ("Yes. No star is there.", True)])
+def test_pope_reads_answers_as_llavas_eval_pope(answer, yes):
+    """LLaVA's eval_pope.py: the first sentence, commas dropped, is "no" if a word is No, no or not; else "yes"."""
+    assert ev.pope_yes(answer) is yes
+
+
+def test_empty_answers_and_bad_answer_files_never_score(eval_files, tmp_path):
+    assert not ev.exact_match("", "A.") and not ev.exact_match("The.", "The.")
+    with pytest.raises(ValueError, match="no questions to score"):
+        ev.score([], [])
+    with pytest.raises(ValueError, match="no questions to check"):
+        ev.rules_report([], [])
+    with pytest.raises(ValueError, match="10 human answers, got 1"):
+        ev.vqa_soft_accuracy("red", ["red"])
+    assert ev.vqa_normalize("(w-2)-x") == "w 2 x"  # the official script reads "- " on the answer as given
+    _, data = eval_files
+    qs = ev.questions(data.instruct)[:2]
+    for rows, match in (([{"id": q["id"], "turn": q["turn"], "answer": None} for q in qs], "is None, not text"),
+                        ([{"id": qs[0]["id"], "turn": qs[0]["turn"], "answer": "x"}] * 2, "two answers for question")):
+        (tmp_path / "a.json").write_text(json.dumps(rows))
+        with pytest.raises(ValueError, match=match):
+            ev.score_answer_file(qs, tmp_path / "a.json")
+
+
 def test_pope_records_are_balanced_and_true():
     from minillava.data import shapesworld as sw
 
@@ -221,7 +248,7 @@ def test_vqa_soft_accuracy_in_scores_and_eval_files(eval_files, capsys):
     records[0]["answers"] = "red"  # not a list: named, refused
     (d / "bad.json").write_text(json.dumps(records))
     assert main(["eval", "--data", str(d / "bad.json"), "--answers", str(d / "a.json")]) == 2
-    assert f"record '{records[0]['id']}': 'answers' must be a non-empty list" in capsys.readouterr().err
+    assert f"record '{records[0]['id']}': 'answers' must be a list of 10 strings" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -240,6 +240,30 @@ def test_multiturn_split_asks_one_question_three_ways():
     assert late_images == 40
 
 
+def test_multiturn_gap_compares_whole_scenes_only():
+    """`--limit` can cut a scene's three records apart: the gap is over the scenes asked all three ways."""
+    from minillava.data.shapesworld.probes import multiturn
+
+    def p(scene, variant, right):
+        return {"id": f"multiturn-{scene:06d}-{variant}", "qtype": "color", "reference": "Red.",
+                "answer": "Red." if right else "Blue."}
+
+    preds = [p(0, "first", 1), p(0, "fifth", 0), p(0, "late", 1), p(1, "first", 1), p(1, "fifth", 1)]
+    out = multiturn({"predictions": preds})
+    assert out["scenes"] == 1 and out["incomplete_scenes"] == 1
+    assert out["gap_points"] == {"fifth": 100.0, "late": 0.0}
+
+
+@pytest.mark.parametrize("answer, rejects", [
+    ("There is no red star in the image.", True), ("No, there is no red star.", True), ("No.", True),
+    ("I don't see a red star.", True), ("There isn't a star.", True), ("The star is not in the image.", True),
+    ("The star is red.", False), ("There is a red star.", False), ("Red.", False), ("Yes, there is no doubt.", False)])
+def test_a_rejected_premise_is_recognised_in_any_wording(answer, rejects):
+    from minillava.data.shapesworld.probes import rejects_premise
+
+    assert rejects_premise(answer) is rejects
+
+
 def test_questions_pass_only_the_images_shown_so_far():
     r = Record("x", ["a.png", "b.png"], [{"role": "user", "content": "<image>\nWhat color is the circle?"},
                                          {"role": "assistant", "content": "Red."},

@@ -70,7 +70,7 @@ FACTS = [  # (question, accepted phrases, rejected phrases)
     ("What animal says 'moo'?", ["cow"], []),
     ("What animal says 'meow'?", ["cat"], []),
     ("What do bees make?", ["honey"], []),
-    ("What do caterpillars turn into?", ["butterfl", "butterfly", "butterflies", "moth"], []),
+    ("What do caterpillars turn into?", ["butterfly", "butterflies", "moth"], []),
     ("What is a baby dog called?", ["puppy"], []),
     ("What is a baby cat called?", ["kitten"], []),
     ("What is the opposite of hot?", ["cold"], []),
@@ -155,7 +155,7 @@ ARITHMETIC = [(a, op, b) for a, op, b in [
     (12, "/", 3), (30, "/", 6), (81, "/", 9), (16, "/", 4), (1, "+", 1), (30, "+", 40), (15, "+", 5), (60, "-", 20),
 ]]
 
-INSTRUCTIONS = [  # (instruction, accepted, rejected, case-sensitive)
+INSTRUCTIONS = [  # (instruction, accepted, rejected, case-sensitive[, ignored: the question restated])
     ("Reply with only the word 'yes'.", ["yes"], ["no"], False),
     ("Reply with only the word 'no'.", ["no"], ["yes"], False),
     ("Say 'hello'.", ["hello"], [], False),
@@ -171,13 +171,13 @@ INSTRUCTIONS = [  # (instruction, accepted, rejected, case-sensitive)
     ("Translate 'cat' into Spanish.", ["gato"], [], False),
     ("Translate 'water' into French.", ["eau"], [], False),
     ("Name a primary colour.", ["red", "blue", "yellow"], [], False),
-    ("Name a fruit that is red.", ["apple", "strawberr", "cherr", "raspberr", "tomato", "watermelon", "strawberry",
+    ("Name a fruit that is red.", ["apple", "tomato", "watermelon", "strawberry",
                                    "cherry", "cherries", "strawberries", "raspberry", "raspberries"], [], False),
     ("Name an animal that lives in the sea.", ["fish", "whale", "shark", "dolphin", "octopus", "jellyfish", "seal",
-                                               "turtle", "crab", "starfish", "squid", "sea"], [], False),
+                                               "turtle", "crab", "starfish", "squid"], [], False),
     ("Name a day of the week.", ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"], [],
      False),
-    ("Give me a word that rhymes with 'cat'.", ["hat", "bat", "mat", "rat", "sat", "fat", "pat", "that", "flat",
+    ("Give me a word that rhymes with 'cat'.", ["hat", "bat", "mat", "rat", "sat", "fat", "pat", "flat",
                                                 "chat", "vat"], [], False),
     ("Count from 1 to 5.", ["1 2 3 4 5"], [], False),
     ("List the first three letters of the alphabet.", ["a b c"], [], False),
@@ -189,9 +189,9 @@ INSTRUCTIONS = [  # (instruction, accepted, rejected, case-sensitive)
     ("Spell the word 'cat' letter by letter.", ["c a t"], [], False),
     ("Which word is a colour: table, red, or run?", ["red"], ["table", "run"], False),
     ("Which word is an animal: chair, horse, or blue?", ["horse"], ["chair", "blue"], False),
-    ("Which is bigger, 3 or 7?", ["7"], [], False),
-    ("Which is smaller, 12 or 5?", ["5"], [], False),
-    ("Which is bigger, an elephant or a mouse?", ["elephant"], [], False),
+    ("Which is bigger, 3 or 7?", ["7"], ["3"], False, [r"than 3\b"]),  # (reject the other option; "7 is bigger
+    ("Which is smaller, 12 or 5?", ["5"], ["12"], False, [r"than 12\b"]),  # than 3" restates it, ignored)
+    ("Which is bigger, an elephant or a mouse?", ["elephant"], ["mouse"], False, [r"than (?:an? )?mouse\b"]),
 ]
 
 _OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b), "*": ("times", lambda a, b: a * b),
@@ -199,6 +199,14 @@ _OPS = {"+": ("plus", lambda a, b: a + b), "-": ("minus", lambda a, b: a - b), "
 # The ways an answer restates "a OP b" ("9 divided by 3 is 2", "9 / 3 = 2"): not part of the answer, whose rule
 # ignores them (9 / 3 = 3 would otherwise pass on the restated divisor).
 _RESTATED = {"+": r"plus|and|\+", "-": r"minus|-|−", "*": r"times|multiplied by|x|×|\*", "/": r"divided by|by|/|÷"}
+
+
+def _restated(a: int, op: str, b: int) -> list[str]:
+    """Patterns of an answer restating "a OP b": "a OP b", "b from a" (subtraction), "of/between a and b"."""
+    n = r"(?<![\d.]){}(?![\d.])"
+    out = [rf"{n.format(a)}\s*(?:{_RESTATED[op]})\s*{n.format(b)}",
+           rf"(?:of|between)\s+{n.format(a)}\s+and\s+{n.format(b)}"]
+    return out + ([rf"{n.format(b)}\s+from\s+{n.format(a)}"] if op == "-" else [])
 
 
 def candidates() -> list[dict]:
@@ -212,9 +220,10 @@ def candidates() -> list[dict]:
     for a, op, b in ARITHMETIC:
         word, f = _OPS[op]
         out.append(dict(kind="arithmetic", question=f"What is {a} {word} {b}?", accept=[str(f(a, b))], reject=[],
-                        ignore=[rf"(?<![\d.]){a}\s*(?:{_RESTATED[op]})\s*{b}(?![\d.])"]))
-    for question, accept, reject, case in INSTRUCTIONS:
-        out.append(dict(kind="instruction", question=question, accept=accept, reject=reject, case=case))
+                        ignore=_restated(a, op, b)))
+    for question, accept, reject, case, *ignore in INSTRUCTIONS:
+        out.append(dict(kind="instruction", question=question, accept=accept, reject=reject, case=case,
+                        **({"ignore": ignore[0]} if ignore else {})))
     return [{"id": f"world-{i:03d}", "case": False, **q} for i, q in enumerate(out)]
 
 

@@ -149,15 +149,35 @@ MULTITURN_VARIANTS = ("first", "fifth", "late")  # the multiturn split's record 
 
 def multiturn(result: dict) -> dict:
     """Exact match per variant of the multiturn split ("first", "fifth", "late": the record id's last part),
-    from an `evaluate_vqa` result, and the differences from "first"."""
-    by = {}
+    from an `evaluate_vqa` result, and the differences from "first", over the scenes asked all three ways (a
+    `--limit` can cut a scene's three records apart: the others are left out and counted)."""
+    scenes: dict[str, dict] = {}
     for p in result["predictions"]:
-        by.setdefault(p["id"].rsplit("-", 1)[-1], []).append(p)
+        scene, variant = p["id"].rsplit("-", 1)
+        scenes.setdefault(scene, {}).setdefault(variant, []).append(p)
+    whole = [v for v in scenes.values() if set(v) == set(MULTITURN_VARIANTS)]
+    by: dict[str, list] = {}
+    for variants in whole:
+        for variant, ps in variants.items():
+            by.setdefault(variant, []).extend(ps)
     out = {v: score([{"qtype": p["qtype"], "reference": p["reference"]} for p in ps], [p["answer"] for p in ps])
            for v, ps in sorted(by.items())}
     first = out.get("first", {}).get("overall", {}).get("exact")
     return {"by_variant": out, "gap_points": {v: 100 * (first - r["overall"]["exact"]) for v, r in out.items()
-                                              if first is not None and v != "first"}}
+                                              if first is not None and v != "first"},
+            "scenes": len(whole), "incomplete_scenes": len(scenes) - len(whole)}
+
+
+_REJECTION = re.compile(r"^(?:no\b|there (?:is|are) no\b|there (?:isn't|isn t|aren't|aren t)\b|i (?:do not|don't|don t"
+                        r"|cannot|can't|can t) see\b|i see no\b)|\bno \w+(?: \w+)? in (?:the|this) (?:image|picture)\b|"
+                        r"\bnot in (?:the|this) (?:image|picture)\b")
+
+
+def rejects_premise(answer_text: str) -> bool:
+    """Whether an answer's first sentence rejects a question's premise in any usual wording ("No.", "There is no
+    red star.", "I don't see a star.", "The star is not in the image."), not only ShapesWorld's own sentence."""
+    first = re.split(r"(?<=[.!?])\s+|\n", answer_text.strip().lower(), maxsplit=1)[0]
+    return _REJECTION.search(re.sub(r"\s+", " ", first)) is not None
 
 
 NO_IMAGE_RULE = {"accept": ["don't see an image", "no image", "attach"]}
@@ -203,6 +223,10 @@ def evaluate(model: LlavaModel, processor: Processor, records: list[Record], kin
     if kind in ("vqa", "multi-image", "multiturn", "false-premise"):
         result = evaluate_vqa(model, processor, records, suffix, batch_size, progress=progress, compile=compile)
         result["table"] = format_table(result)
+        if kind == "false-premise":
+            said_no = [rejects_premise(p["answer"]) for p in result["predictions"]]
+            result["rejected"] = sum(said_no) / len(said_no)
+            result["table"] += f"\nrejected, in any wording ('There is no ...', 'No, ...'): {result['rejected']:.1%}"
         if kind == "multiturn":
             result.update(multiturn(result))
             result["table"] += "\n" + "\n".join(
