@@ -197,6 +197,11 @@ class ChatSession:
                              "one image per placeholder, or no placeholder to put the images before the question")
         if not n_slots:
             question = f"{IMAGE_PLACEHOLDER}\n" * len(new) + question
+        elif n_slots == 1 and not self._turns and (
+                question.startswith(IMAGE_PLACEHOLDER) or question.endswith(IMAGE_PLACEHOLDER)):
+            # kept as the template renders a first question of a one-image chat ("<image>\nQ", LLaVA's rule),
+            # so that a second image later does not re-render the turn the model has already answered
+            question = f"{IMAGE_PLACEHOLDER}\n" + question.replace(IMAGE_PLACEHOLDER, "").strip()
         self._close_open()  # an answer still streaming ends here, with what it has shown
         turns, ids, keys = self._fit(self._turns + [Turn(question, new)])
         self._open = self._answer(turns, ids, keys, start)

@@ -94,6 +94,12 @@ def test_history_and_placeholders(model, processor, tmp_path):
     assert h[2]["content"] == "Compare <image> with <image>." and len(h[2]["images"]) == 2
     assert chat.messages[0] == {"role": "system", "content": ""}
     chat.reset()
+    chat.ask("What is this? <image>", images=[a])  # stored as a one-image chat renders it, so that ...
+    first = chat.stats["prompt_tokens"]
+    assert chat.history[0]["content"] == "<image>\nWhat is this?"
+    chat.ask("And this?", images=[b])  # ... a second image does not re-render the answered turn
+    assert chat.stats["reused_tokens"] >= first - 1
+    chat.reset()
     assert chat.history == [] and chat.ask("Hello?")  # text-only chats work too
 
 
