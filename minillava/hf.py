@@ -1,9 +1,10 @@
 """Interop with transformers' `LlavaForConditionalGeneration` (the llava-hf checkpoints).
 
-`export_hf` writes a folder that transformers 4.x and 5.x both load: the "legacy" key layout below, a
-`LlavaConfig`, the tokenizer (with `<image>`), and a `LlavaProcessor` that expands `<image>` into as many
-tokens as the vision tower yields features. `load_hf` (what `minillava.load` calls for such a folder) reads
-them -- real llava-1.5-hf checkpoints included -- into minillava's `LlavaModel` and `Processor`, reusing
+`export_hf` writes a folder that transformers 5 loads (4.x reads neither its tokenizer config nor its processor
+config): the "legacy" key layout below, a `LlavaConfig`, the tokenizer (with `<image>`), a `LlavaProcessor` that
+expands `<image>` into as many tokens as the vision tower yields features, and a generation config that stops
+where minillava stops (the template's end-of-turn tokens). `load_hf` (what `minillava.load` calls for such a
+folder) reads them -- real llava-1.5-hf checkpoints included -- into minillava's `LlavaModel` and `Processor`, reusing
 transformers' own loading, as strictly as minillava's own format: a missing, unexpected or misshapen weight,
 or an unreadable weights file, is an error that names it (transformers would initialise the missing ones at
 random and carry on).
@@ -55,8 +56,11 @@ def hf_config(model: LlavaModel):
         raise ValueError(f"export_hf: projector '{model.projector.kind}' has no equivalent in transformers' Llava "
                          "(it has mlp2x_gelu only)")
     tower = model.vision_tower
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # as the weights are written
     return LlavaConfig(
-        vision_config=model.config["vision_config"], text_config=model.config["text_config"],
+        vision_config={**model.config["vision_config"], "dtype": dtype},
+        text_config={**model.config["text_config"], "dtype": dtype}, dtype=dtype,
+        architectures=["LlavaForConditionalGeneration"],
         image_token_id=model.image_token_id, image_seq_length=model.num_image_tokens,
         vision_feature_layer=tower.feature_layer, vision_feature_select_strategy=_hf_select_strategy(tower),
         projector_hidden_act="gelu", multimodal_projector_bias=True,
@@ -65,8 +69,11 @@ def hf_config(model: LlavaModel):
 
 def export_hf(model: LlavaModel, processor: Processor, out_dir: str | Path) -> Path:
     """Write `model` and `processor` as a transformers Llava folder (legacy layout, safetensors), atomically."""
-    from transformers import CLIPImageProcessorPil, LlavaImageProcessorPil, LlavaProcessor
+    from transformers import CLIPImageProcessorPil, GenerationConfig, LlavaImageProcessorPil, LlavaProcessor
 
+    if hasattr(model.language_model, "peft_config"):  # its keys would be PEFT's, and transformers' Llava random
+        raise ValueError("export_hf: the language model still holds LoRA adapters (a PEFT model); export the merged "
+                         "model: ml.load() of the training output merges them, or merge_and_unload() first")
     config = hf_config(model)
     ip = processor.image_processor
     image_cls = LlavaImageProcessorPil if ip.aspect == "pad" else CLIPImageProcessorPil
@@ -82,6 +89,8 @@ def export_hf(model: LlavaModel, processor: Processor, out_dir: str | Path) -> P
     state = {_rename(k): v for k, v in model.state_dict().items()}
     with atomic_dir(out_dir, marker="config.json") as tmp:
         config.save_pretrained(str(tmp))
+        GenerationConfig(eos_token_id=processor.stop_token_ids(), pad_token_id=processor.pad_token_id,
+                         bos_token_id=processor.tokenizer.bos_token_id).save_pretrained(str(tmp))
         save_tensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         hf_processor.save_pretrained(str(tmp))
         image_processor.save_pretrained(str(tmp))  # preprocessor_config.json, where transformers 4.x looks
@@ -140,6 +149,11 @@ def load_hf(path: str | Path, device=None, dtype=None, template: str | None = No
         if config.get("model_type") != "llava":
             raise ValueError(f"'{path}': config.json has model_type '{config.get('model_type')}', "
                              "not a transformers Llava folder ('llava')")
+        if not isinstance(config.get("vision_feature_layer", -2), int):  # before the weights' shapes disagree
+            raise ValueError(f"'{path}': vision_feature_layer {config['vision_feature_layer']}: several layers are "
+                             "not supported")
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise FileNotFoundError(f"'{path}': no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
         _check_weight_files(path)
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
@@ -149,6 +163,10 @@ def load_hf(path: str | Path, device=None, dtype=None, template: str | None = No
     _check_loading_info(info, f"model folder '{path}'")
     model = from_hf_model(hf).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    token = tokenizer.convert_tokens_to_ids("<image>")
+    if token != model.image_token_id:
+        raise ValueError(f"'{path}': config.json's image_token_index is {model.image_token_id}, but the tokenizer's "
+                         f"'<image>' is {token}; they must be the same token")
     ip = _image_processor(path, model.vision_tower)
     processor = Processor(tokenizer, ip, model.num_image_tokens, template or saved_template(path, tokenizer),
                           max_length=getattr(hf.config.text_config, "max_position_embeddings", None))

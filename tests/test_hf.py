@@ -1,5 +1,6 @@
 """Parity with transformers' LlavaForConditionalGeneration, both ways, for CLIP (with CLS) and SigLIP towers."""
 
+import copy
 import json
 
 import pytest
@@ -72,9 +73,15 @@ def test_export_writes_the_legacy_layout(tmp_path, tokenizer, model, processor):
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["model_type"] == "llava" and cfg["vision_feature_layer"] == -2
     assert cfg["vision_feature_select_strategy"] == "default" and cfg["image_token_index"] == model.image_token_id
+    assert cfg["architectures"] == ["LlavaForConditionalGeneration"] and cfg["text_config"]["dtype"] == "float32"
     tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())  # transformers stops where we do
+    assert gen["eos_token_id"] in (processor.stop_token_ids(), *processor.stop_token_ids())
+    ml.export_hf(copy.deepcopy(model).to(torch.bfloat16), processor, tmp_path / "bf16")
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert cfg["text_config"]["dtype"] == cfg["vision_config"]["dtype"] == "bfloat16"
 
 
 def test_roundtrip_through_transformers(tmp_path, model, processor):
@@ -114,6 +121,13 @@ def test_interop_errors(tmp_path, tokenizer, model, processor):
     with pytest.raises(ValueError, match="projector 'linear' has no equivalent"):
         ml.export_hf(linear, processor, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = make_model(tokenizer)
+    wrapped.language_model = get_peft_model(wrapped.language_model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="still holds LoRA adapters"):
+        ml.export_hf(wrapped, processor, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
     with pytest.raises(FileNotFoundError, match="no such zoo component or folder"):
         ml.load(tmp_path / "missing")
     ml.save(model, processor, tmp_path / "native")
@@ -123,3 +137,14 @@ def test_interop_errors(tmp_path, tokenizer, model, processor):
     (tmp_path / "clip" / "config.json").write_text(json.dumps({"model_type": "clip"}))
     with pytest.raises(ValueError, match="model_type 'clip'"):
         ml.load(tmp_path / "clip")
+    ml.export_hf(model, processor, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for change, match in (({"image_token_index": model.image_token_id + 1}, "the tokenizer's '<image>' is"),
+                          ({"vision_feature_layer": [-2, -1]}, "several layers are not supported")):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(ValueError, match=match):
+            load_hf(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        load_hf(tmp_path / "hf")
