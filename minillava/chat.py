@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from . import decoding
-from .templates import IMAGE_PLACEHOLDER, Template, check_text, special_text, to_llava
+from .templates import IMAGE_PLACEHOLDER, Template, check_text, refuse_special_text, special_text, to_llava
 
 CONTEXT_POLICIES = ("error", "drop_oldest")
 STATIC_CONTEXT = 4096  # positions of a compiled chat's static cache for a model that states no context length
@@ -340,10 +340,7 @@ def _check_message(text, what: str, tokenizer, images_allowed: bool = False) -> 
     check_text(text, what)
     if not images_allowed and IMAGE_PLACEHOLDER in text:
         raise ValueError(f"{what}: holds '{IMAGE_PLACEHOLDER}'; images go with a question, not the system prompt")
-    found = special_text(tokenizer).search(text)
-    if found:
-        raise ValueError(f"{what}: holds {found.group()!r}, the text of a special token of the tokenizer; it would "
-                         "be read as that token, not as text: remove or reword it")
+    refuse_special_text(text, tokenizer, f"{what}:")
 
 
 def common_prefix(cached: list[int], keys: list[int]) -> int:

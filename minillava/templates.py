@@ -303,12 +303,17 @@ def check_special_text(messages: list[dict], tokenizer, where: str) -> None:
     special tokens, and chat and training would have to agree on it. ValueError names `where`, the message
     and the token.
     """
-    pattern = special_text(tokenizer)
     for i, message in enumerate(messages):
-        found = pattern.search(content_text(message["content"], f"{where}: message {i}"))
-        if found:
-            raise ValueError(f"{where}: message {i} holds {found.group()!r}, the text of a special token of the "
-                             "tokenizer; it would be read as that token, not as text: remove or reword it")
+        refuse_special_text(content_text(message["content"], f"{where}: message {i}"), tokenizer,
+                            f"{where}: message {i}")
+
+
+def refuse_special_text(text: str, tokenizer, what: str) -> None:
+    """ValueError naming `what` when `text` holds the text of a special token of `tokenizer` ("<image>" aside)."""
+    found = special_text(tokenizer).search(text)
+    if found:
+        raise ValueError(f"{what} holds {found.group()!r}, the text of a special token of the tokenizer; it would "
+                         "be read as that token, not as text: remove or reword it")
 
 
 def special_text(tokenizer) -> re.Pattern:
