@@ -189,7 +189,9 @@ def test_text_chats_are_repeated_under_their_own_ids(monkeypatch, tmp_path):
 
 
 def test_variants_are_checked_before_any_data_or_training(monkeypatch, tmp_path):
-    from minillava.data.world_questions import candidates, chat_prompts
+    from pathlib import Path
+
+    from minillava.data.world_questions import N_OPEN, candidates, chat_prompts
     from minillava.tools import build_smol
 
     def no_data(*a):
@@ -200,8 +202,30 @@ def test_variants_are_checked_before_any_data_or_training(monkeypatch, tmp_path)
         build_smol.build_variants(tmp_path, "gpu", tmp_path, names=("all_chats",), device="cpu")
     with pytest.raises(ValueError, match="variant 'bogus'"):
         build_smol.build_variants(tmp_path, "cpu", tmp_path, names=("full", "bogus"), device="cpu")
+    # what each branch trains, the training itself replaced: all_chats is the LoRA recipe with every chat prompt
+    from minillava.training.loop import TrainResult
+
+    asked, trained = [], {}
+    monkeypatch.setattr(build_smol, "text_chats", lambda out, device, progress, n: asked.append(n) or [
+        {"id": "text-000", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}])
+    scene = {"id": "train-000000", "image": "images/x.png",
+             "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A."}]}
+    (tmp_path / "instruct_train.json").write_text(json.dumps([scene]))
+    monkeypatch.setattr(build_smol, "build_data", lambda work, scale, seed: {})
+
+    def fake_train(cfg):
+        trained[Path(cfg.out).name] = cfg
+        Path(cfg.out).mkdir(parents=True)
+        return TrainResult(Path(cfg.out), 3, 0.5, 1.0, [], "")
+
+    monkeypatch.setattr(build_smol, "train", fake_train)
+    done = build_smol.build_variants(tmp_path, "cpu", tmp_path, device="cpu")  # cpu: all three by default
+    assert list(done) == ["full", "no_text", "all_chats"] and asked == [320, None]
+    assert trained["all_chats"].lora and trained["all_chats"].lr == trained["no_text"].lr == 5e-4
+    assert not trained["full"].lora and trained["full"].lr == 2e-5
+    assert json.loads((tmp_path / "variants" / "all_chats" / "variant.json").read_text())["steps"] == 3
     prompts = chat_prompts()  # the open prompts first (the cpu build's 320), then the short questions
-    assert build_smol.SCALES["cpu"].n_chats == 320 < len(prompts) and len(set(prompts)) == len(prompts)
+    assert build_smol.SCALES["cpu"].n_chats == N_OPEN == 320 < len(prompts) and len(set(prompts)) == len(prompts)
     assert not {q["question"] for q in candidates()} & set(prompts)
     assert prompts[320] == "On which continent is France?" and "Is an oak an animal, a plant or an object?" in prompts
 

