@@ -170,18 +170,24 @@ def test_world_questions_have_rules_that_can_pass_and_fail():
     assert rule_holds("6 x 7 = 42.", times) and not rule_holds("6 times 7 is 41.", times)
 
 
+SCENE = {"id": "train-000000", "image": "images/x.png",  # a ShapesWorld record, for the mix's tests
+         "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A."}]}
+
+
+def _chat(i: int) -> dict:
+    return {"id": f"text-{i:03d}", "conversations": [{"from": "human", "value": f"Q{i}"},
+                                                    {"from": "gpt", "value": f"A{i}"}]}
+
+
 def test_text_chats_are_repeated_under_their_own_ids(monkeypatch, tmp_path):
     from minillava.tools import build_smol
 
-    chats = [{"id": f"text-{i:03d}", "conversations": [{"from": "human", "value": f"Q{i}"},
-                                                      {"from": "gpt", "value": f"A{i}"}]} for i in range(2)]
+    chats = [_chat(i) for i in range(2)]
     monkeypatch.setattr(build_smol, "text_chats", lambda out, device, progress, n: chats[:n])
-    scene = {"id": "train-000000", "image": "images/x.png",
-             "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A."}]}
-    (tmp_path / "instruct_train.json").write_text(json.dumps([scene]))
+    (tmp_path / "instruct_train.json").write_text(json.dumps([SCENE]))
     path, n = build_smol.mix_data(tmp_path, tmp_path, "cpu", False, None, repeats=3)
     mix = json.loads(path.read_text())
-    assert n == 2 and len(mix) == 7 and mix[0] == scene
+    assert n == 2 and len(mix) == 7 and mix[0] == SCENE
     assert len({r["id"] for r in mix}) == 7 and [r["id"] for r in mix[-2:]] == ["text-000-r3", "text-001-r3"]
     assert [r["conversations"] for r in mix[1:]] == [c["conversations"] for c in chats] * 3
     _, n = build_smol.mix_data(tmp_path, tmp_path, "cpu", False, 1)
@@ -206,11 +212,8 @@ def test_variants_are_checked_before_any_data_or_training(monkeypatch, tmp_path)
     from minillava.training.loop import TrainResult
 
     asked, trained = [], {}
-    monkeypatch.setattr(build_smol, "text_chats", lambda out, device, progress, n: asked.append(n) or [
-        {"id": "text-000", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}])
-    scene = {"id": "train-000000", "image": "images/x.png",
-             "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A."}]}
-    (tmp_path / "instruct_train.json").write_text(json.dumps([scene]))
+    monkeypatch.setattr(build_smol, "text_chats", lambda out, device, progress, n: asked.append(n) or [_chat(0)])
+    (tmp_path / "instruct_train.json").write_text(json.dumps([SCENE]))
     monkeypatch.setattr(build_smol, "build_data", lambda work, scale, seed: {})
 
     def fake_train(cfg):
