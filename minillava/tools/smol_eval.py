@@ -57,7 +57,7 @@ def evaluate(out: str | Path = "data", work: str | Path = "build/shapesworld-smo
         sw.ensure_built(work, n_train=0, n_text=0, seed=seed, **HELD_OUT)
     test = load_records(work / "instruct_test.json")[:n_eval]
     comp = load_records(work / "instruct_compositional.json")[:n_eval and n_eval // 2]
-    kw = _answering(device, progress)
+    kw = answering(device, progress)
 
     base, base_proc = load(out / "smol-llava-stage1", device=device, template="smollm2")
     asked = candidates()
@@ -110,7 +110,7 @@ def evaluate_variants(out: str | Path = "data", work: str | Path = "build/shapes
     if untrained:  # checked before the minutes of measuring the others
         raise FileNotFoundError(f"{work / 'variants'}: variant {', '.join(untrained)} not trained; train it first: "
                                 f"python -m minillava.tools.build_smol --out {out} --variants {' '.join(untrained)}")
-    variants = _measure_variants(work, kept, test, device, _answering(device, progress), names)
+    variants = _measure_variants(work, kept, test, device, answering(device, progress), names)
     if not variants:
         raise FileNotFoundError(f"{work / 'variants'}: no variants to measure; train them first: "
                                 f"python -m minillava.tools.build_smol --out {out} --variants")
@@ -164,9 +164,9 @@ def rescore(out: str | Path = "data") -> dict:
     return card
 
 
-def _answering(device: str | None, progress: bool) -> dict:
-    """How the measurements batch their questions: 128 at a time on a GPU, where a batch's decoding step costs
-    about what one question's does (the defaults, 16 and 32, on a CPU)."""
+def answering(device: str | None, progress: bool) -> dict:
+    """How smol-llava's builds and measurements batch their questions: 128 at a time on a GPU, where a batch's
+    decoding step costs about what one question's does (on a CPU, the defaults of `evaluation`'s functions)."""
     return dict(progress=progress, **({"batch_size": 128} if pick_device(device).type == "cuda" else {}))
 
 
