@@ -404,4 +404,4 @@ def test_eval_only_measures_with_the_built_scales_test_records(tmp_path):
     for scale in ("cpu", "gpu"):
         (tmp_path / "smol-llava" / "card.json").write_text(json.dumps({"facts": {"scale": scale}}))
         assert scale_n_eval(tmp_path) == SCALES[scale].n_eval
-    assert SCALES["cpu"].n_eval == 150 and SCALES["gpu"].n_eval == 500
+    assert SCALES["cpu"].n_eval == 150 and SCALES["gpu"].n_eval == 300
