@@ -385,10 +385,14 @@ def test_the_shipped_gpu_measurement_is_what_the_plan_still_says():
     from minillava.training.plan import plan
 
     shipped = json.loads((zoo.data_dir() / "results" / "plan_cuda.json").read_text())
-    assert shipped["smoke"] is False and "H200" in shipped["device"]
+    assert shipped["smoke"] is False and shipped["device"] != "cpu"
     assert [{k: r[k] for k in PLAN_CASES[0]} for r in shipped["rows"]] == PLAN_CASES * 2
+    assert [r["checkpointing"] for r in shipped["rows"]] == [True, False]
     for row in shipped["rows"]:
         case = {k: row[k] for k in PLAN_CASES[0]}
         now = plan(stage=2, precision="bf16", checkpointing=row["checkpointing"], padded=False, overhead_gb=0, **case)
-        assert now.total == row["planned_bytes"], (row["checkpointing"], now.total, row["planned_bytes"])
+        assert now.total == row["planned_bytes"], (
+            f"checkpointing={row['checkpointing']}: the plan now gives {now.total} bytes, the stored measurement was "
+            f"compared with {row['planned_bytes']}; measure again on a GPU (gpu_session --part plan) and update "
+            "chapter 8 and performance.md")
         assert abs(now.total - row["measured_bytes"]) <= 0.15 * row["measured_bytes"]

@@ -59,16 +59,18 @@ class SmolScale:
 
 SCALES = {
     # Timed on a lent H200 (2026-12-04, the earlier recipe: stage 1 at batch 64, stage 2 at 32): stage 1 ran 468
-    # steps in 109 s; a stage-2 step took about 0.2 s plus 24 ms per thousand tokens (fitted over 587 steps; MFU
-    # under 1%: a 135M model's step is mostly its kernel launches), so 1024 steps did not fit a lent GPU's minutes.
-    # Now stage 1 takes LLaVA-1.5's batch of 256 (lr 1e-3) and stage 2 64 (lr 2e-4; LLaVA-1.5: 128), one epoch
-    # each: by that fit, about 50 s and 240 s there. Records are read and tokenized by 8 DataLoader workers as
-    # steps need them (`lazy_data`), not in a pass of half a minute before each stage.
+    # steps in 109 s (0.23 s a step); a stage-2 step took about 0.2 s plus 24 ms per thousand tokens (a weak fit
+    # over 587 steps, correlation 0.15; MFU under 1%: a 135M model's step is mostly its kernel launches), so 1024
+    # steps did not fit a lent GPU's minutes. Now stage 1 takes LLaVA-1.5's batch of 256 (lr 1e-3) and stage 2
+    # 64 (lr 2e-4; LLaVA-1.5: 128), one epoch each: fewer steps, each costing more by an amount not yet measured
+    # (at worst each stage takes as long as before, if all of a step's cost grows with its tokens). Records are
+    # read and tokenized by 8 DataLoader workers as steps need them (`lazy_data`), not in a pass before each
+    # stage (13 s and 33 s there).
     # All 464 chats, each 6 times: 8% of the stage-2 records (LLaVA-1.5: 40K ShareGPT of 665K, 6%; the cpu build: 12%)
     "gpu": SmolScale(30000, dict(batch_size=256, micro_batch_size=256, epochs=1.0, lr=1e-3, lazy_data=True,
                                  num_workers=8),
                      dict(batch_size=64, micro_batch_size=64, epochs=1.0, lr=2e-4, lazy_data=True, num_workers=8),
-                     chat_repeats=6, n_eval=300),  # 300 test records: the measurement fits beside the build
+                     chat_repeats=6, n_eval=300),  # 300 test records: the measurement expected to fit beside the build
     # 2 CPU cores: about 2.8 samples/s in stage 1 and 1 in stage 2 (LoRA dropout 0: peft's dropout copies every
     # linear layer's input, 1.6x the step time on a CPU); a higher learning rate for the few steps.
     "cpu": SmolScale(2400, dict(batch_size=16, micro_batch_size=16, epochs=1.0, lr=1e-3),
