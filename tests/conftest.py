@@ -94,6 +94,14 @@ def images():
     return [random_image(40, 30, 0), random_image(24, 50, 1), random_image(32, 32, 2)]
 
 
+def caption_records(n: int, colours: list[str]) -> list[dict]:
+    """`n` caption records in LLaVA's format for save_world's images `0.png`...: "A <colour> circle.", `colours`
+    in turn."""
+    return [{"id": f"c{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "Describe the image briefly.\n<image>"},
+        {"from": "gpt", "value": f"A {colours[i % len(colours)]} circle."}]} for i in range(n)]
+
+
 def save_world(d, tokenizer, n_images: int) -> dict:
     """Backbones saved as transformers folders and `n_images` random images under `d` (seeded):
     {"vision", "lm", "images"} paths, what training tests start from."""

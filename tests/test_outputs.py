@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_model, make_processor, save_world
+from conftest import caption_records, make_model, make_processor, save_world
 
 import minillava as ml
 from minillava import checkpoints, outputs
@@ -24,10 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 def write_captions(path: Path, colours: list[str]) -> str:
     """8 caption records in LLaVA's format, the answers naming `colours` in turn."""
-    records = [{"id": f"c{i}", "image": f"{i}.png", "conversations": [
-        {"from": "human", "value": "Describe the image briefly.\n<image>"},
-        {"from": "gpt", "value": f"A {colours[i % len(colours)]} circle."}]} for i in range(8)]
-    path.write_text(json.dumps(records))
+    path.write_text(json.dumps(caption_records(8, colours)))
     return str(path)
 
 

@@ -338,7 +338,7 @@ def test_plan_command_shows_both_stages(capsys):
                  "--precision", "fp32", "--gpu-gb", "24"]) == 0
     text = capsys.readouterr().out
     assert "stage 1 (frozen) 16/dev" in text and "stage 2 (full) 16/dev" in text and "fits 24 GB" in text
-    assert main(["--recipe", "smol-llava-24gb"]) == 0
+    assert main(["--recipe", "smollm2-llava-24gb"]) == 0
     assert "x 1 x" in capsys.readouterr().out  # micro x 1 device x accumulation
     assert main(["--micro-batch", "auto", "--gpu-gb", "80", "--stage", "2", "--lora", "--checkpointing"]) == 0
     assert "stage 2 (lora)" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_image, save_world
+from conftest import caption_records, random_image, save_world
 from safetensors.torch import load_file
 
 import minillava as ml
@@ -30,9 +30,7 @@ def world(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("world")
     paths = save_world(d, tokenizer, 16)
     colours = ["red", "green", "blue", "yellow"]
-    captions = [{"id": f"c{i}", "image": f"{i}.png", "conversations": [
-        {"from": "human", "value": "Describe the image briefly.\n<image>"},
-        {"from": "gpt", "value": f"A {colours[i % 4]} circle."}]} for i in range(16)]
+    captions = caption_records(16, colours)
     instruct = []
     for i in range(16):
         if i % 4 == 3:  # text-only

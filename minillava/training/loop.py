@@ -303,8 +303,10 @@ def run_stage(cfg: TrainConfig) -> TrainResult:
         start, metrics = restore(run, partial, settings)
     log = logs.MetricsLog(logs.log_dir(out, cfg.log_dir), cfg.report_to, metrics) if run.rank == 0 else None
     if run.rank == 0:
-        print(f"stage {cfg.stage}: {run.n_samples} samples, {run.total} steps of {run.batch} ({run.accum} x "
-              f"{cfg.micro_batch_size} x {run.world} processes, {cfg.strategy}, {run.precision}), lr {run.lr:g}, "
+        plural = lambda n, word, s="s": f"{n} {word}{s * (n != 1)}"  # noqa: E731
+        print(f"stage {cfg.stage}: {run.n_samples} samples, {plural(run.total, 'step')} of {run.batch} "
+              f"({plural(run.accum, 'micro-batch', 'es')} of {cfg.micro_batch_size} on each of "
+              f"{plural(run.world, 'process', 'es')}, {cfg.strategy}, {run.precision}), lr {run.lr:g}, "
               f"template {run.processor.template.name}")
         print("\n".join(run.report))
         print(f"step metrics: {log.path}" + (f" (TensorBoard: {log.path.parent / 'tensorboard'})"
