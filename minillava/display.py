@@ -73,10 +73,11 @@ CELL_STYLE = "padding:3px 10px;border-bottom:1px solid #ccc;text-align:left;vert
 
 
 def _cell_html(value) -> str:
-    """A cell's content: Markup as is; a list one item per line; anything else as escaped text."""
+    """A cell's content: Markup as is; a list one item per line; anything else (a tuple such as a shape
+    included) as escaped text."""
     if isinstance(value, Markup):
         return str(value)
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list):
         return "<br>".join(_cell_html(v) for v in value)
     return html.escape(str(value))
 

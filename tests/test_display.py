@@ -10,11 +10,11 @@ from minillava import display
 
 
 def test_table_escapes_text_keeps_markup_and_puts_notes_under_their_row():
-    text = display.table_html(["a", "b"], [["<x>", display.Markup("<b>y</b>")], [["p", "q"], 3]], ["why", None])
+    text = display.table_html(["a", "b"], [["<x>", display.Markup("<b>y</b>")], [["p", "q"], (1, 65)]], ["why", None])
     assert "&lt;x&gt;" in text and "<b>y</b>" in text  # text escaped, Markup kept
     rows = re.findall(r"<tr>(.*?)</tr>", text.split("<tbody>")[1])
     assert len(rows) == 3 and 'colspan="2"' in rows[1] and "<i>why</i>" in rows[1]  # the note follows row 1
-    assert "p<br>q" in rows[2]  # a list cell: one item per line
+    assert "p<br>q" in rows[2] and "(1, 65)" in rows[2]  # a list cell: one item per line; a tuple (a shape) as is
 
 
 def test_code_cells_show_repr_and_cut_long_strings():
