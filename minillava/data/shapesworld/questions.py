@@ -362,13 +362,13 @@ def q_compare(scene, rng, ctx):
 
 
 # word -> (key of an object, +1 if a larger key wins, what to say when they tie)
-_COMPARISONS = {"bigger": (lambda o: SIZES[o.size], 1, "They are the same size."),
-                "larger": (lambda o: SIZES[o.size], 1, "They are the same size."),
-                "smaller": (lambda o: SIZES[o.size], -1, "They are the same size."),
-                "higher": (lambda o: o.cell[0], -1, "They are at the same height."),
-                "lower": (lambda o: o.cell[0], 1, "They are at the same height."),
-                "further left": (lambda o: o.cell[1], -1, "They are equally far left."),
-                "further right": (lambda o: o.cell[1], 1, "They are equally far right.")}
+COMPARISONS = {"bigger": (lambda o: SIZES[o.size], 1, "They are the same size."),
+               "larger": (lambda o: SIZES[o.size], 1, "They are the same size."),
+               "smaller": (lambda o: SIZES[o.size], -1, "They are the same size."),
+               "higher": (lambda o: o.cell[0], -1, "They are at the same height."),
+               "lower": (lambda o: o.cell[0], 1, "They are at the same height."),
+               "further left": (lambda o: o.cell[1], -1, "They are equally far left."),
+               "further right": (lambda o: o.cell[1], 1, "They are equally far right.")}
 
 
 def q_compare_named(scene, rng, ctx):
@@ -387,8 +387,8 @@ def q_compare_named(scene, rng, ctx):
     if len(objs) < 2:
         return None
     x, y = (objs[int(i)] for i in rng.choice(len(objs), 2, replace=False))
-    more = _pick(rng, tuple(_COMPARISONS))
-    key, sign, tie = _COMPARISONS[more]
+    more = _pick(rng, tuple(COMPARISONS))
+    key, sign, tie = COMPARISONS[more]
     hide = "size" if more in ("bigger", "larger", "smaller") else "pos"
     rx, ry = ref(x, scene, rng, hide=hide), ref(y, scene, rng, hide=hide)
     if rx is None or ry is None:
