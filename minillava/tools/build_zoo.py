@@ -61,7 +61,7 @@ class Scale:
                                                             save_every=500))  # each later round
     text_in_fresh: int = 10000  # text-only chats mixed into each later round (the same ones)
     n_natural: int = 56000  # train scenes of each natural-use round, with the co-occurrence bias
-    natural_rounds: int = 8  # the last rounds: natural use, each on scenes of its own
+    natural_rounds: int = 9  # the last rounds: natural use, each on scenes of its own
     text_in_natural: int = 6000  # text-only chats of each natural-use round (its own: some ask of an absent image)
     natural_short_p: float = 0.35  # the share of short-answer questions with LLaVA-1.5's suffix in those rounds
     stage2_natural: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=1.0,
@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="rebuild from this component on, keeping the earlier ones in --out")
     p.add_argument("--from-round", type=int, default=1,
                    help="with --start tiny-llava: train stage 2's rounds from this one on, from the tiny-llava in "
-                        "--out (the shipped model's last round: `--from-round 12`)")
+                        "--out (the shipped model's last round: `--from-round 13`)")
     p.add_argument("--eval-only", action="store_true", help="measure the weights already in --out")
     p.add_argument("--only", nargs="+", choices=EVALUATIONS, help="with --eval-only: these measurements only")
     p.add_argument("--no-progress", action="store_true")

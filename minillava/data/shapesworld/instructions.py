@@ -119,7 +119,8 @@ def _chat(qas, rng, prefixes: dict[int, str] | None = None, suffix_p: float = 0.
 def _followups(scene: Scene, rng, ctx: Ctx) -> list[tuple[str, str, str]]:
     """A question about one object, then 1-3 follow-ups that refer back to it: another attribute of "it",
     the same attribute of another object ("And the square?"; one that is not there gets its absence), or of
-    "the other one" in a two-object scene."""
+    "the other one" in a two-object scene (the natural-use rounds, `ctx.more`, ask it three times as often:
+    their models answered it worst, often repeating the previous answer)."""
     attr = _pick(rng, _ATTRS)
     o = target(scene, rng, ctx)
     r = ref(o, scene, rng, hide={"position": "pos"}.get(attr, attr))
@@ -127,7 +128,8 @@ def _followups(scene: Scene, rng, ctx: Ctx) -> list[tuple[str, str, str]]:
         return []
     out = [(phrasing(rng, ctx, attr).format(r), attribute_answer(attr, o, scene), attr)]
     for _ in range(int(rng.integers(1, 4))):
-        move = _pick(rng, ("it", "and", "and") + (("other",) * 2 if len(scene.objects) == 2 else ()))
+        other = ("other",) * (6 if ctx.more else 2) if len(scene.objects) == 2 else ()
+        move = _pick(rng, ("it", "and", "and") + other)
         if move == "it":
             attr = _pick(rng, [a for a in _ATTRS if a != attr])
             out.append((phrasing(rng, ctx, f"it_{attr}"), attribute_answer(attr, o, scene), "followup"))
