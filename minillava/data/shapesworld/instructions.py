@@ -127,9 +127,9 @@ def _followups(scene: Scene, rng, ctx: Ctx) -> list[tuple[str, str, str]]:
     if r is None:
         return []
     out = [(phrasing(rng, ctx, attr).format(r), attribute_answer(attr, o, scene), attr)]
+    moves = ("it", "and", "and") + (("other",) * (6 if ctx.more else 2) if len(scene.objects) == 2 else ())
     for _ in range(int(rng.integers(1, 4))):
-        other = ("other",) * (6 if ctx.more else 2) if len(scene.objects) == 2 else ()
-        move = _pick(rng, ("it", "and", "and") + other)
+        move = _pick(rng, moves)
         if move == "it":
             attr = _pick(rng, [a for a in _ATTRS if a != attr])
             out.append((phrasing(rng, ctx, f"it_{attr}"), attribute_answer(attr, o, scene), "followup"))

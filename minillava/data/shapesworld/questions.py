@@ -181,7 +181,7 @@ class Ctx:
     focus: tuple = ()
     paraphrase: bool = False
     negatives: bool = True  # false-premise questions (LRV-Instruction's negative instructions)
-    more: bool = False  # training also asks `MORE_PHRASINGS`
+    more: bool = False  # the natural-use rounds: training also asks `MORE_PHRASINGS`, and "the other one" more often
 
 
 def phrasing(rng, ctx: Ctx, qtype: str) -> str:
