@@ -134,9 +134,11 @@ def train_clip(pixels: torch.Tensor, captions: list[str], tokenizer, cfg: ClipCo
     return clip.cpu().eval(), {**run, "config": asdict(cfg)}
 
 
-def fit(model, loss_fn, steps: int, lr: float, betas: tuple, seed: int, name: str, progress: bool = True) -> dict:
+def fit(model, loss_fn, steps: int, lr: float, betas: tuple, seed: int, name: str, progress: bool = True,
+        on_step=None) -> dict:
     """The pretraining loop both backbones share: AdamW (weight decay 0.1), 5% warmup then cosine, gradient
-    clipping at 1. `loss_fn(generator)` draws a batch and returns its loss. Ends with a one-line summary."""
+    clipping at 1. `loss_fn(generator)` draws a batch and returns its loss; `on_step(steps done)`, if given, runs
+    after each optimizer step (to measure along the way). Ends with a one-line summary."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=betas)
@@ -153,6 +155,8 @@ def fit(model, loss_fn, steps: int, lr: float, betas: tuple, seed: int, name: st
         opt.step()
         opt.zero_grad(set_to_none=True)
         metrics.append({"step": step + 1, "loss": loss.detach()})
+        if on_step is not None:
+            on_step(step + 1)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     metrics = [{**m, "loss": float(m["loss"])} for m in metrics]
@@ -304,19 +308,25 @@ def chat_sft(lm, tokenizer, records: list[Record], cfg: LMConfig, progress: bool
 
     def loss(g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(len(enc), (cfg.sft_batch_size,), generator=g).tolist()
-        T = max(len(enc[i]["input_ids"]) for i in idx)
-        ids = torch.full((len(idx), T), tokenizer.pad_token_id)
-        labels = torch.full((len(idx), T), IGNORE_INDEX)
-        for row, i in enumerate(idx):
-            n = len(enc[i]["input_ids"])
-            ids[row, :n], labels[row, :n] = torch.tensor(enc[i]["input_ids"]), torch.tensor(enc[i]["labels"])
-        ids, labels = ids.to(device), labels.to(device)
-        return lm(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
+        return chat_loss(lm, [enc[i] for i in idx], tokenizer.pad_token_id, device)
 
     run = fit(lm, loss, cfg.sft_steps, cfg.sft_lr, (0.9, 0.95), cfg.seed, "tiny-lm chat sft", progress)
     a, tuned = cfg.sft_weight, lm.state_dict()
     lm.load_state_dict({k: (1 - a) * pretrained[k] + a * tuned[k] for k in tuned})
     return lm.cpu().eval(), run
+
+
+def chat_loss(lm, rows: list[dict], pad_id: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The causal-LM loss of tokenized chats (`Template.tokenize` outputs), right-padded into one batch (B, T):
+    the mean over their labelled tokens."""
+    T = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), T), pad_id)
+    labels = torch.full((len(rows), T), IGNORE_INDEX)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"])
+    ids, labels = ids.to(device), labels.to(device)
+    return lm(input_ids=ids, attention_mask=(ids != pad_id).long(), labels=labels).loss
 
 
 @torch.no_grad()

@@ -1,13 +1,15 @@
 """Natural use: held-out phrasings, false premises, follow-ups, short answers, multi-turn and co-occurrence splits,
 questions with no image, pictures drawn by other code, and the ablation without negative instructions."""
 
+import json
 import re
 from collections import Counter
 
 import numpy as np
 import pytest
-from test_shapesworld import attribute, parse, resolve_phrase, same
+from test_shapesworld import attribute, check_answer, parse, resolve_phrase, same
 
+from minillava import load, zoo
 from minillava.data import shapesworld as sw
 from minillava.data.records import Record
 from minillava.data.shapesworld import (
@@ -22,6 +24,8 @@ from minillava.data.shapesworld import (
 from minillava.evaluation import questions
 from minillava.tools.negatives import drop_negatives
 from minillava.tools.redrawn import redraw, redrawn_records
+from minillava.tools.told_comparisons import GROUPS, lm_digest, told_chats
+from minillava.tools.told_comparisons import main as told_comparisons
 
 ATTRS = ("color", "shape", "position", "size")
 
@@ -329,3 +333,49 @@ def test_redrawn_pictures_keep_the_scene(tmp_path):
                 assert np.abs(img[y, x] - np.array(sw.COLORS[o.color])).max() <= 26, (o, img[y, x])
     recs = redrawn_records(generate_records("test", 20, seed=5).instruct, tmp_path)
     assert recs and all("grounding" not in r.meta["qtypes"] and r.images[0].is_file() for r in recs)
+
+
+def test_told_comparisons_tell_the_whole_scene_and_answer_from_it():
+    chats = told_chats(300, seed=3)
+    assert told_chats(300, seed=3) == chats and told_chats(300, seed=4) != chats
+    groups = Counter()
+    for r in chats:
+        scene = Scene.from_dict(r.meta["scene"])
+        question_at = r.messages[0]["content"].index(". ") + 2  # the scene told, then the question
+        told, q = r.messages[0]["content"][:question_at - 1], r.messages[0]["content"][question_at:]
+        (group,) = r.meta["qtypes"]
+        assert all(o.phrase() in told for o in scene.objects) and (len(scene.objects) >= 2 or group == "count")
+        assert r.images == [] and "<image>" not in r.messages[0]["content"]
+        check_answer(q, r.messages[1]["content"], "compare_named", scene)  # recomputed from the scene
+        assert group == "count" or any(w in q for w in GROUPS[group]), (group, q)
+        groups[group] += 1
+    assert set(groups) == {"size", "position", "count"} and min(groups.values()) >= 40, groups
+
+
+def test_told_comparisons_tool_measures_a_curve_and_refuses_bad_sizes(tmp_path, capsys):
+    out = tmp_path / "told.json"
+    assert told_comparisons(["--start", "tiny-llava", "--steps", "2", "--every", "1", "--batch", "2",
+                             "--n-eval", "12", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    curve = result["runs"]["tiny-llava"]["curve"]
+    assert [row["step"] for row in curve] == [0, 1, 2] and [row["chats seen"] for row in curve] == [0, 2, 4]
+    assert all(0 <= row["overall"] <= 1 for row in curve) and sum(result["eval"]["by_group"].values()) == 12
+    assert result["runs"]["tiny-llava"]["weights"] == lm_digest(load("tiny-llava")[0].language_model)  # before
+    assert "told comparisons: 2 steps of 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        told_comparisons(["--steps", "0", "--out", str(out)])
+    assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_shipped_told_comparisons_measured_the_shipped_models_on_todays_chats():
+    """data/results/told_comparisons.json (chapter 7.6): its held-out chats are the ones the generator draws today
+    and its starts are the shipped weights; a rebuilt zoo needs `make told-comparisons` again."""
+    saved = json.loads((zoo.data_dir() / "results" / "told_comparisons.json").read_text())
+    held_out = told_chats(saved["eval"]["n"], seed=1)
+    assert saved["eval"]["example"] == held_out[0].messages
+    assert saved["eval"]["by_group"] == dict(Counter(r.meta["qtypes"][0] for r in held_out))
+    for start, run in saved["runs"].items():
+        assert run["weights"] == lm_digest(load(start)[0].language_model), f"{start}: measured from other weights"
+        steps = [row["step"] for row in run["curve"]]
+        last = saved["settings"]["steps"]
+        assert steps == sorted({*range(0, last + 1, saved["settings"]["every"]), last})

@@ -9,7 +9,7 @@ depends on lives in a `Scene`, so every answer is computed, exact and short ("Re
 * The world: `sample_scene`, `render`, `bbox`, `caption`, `describe`, `change_scene`.
 * In memory: `generate_records(split, n, seed)` -> caption and instruction records (LLaVA's "conversation",
   "detail" and "reasoning" kinds, plus two-image questions) and the scene of every image they name;
-  `text_chats(n, seed)` -> text-only chats (scenes told in words) for pretraining the language model.
+  `text_chats(n, seed)` -> text-only chats (scenes told in words, `tell`) for pretraining the language model.
 * On disk: `build(out_dir)` or `python -m minillava.data.shapesworld OUT_DIR` writes LLaVA JSON + PNGs.
 * Evaluation that reads the scenes: POPE probes, caption checks, CLIP's zero-shot prompts, `evaluate`.
 
@@ -21,7 +21,7 @@ The "compositional" split draws the `HELD_OUT` colour/shape pairs (a purple star
 the other splits never draw nor mention.
 """
 from .build import build, built_with, ensure_built, main
-from .instructions import SplitData, generate_records, text_chats
+from .instructions import SplitData, generate_records, tell, text_chats
 from .probes import (
     EVAL_KINDS,
     POPE_STRATEGIES,

@@ -407,6 +407,12 @@ _SCENE_INTROS = ("In a picture there is {}.", "A picture shows {}.", "Picture: {
                  "In an image there is {}.")
 
 
+def tell(scene: Scene, rng) -> str:
+    """The scene told in words, as the text-only chats tell it: 'In a picture there is a large red circle at the
+    top left and a small blue square at the bottom.'"""
+    return _pick(rng, _SCENE_INTROS).format(_join([o.phrase() for o in scene.objects]))
+
+
 def text_chats(n: int, seed: int = 0, split: str = "train", image_size: int = 64) -> list[Record]:
     """n text-only chats (no images) for pretraining the language model on the world's words and facts.
 
@@ -422,7 +428,7 @@ def text_chats(n: int, seed: int = 0, split: str = "train", image_size: int = 64
         u = rng.random()
         if u < 0.65:
             scene = sample_scene(rng, exclude=HELD_OUT, image_size=image_size)
-            intro = _pick(rng, _SCENE_INTROS).format(_join([o.phrase() for o in scene.objects]))
+            intro = tell(scene, rng)
             qas = _qas(scene, rng, ctx, _TEXT, int(rng.integers(1, 4)))
             meta = {"kind": "text", "qtypes": [t for _, _, t in qas], "scene": scene.to_dict()}
             msgs = _chat(qas, rng, {0: intro + " "}, suffix_p=0.15)
