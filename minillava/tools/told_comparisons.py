@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +53,11 @@ def group(question: str) -> str:
     return "count"
 
 
-def told_chats(n: int, seed: int) -> list[Record]:
-    """n one-turn chats: a scene told in words, then a named comparison about it (`q_compare_named`), tagged with
-    its `group` as the question type. Deterministic in (n, seed)."""
-    rng, ctx, out = np.random.default_rng([seed, 7]), swq.Ctx(negatives=False), []
-    while len(out) < n:
+def told_stream(seed: int) -> Iterator[Record]:
+    """One-turn chats without end: a scene told in words, then a named comparison about it (`q_compare_named`),
+    tagged with its `group` as the question type. Deterministic in `seed`."""
+    rng, ctx, k = np.random.default_rng([seed, 7]), swq.Ctx(negatives=False), 0
+    while True:
         scene = sw.sample_scene(rng)
         qa = swq.q_compare_named(scene, rng, ctx)
         if qa is None:  # one object: nothing to compare
@@ -63,9 +65,14 @@ def told_chats(n: int, seed: int) -> list[Record]:
         question, answer = qa[:2]
         messages = [{"role": "user", "content": f"{sw.tell(scene, rng)} {question}"},
                     {"role": "assistant", "content": answer}]
-        out.append(Record(f"told-{seed}-{len(out):06d}", [], messages,
-                          {"kind": "text", "qtypes": [group(question)], "scene": scene.to_dict()}))
-    return out
+        yield Record(f"told-{seed}-{k:06d}", [], messages,
+                     {"kind": "text", "qtypes": [group(question)], "scene": scene.to_dict()})
+        k += 1
+
+
+def told_chats(n: int, seed: int) -> list[Record]:
+    """The first n chats of `told_stream(seed)`."""
+    return list(itertools.islice(told_stream(seed), n))
 
 
 def learning_curve(start: str, steps: int, every: int, batch: int, lr: float, eval_records: list[Record],
@@ -94,7 +101,7 @@ def learning_curve(start: str, steps: int, every: int, batch: int, lr: float, ev
         print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
               flush=True)
 
-    stream = iter(told_chats(steps * batch, seed))
+    stream = told_stream(seed)  # drawn as the steps need them
 
     def loss(_generator) -> torch.Tensor:
         rows = [template.tokenize(r.messages, tok, sample_id=r.id) for r in (next(stream) for _ in range(batch))]
@@ -104,8 +111,7 @@ def learning_curve(start: str, steps: int, every: int, batch: int, lr: float, ev
         p.requires_grad_(False)
     for p in lm.parameters():
         p.requires_grad_(True)
-    measure(0)
-    lm.train()
+    measure(0)  # (leaves the language model in training mode)
     run = fit(lm, loss, steps, lr, (0.9, 0.95), seed, f"{start} on told comparisons", progress, on_step=measure)
     return {"curve": curve, "seconds": round(run["train_seconds"]), "final_loss": run["curve"][-1]["loss"],
             "weights": digest}
