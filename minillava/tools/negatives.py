@@ -57,6 +57,21 @@ def drop_negatives(records: list[Record]) -> list[Record]:
     return out
 
 
+def train_arm(out: Path, data: Path, a: argparse.Namespace, **settings) -> float | None:
+    """One arm of an ablation: stage 2 from `a.before` on the records in `data`, `a.steps` steps of `a.batch_size`
+    at peak rate `a.lr` (and `settings`), into `out`. Its seconds, or None when `out` already held a model (an
+    arm is trained once and measured as often as needed)."""
+    from ..training import TrainConfig, train
+
+    if (out / "model.safetensors").is_file():
+        return None
+    t = time.perf_counter()
+    train(TrainConfig(stage=2, data=str(data), out=str(out), init=a.before, seed=a.seed, device=a.device,
+                      batch_size=a.batch_size, micro_batch_size=a.batch_size, max_steps=a.steps, lr=a.lr,
+                      **settings))
+    return time.perf_counter() - t
+
+
 def measure(model_dir: str | Path, work: Path, n: int, progress: bool = True) -> dict:
     """False premises rejected (test split), POPE on co-occurring scenes, and true-premise accuracy."""
     from ..checkpoints import load
@@ -74,8 +89,6 @@ def measure(model_dir: str | Path, work: Path, n: int, progress: bool = True) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ..training import TrainConfig, train
-
     p = argparse.ArgumentParser(prog="python -m minillava.tools.negatives", description=__doc__.splitlines()[0])
     p.add_argument("--before", required=True, help="tiny-llava before its natural-use round (both arms' start)")
     p.add_argument("--data", required=True, help="the natural-use round's records (mix_natural.json)")
@@ -96,12 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     for arm, records in mixes.items():
         path = data.with_name(f"mix_natural_{arm}_negatives.json")
         save_records(records, path, image_dir=path.parent)
-        t = time.perf_counter()
-        if not (arms / arm / "model.safetensors").is_file():
-            train(TrainConfig(stage=2, data=str(path), out=str(arms / arm), init=a.before, seed=a.seed,
-                              device=a.device, batch_size=a.batch_size, micro_batch_size=a.batch_size,
-                              max_steps=a.steps, lr=a.lr))
-        seconds[arm] = time.perf_counter() - t
+        seconds[arm] = train_arm(arms / arm, path, a)
     work = Path(a.work)
     result = {"lrv": LRV, "steps": a.steps, "lr": a.lr, "batch_size": a.batch_size, "train_seconds": seconds,
               "records": {k: len(v) for k, v in mixes.items()},

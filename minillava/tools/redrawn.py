@@ -63,25 +63,26 @@ def redraw(scene: sw.Scene, rng: np.random.Generator, size: int) -> Image.Image:
     return img
 
 
-def redrawn_records(records: list[Record], folder: Path, seed: int = 0) -> list[Record]:
-    """Single-image records with their image redrawn (`redraw`, at one of `SIZES`) into `folder`; grounding
-    turns become "context" (their boxes no longer hold)."""
+def redrawn_records(records: list[Record], folder: Path, seed: int = 0, draw=None) -> list[Record]:
+    """Single-image records with their image redrawn into `folder` by `draw(scene, rng)` (default: `redraw`, at
+    one of `SIZES`); grounding turns become "context" (their boxes no longer hold)."""
+    draw = draw or (lambda scene, rng: redraw(scene, rng, int(rng.choice(SIZES))))
     rng, out = np.random.default_rng(seed), []
     for r in records:
         if len(r.images) != 1 or not isinstance(r.meta.get("scene"), dict):
             continue
         path = folder / f"{r.id}.png"
-        redraw(sw.Scene.from_dict(r.meta["scene"]), rng, int(rng.choice(SIZES))).save(path)
+        draw(sw.Scene.from_dict(r.meta["scene"]), rng).save(path)
         qtypes = ["context" if t == "grounding" else t for t in r.meta.get("qtypes", [])]
         if any(t != "context" for t in qtypes):
             out.append(Record(r.id, [path], r.messages, {**r.meta, "qtypes": qtypes}))
     return out
 
 
-def evaluate(model, processor, records: list[Record], seed: int = 0, progress: bool = True) -> dict:
+def evaluate(model, processor, records: list[Record], seed: int = 0, draw=None, progress: bool = True) -> dict:
     """VQA exact match per question type on the redrawn pictures (see `redrawn_records`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        recs = redrawn_records(records, Path(tmp), seed)
+        recs = redrawn_records(records, Path(tmp), seed, draw)
         return sw.evaluate(model, processor, recs, "vqa", progress=progress)
 
 
