@@ -120,7 +120,7 @@ told-comparisons: $(STAMP)
 
 # Regenerate data/results/tower_ablation.json and .png (chapter 10.2): tiny-llava trained on half-varied pictures
 # with its vision tower frozen or trained, measured on pictures drawn by other code; needs a natural-use round's
-# records (`make zoo` builds them); about 65 minutes on 2 CPU cores (47 of them training).
+# records (`make zoo` builds them); about 65 minutes on 2 CPU cores (46 of them training).
 tower-ablation: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.tower_ablation --data build/shapesworld-natural9/mix_natural.json \
 	  --steps 600 --out data/results/tower_ablation.json

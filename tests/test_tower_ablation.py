@@ -46,9 +46,13 @@ def test_varied_records_rerender_about_half_of_the_single_image_ones(tmp_path):
     assert 15 <= len(changed) <= 45 and all(len(a.images) == 1 for a, _ in changed)
     for a, b in changed:
         assert b.images[0].parent == tmp_path / "varied" and b.images[0].is_file()
-        assert np.asarray(Image.open(b.images[0])).shape == np.asarray(Image.open(a.images[0])).shape
+        before, after = (np.asarray(Image.open(r.images[0]), dtype=int) for r in (a, b))
+        assert before.shape == after.shape and np.abs(before - after).mean() > 3  # redrawn, not copied
     assert all(b is a for a, b in zip(records, out, strict=True) if not b.meta.get("varied"))
-    assert [r.images for r in varied_records(records, tmp_path / "again", seed=3)] != [r.images for r in records]
+    again = varied_records(records, tmp_path / "again", seed=3)  # the same seed: the same pictures
+    assert [r.meta.get("varied") for r in again] == [r.meta.get("varied") for r in out]
+    assert all(np.array_equal(np.asarray(Image.open(x.images[0])), np.asarray(Image.open(y.images[0])))
+               for x, y in zip(again, out, strict=True) if x.meta.get("varied"))
 
 
 def test_a_probe_reads_shapes_from_the_shipped_tower_and_not_from_shuffled_labels():
@@ -57,7 +61,7 @@ def test_a_probe_reads_shapes_from_the_shipped_tower_and_not_from_shuffled_label
     assert set(result) == {"shape", "color", "size"}
     assert all(set(r) == {"rendered", "transfer", "redrawn", "varied"} for r in result.values())
     assert all(0 <= v <= 1 for r in result.values() for v in r.values())
-    assert result["shape"]["rendered"] > 0.5 and result["color"]["rendered"] > 0.5  # chance: 1/4 and 1/8
+    assert result["shape"]["rendered"] > 0.5 and result["color"]["rendered"] > 0.5  # chance: 1/4 and 1/6
     rng = np.random.default_rng(0)
     scenes = [sw.sample_scene(rng) for _ in range(600)]
     x = _features(model, processor, [sw.render(s) for s in scenes])
@@ -70,9 +74,10 @@ def test_the_tool_trains_both_arms_and_refuses_bad_sizes(tmp_path, capsys):
     sw.build(tmp_path / "w", n_train=6, n_val=0, n_test=3, n_comp=0, n_para=0, n_multiturn=0, n_cooccur=0,
              n_text=0, n_text_val=0, seed=0)
     out = tmp_path / "result.json"
-    tower_ablation(["--data", str(tmp_path / "w" / "instruct_train.json"), "--test",
-                    str(tmp_path / "w" / "instruct_test.json"), "--arms", str(tmp_path / "arms"), "--steps", "2",
-                    "--batch-size", "2", "--n-eval", "2", "--n-probe", "20", "--out", str(out)])
+    args = ["--data", str(tmp_path / "w" / "instruct_train.json"), "--test", str(tmp_path / "w" / "instruct_test.json"),
+            "--arms", str(tmp_path / "arms"), "--steps", "2", "--batch-size", "2", "--n-eval", "2", "--n-probe", "20",
+            "--out", str(out)]
+    tower_ablation(args)
     result = json.loads(out.read_text())
     assert set(result["arms"]) == {"before", "frozen", "tower"} and result["records"] == 4
     assert all(set(m) == {"test", "varied", "redrawn", "probes"} for m in result["arms"].values())
@@ -85,6 +90,9 @@ def test_the_tool_trains_both_arms_and_refuses_bad_sizes(tmp_path, capsys):
     moved = [torch.equal(a, b) for a, b in zip(before.vision_tower.parameters(), tower.vision_tower.parameters())]
     assert all(same) and not all(moved)  # (the first step's rate is 0: warmup)
     assert "redrawn" in capsys.readouterr().out
+    again = tower_ablation(args)  # the arms are there: measured again, not retrained, their times kept
+    assert again["train_seconds"] == result["train_seconds"] and all(s > 0 for s in again["train_seconds"].values())
+    assert again["arms"]["tower"]["test"] == result["arms"]["tower"]["test"]
     with pytest.raises(SystemExit, match="--n-probe: must be at least 2, got 1"):
         tower_ablation(["--data", "x.json", "--n-probe", "1"])
 

@@ -27,7 +27,7 @@ import torch
 from ..data import shapesworld as sw
 from ..data.records import Record, load_records, save_records
 from ..evaluation import exact_match
-from ..utils import write_json
+from ..utils import read_json, write_json
 
 LRV = ("LRV-Instruction (Liu et al., ICLR 2024): LMMs hallucinate most on negative instructions; fine-tuning on a "
        "mix of positive and negative instructions reduces hallucination while keeping or improving accuracy on "
@@ -57,19 +57,26 @@ def drop_negatives(records: list[Record]) -> list[Record]:
     return out
 
 
-def train_arm(out: Path, data: Path, a: argparse.Namespace, **settings) -> float | None:
-    """One arm of an ablation: stage 2 from `a.before` on the records in `data`, `a.steps` steps of `a.batch_size`
-    at peak rate `a.lr` (and `settings`), into `out`. Its seconds, or None when `out` already held a model (an
-    arm is trained once and measured as often as needed)."""
+def train_arms(a: argparse.Namespace, runs: dict[str, tuple[Path, dict]]) -> dict[str, float | None]:
+    """An ablation's arms: {arm: (records file, more TrainConfig settings)} -> stage 2 from `a.before`, `a.steps`
+    steps of `a.batch_size` at peak rate `a.lr`, each into `a.arms / arm`, with their seconds. An arm whose folder
+    already holds a model is not trained again (it is measured as often as needed) and keeps the seconds that the
+    results file `a.out` has for it, if any."""
     from ..training import TrainConfig, train
 
-    if (out / "model.safetensors").is_file():
-        return None
-    t = time.perf_counter()
-    train(TrainConfig(stage=2, data=str(data), out=str(out), init=a.before, seed=a.seed, device=a.device,
-                      batch_size=a.batch_size, micro_batch_size=a.batch_size, max_steps=a.steps, lr=a.lr,
-                      **settings))
-    return time.perf_counter() - t
+    out = Path(a.out)
+    seconds = read_json(out, what="results file").get("train_seconds", {}) if out.is_file() else {}
+    for arm, (data, settings) in runs.items():
+        folder = Path(a.arms) / arm
+        if (folder / "model.safetensors").is_file():
+            seconds[arm] = seconds.get(arm)
+            continue
+        t = time.perf_counter()
+        train(TrainConfig(stage=2, data=str(data), out=str(folder), init=a.before, seed=a.seed, device=a.device,
+                          batch_size=a.batch_size, micro_batch_size=a.batch_size, max_steps=a.steps, lr=a.lr,
+                          **settings))
+        seconds[arm] = time.perf_counter() - t
+    return {arm: seconds[arm] for arm in runs}
 
 
 def measure(model_dir: str | Path, work: Path, n: int, progress: bool = True) -> dict:
@@ -105,11 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
     data, arms = Path(a.data), Path(a.arms)
     records = load_records(data)
     mixes = {"with": records, "without": drop_negatives(records)}
-    seconds = {}
+    runs = {}
     for arm, records in mixes.items():
         path = data.with_name(f"mix_natural_{arm}_negatives.json")
         save_records(records, path, image_dir=path.parent)
-        seconds[arm] = train_arm(arms / arm, path, a)
+        runs[arm] = (path, {})
+    seconds = train_arms(a, runs)
     work = Path(a.work)
     result = {"lrv": LRV, "steps": a.steps, "lr": a.lr, "batch_size": a.batch_size, "train_seconds": seconds,
               "records": {k: len(v) for k, v in mixes.items()},

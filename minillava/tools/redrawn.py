@@ -63,7 +63,7 @@ def redraw(scene: sw.Scene, rng: np.random.Generator, size: int) -> Image.Image:
     return img
 
 
-def redrawn_records(records: list[Record], folder: Path, seed: int = 0, draw=None) -> list[Record]:
+def redrawn_records(records: list[Record], folder: Path, seed: int = 0, *, draw=None) -> list[Record]:
     """Single-image records with their image redrawn into `folder` by `draw(scene, rng)` (default: `redraw`, at
     one of `SIZES`); grounding turns become "context" (their boxes no longer hold)."""
     draw = draw or (lambda scene, rng: redraw(scene, rng, int(rng.choice(SIZES))))
@@ -79,10 +79,10 @@ def redrawn_records(records: list[Record], folder: Path, seed: int = 0, draw=Non
     return out
 
 
-def evaluate(model, processor, records: list[Record], seed: int = 0, draw=None, progress: bool = True) -> dict:
+def evaluate(model, processor, records: list[Record], seed: int = 0, *, draw=None, progress: bool = True) -> dict:
     """VQA exact match per question type on the redrawn pictures (see `redrawn_records`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        recs = redrawn_records(records, Path(tmp), seed, draw)
+        recs = redrawn_records(records, Path(tmp), seed, draw=draw)
         return sw.evaluate(model, processor, recs, "vqa", progress=progress)
 
 
