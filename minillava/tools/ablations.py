@@ -29,7 +29,7 @@ from ..data import shapesworld as sw
 from ..data.records import load_records
 from ..training import TrainConfig, train
 from ..utils import read_json, write_json
-from ..zoo import data_dir
+from ..zoo import data_dir, resolve
 
 VARIANTS = {
     "baseline": {},
@@ -128,6 +128,11 @@ def _outcome(fn, name: str) -> dict:
         return {"change": VARIANTS[name], "error": f"{type(e).__name__}: {e}", "paper": PAPER.get(name, "")}
 
 
+def weights_digest(model: str | Path) -> str:
+    """The first 16 hex digits of the sha256 of a model's weights file (a zoo name or a folder)."""
+    return hashlib.sha256((Path(resolve(model)) / "model.safetensors").read_bytes()).hexdigest()[:16]
+
+
 def backbones() -> dict:
     """Which zoo backbones the variants start from: {name: {"sha256": first 16 hex digits of the weights, and
     the card's "steps x batch" (None without a card)}, or None without weights}, recorded with the results so a
@@ -136,7 +141,7 @@ def backbones() -> dict:
     for name in ("tiny-clip", "tiny-lm"):
         folder = data_dir() / name
         try:
-            digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:16]
+            digest = weights_digest(folder)
         except OSError:  # no weights: every variant fails then, each with the zoo's error
             found[name] = None
             continue

@@ -69,14 +69,13 @@ def train_arms(a: argparse.Namespace, runs: dict[str, tuple[Path, dict]]) -> dic
     for arm, (data, settings) in runs.items():
         folder = Path(a.arms) / arm
         if (folder / "model.safetensors").is_file():
-            seconds[arm] = seconds.get(arm)
             continue
         t = time.perf_counter()
         train(TrainConfig(stage=2, data=str(data), out=str(folder), init=a.before, seed=a.seed, device=a.device,
                           batch_size=a.batch_size, micro_batch_size=a.batch_size, max_steps=a.steps, lr=a.lr,
                           **settings))
         seconds[arm] = time.perf_counter() - t
-    return {arm: seconds[arm] for arm in runs}
+    return {arm: seconds.get(arm) for arm in runs}
 
 
 def measure(model_dir: str | Path, work: Path, n: int, progress: bool = True) -> dict:

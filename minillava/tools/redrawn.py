@@ -45,21 +45,26 @@ def _points(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tu
     return [(cx + rad * np.sin(t), cy - rad * np.cos(t)) for rad, t in zip(radii, a)]
 
 
+def shade(color: str, rng: np.random.Generator, spread: int = 25) -> tuple[int, int, int]:
+    """The named colour with each channel moved by up to `spread` levels."""
+    return tuple(int(np.clip(c + rng.integers(-spread, spread + 1), 0, 255)) for c in sw.COLORS[color])
+
+
 def redraw(scene: sw.Scene, rng: np.random.Generator, size: int) -> Image.Image:
     """The scene painted without ShapesWorld's renderer: same objects, cells, sizes and colour names."""
     img = _background(rng, size)
     draw = ImageDraw.Draw(img)
     cell = size / 3
     for o in scene.objects:
-        shade = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in sw.COLORS[o.color])
+        fill = shade(o.color, rng)
         r = size * (rng.uniform(0.075, 0.105) if o.size == "small" else rng.uniform(0.14, 0.165))
         cx = (o.cell[1] + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
         cy = (o.cell[0] + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
         outline = (40, 40, 40) if rng.random() < 0.3 else None
         if o.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=shade, outline=outline)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline)
         else:
-            draw.polygon(_points(o.shape, cx, cy, r, float(rng.uniform(0, 360))), fill=shade, outline=outline)
+            draw.polygon(_points(o.shape, cx, cy, r, float(rng.uniform(0, 360))), fill=fill, outline=outline)
     return img
 
 

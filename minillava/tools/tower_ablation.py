@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import colorsys
 import dataclasses
-import hashlib
 import sys
 from pathlib import Path
 
@@ -41,8 +40,9 @@ import torch
 from ..data import shapesworld as sw
 from ..data.records import Record, load_records, save_records
 from ..utils import atomic_file, write_json
+from .ablations import weights_digest
 from .negatives import train_arms
-from .redrawn import SIZES, redraw
+from .redrawn import SIZES, redraw, shade
 from .redrawn import evaluate as evaluate_redrawn
 
 PROBED = ("shape", "color", "size")
@@ -51,9 +51,7 @@ PROBED = ("shape", "color", "size")
 def varied(scene: sw.Scene, rng: np.random.Generator) -> sw.Scene:
     """The scene with ShapesWorld's jitter widened: shapes at any angle, shades up to 25 levels off their named
     colour, a background of any hue that may be darker and more saturated (the renderer, geometry and size stay)."""
-    def shade(color):
-        return tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in sw.COLORS[color])
-    objs = tuple(dataclasses.replace(o, rgb=shade(o.color), angle=0.0 if o.shape == "circle" else
+    objs = tuple(dataclasses.replace(o, rgb=shade(o.color, rng), angle=0.0 if o.shape == "circle" else
                                      round(float(rng.uniform(0, 360)), 1)) for o in scene.objects)
     rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.65, 1.0))
     c0 = tuple(int(round(255 * x)) for x in rgb)
@@ -148,13 +146,6 @@ def probes(model, processor, n_train: int = 2000, n_test: int = 1000, seed: int 
                   "redrawn": _probe(redrawn[tr], y[tr], redrawn[te], y[te]),
                   "varied": _probe(turned[tr], y[tr], turned[te], y[te])}
     return out
-
-
-def weights_digest(model: str | Path) -> str:
-    """The first 16 hex digits of the sha256 of a model's weights file (a zoo name or a folder)."""
-    from ..zoo import resolve
-
-    return hashlib.sha256((Path(resolve(model)) / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def measure(model_dir, test: list[Record], n_probe: int = 2000, progress: bool = True) -> dict:
