@@ -95,7 +95,8 @@ class LlavaModel(nn.Module):
 
     # ---- the merge ---------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixels (N, 3, S, S) -> frozen vision features (N, P, C_v). Cacheable: the tower never trains."""
+        """Pixels (N, 3, S, S) -> vision features (N, P, C_v). Cacheable while the tower is frozen (LLaVA's stages;
+        stage 2 with `vision_lr` trains it, and then nothing is cached)."""
         return self.vision_tower(images.to(self.device))
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

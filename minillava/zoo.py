@@ -17,6 +17,7 @@ network access) hub ids alike: `load_vision("openai/clip-vit-large-patch14-336")
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -64,6 +65,12 @@ def resolve(name_or_path: str | Path) -> str:
     if p.is_absolute() or str(name_or_path).startswith(".") or str(name_or_path).count("/") != 1:
         raise FileNotFoundError(f"model '{name_or_path}': no such zoo component or folder")
     return str(name_or_path)
+
+
+def weights_digest(name_or_path: str | Path) -> str:
+    """The first 16 hex digits of the sha256 of a model's weights file (a zoo name or a folder): which weights a
+    saved result was measured on."""
+    return hashlib.sha256((Path(resolve(name_or_path)) / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def own_template(lm: str | None) -> str | None:

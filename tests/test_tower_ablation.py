@@ -2,6 +2,7 @@
 shipped result."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ def test_a_probe_reads_shapes_from_the_shipped_tower_and_not_from_shuffled_label
     assert _probe(x[:400], shuffled[:400], x[400:], y[400:]) < 0.4  # nothing to read: about chance
 
 
-def test_the_tool_trains_both_arms_and_refuses_bad_sizes(tmp_path, capsys):
+def test_the_tool_trains_three_arms_keeps_what_it_measured_and_refuses_bad_sizes(tmp_path, capsys):
     sw.build(tmp_path / "w", n_train=6, n_val=0, n_test=3, n_comp=0, n_para=0, n_multiturn=0, n_cooccur=0,
              n_text=0, n_text_val=0, seed=0)
     out = tmp_path / "result.json"
@@ -79,20 +80,32 @@ def test_the_tool_trains_both_arms_and_refuses_bad_sizes(tmp_path, capsys):
             "--out", str(out)]
     tower_ablation(args)
     result = json.loads(out.read_text())
-    assert set(result["arms"]) == {"before", "frozen", "tower"} and result["records"] == 4
+    assert set(result["arms"]) == {"before", "control", "frozen", "tower"} and result["records"] == 4
     assert all(set(m) == {"test", "varied", "redrawn", "probes"} for m in result["arms"].values())
-    assert set(result["train_seconds"]) == {"frozen", "tower"} and (tmp_path / "result.png").is_file()
+    assert set(result["train_seconds"]) == {"control", "frozen", "tower"} and (tmp_path / "result.png").is_file()
     assert result["before_sha256"] == weights_digest("tiny-llava") and result["n_eval_records"] == 2
+    assert result["kept"] == []
+    control, _ = load(tmp_path / "arms" / "control")
     frozen, _ = load(tmp_path / "arms" / "frozen")
     tower, _ = load(tmp_path / "arms" / "tower")
     before, _ = load("tiny-llava")
     same = [torch.equal(a, b) for a, b in zip(before.vision_tower.parameters(), frozen.vision_tower.parameters())]
     moved = [torch.equal(a, b) for a, b in zip(before.vision_tower.parameters(), tower.vision_tower.parameters())]
     assert all(same) and not all(moved)  # (the first step's rate is 0: warmup)
+    plain = load_records(tmp_path / "arms" / "mix_plain.json")  # the control: the same records, pictures unvaried
+    assert [r.images for r in plain] == [r.images for r in load_records(tmp_path / "w" / "instruct_train.json")][:4]
+    assert not all(torch.equal(a, b) for a, b in zip(control.language_model.parameters(),
+                                                     frozen.language_model.parameters()))
     assert "redrawn" in capsys.readouterr().out
     again = tower_ablation(args)  # the arms are there: measured again, not retrained, their times kept
     assert again["train_seconds"] == result["train_seconds"] and all(s > 0 for s in again["train_seconds"].values())
     assert again["arms"]["tower"]["test"] == result["arms"]["tower"]["test"]
+    shutil.rmtree(tmp_path / "arms" / "frozen")  # its folder gone, its measurement in --out: kept, not retrained
+    kept = tower_ablation(args)
+    assert kept["kept"] == ["frozen"] and kept["arms"]["frozen"] == result["arms"]["frozen"]
+    assert not (tmp_path / "arms" / "frozen").exists() and "kept as measured" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"arm 'control' in .*control: trained otherwise .* remove the folder"):
+        tower_ablation([*args[:-2], "--lr", "1e-4", "--out", str(tmp_path / "other.json")])  # other settings
     with pytest.raises(SystemExit, match="--n-probe: must be at least 2, got 1"):
         tower_ablation(["--data", "x.json", "--n-probe", "1"])
 
@@ -103,7 +116,7 @@ def test_the_shipped_tower_ablation_started_from_the_shipped_tiny_llava():
     saved = json.loads((zoo.data_dir() / "results" / "tower_ablation.json").read_text())
     assert saved["before_sha256"] == weights_digest("tiny-llava"), "measured from other weights"
     assert saved["command"].startswith("python -m minillava.tools.tower_ablation")
-    for arm in ("before", "frozen", "tower"):
+    for arm in ("before", "control", "frozen", "tower"):
         m = saved["arms"][arm]
         assert all(m[k]["n"] > 0 and 0 <= m[k]["overall"] <= 1 for k in ("test", "varied", "redrawn"))
         assert set(m["probes"]) == {"shape", "color", "size"}

@@ -545,3 +545,20 @@ def test_a_saved_processor_writes_its_own_template_into_the_tokenizer(tmp_path):
                                                                                add_generation_prompt=True)
     assert rendered == ml.get_template("llava_hf").render(
         [{"role": "user", "content": "<image>\nWhat is it?"}], add_generation_prompt=True)
+
+
+def test_natural_data_builds_one_rounds_records_and_trains_nothing(tmp_path, capsys):
+    """`--natural-data K`: natural-use round K's training file, as that round of `make zoo` writes it (the tower
+    ablation retrains on round 9's), and nothing else."""
+    work, toy = tmp_path / "sw", build_zoo.TOY
+    out = build_zoo.main(["--scale", "toy", "--work", str(work), "--out", str(tmp_path / "zoo"), "--natural-data", "2"])
+    path = tmp_path / "sw-natural2" / "mix_natural.json"
+    assert out == {"natural_data": str(path)} and path.is_file()
+    records = load_records(path)
+    assert len(records) == toy.n_natural + toy.text_in_natural
+    assert [(r.id, r.messages) for r in records] == [(r.id, r.messages) for r in
+                                                     build_zoo.natural_round(work, toy, 0, k=1)]
+    assert not (tmp_path / "zoo").exists() and not work.exists()  # nothing trained, no other data built
+    with pytest.raises(SystemExit):
+        build_zoo.main(["--scale", "toy", "--work", str(work), "--natural-data", "3"])
+    assert "--natural-data: scale toy has natural-use rounds 1 to 2, got 3" in capsys.readouterr().err

@@ -16,7 +16,6 @@ The limitations chapter reads the JSON and tabulates it beside the paper's findi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from ..data import shapesworld as sw
 from ..data.records import load_records
 from ..training import TrainConfig, train
 from ..utils import read_json, write_json
-from ..zoo import data_dir, resolve
+from ..zoo import data_dir, weights_digest
 
 VARIANTS = {
     "baseline": {},
@@ -126,11 +125,6 @@ def _outcome(fn, name: str) -> dict:
         return fn()
     except Exception as e:  # noqa: BLE001 -- reported in the results file and on the console
         return {"change": VARIANTS[name], "error": f"{type(e).__name__}: {e}", "paper": PAPER.get(name, "")}
-
-
-def weights_digest(model: str | Path) -> str:
-    """The first 16 hex digits of the sha256 of a model's weights file (a zoo name or a folder)."""
-    return hashlib.sha256((Path(resolve(model)) / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def backbones() -> dict:

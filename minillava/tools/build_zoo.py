@@ -466,6 +466,14 @@ def natural_round(work: Path, scale: Scale, seed: int, k: int = 0) -> list:
                                                                        check_files=False)
 
 
+def natural_mix(work: Path, scale: Scale, seed: int, k: int = 0) -> Path:
+    """Natural-use round `k`'s training file, `natural_folder(work, k)/mix_natural.json` beside its images, as the
+    round trained on it (built if missing; nothing is trained)."""
+    path = natural_folder(work, k) / "mix_natural.json"
+    save_records(natural_round(work, scale, seed, k), path, image_dir=path.parent)
+    return path
+
+
 def write_stage2_card(folder: Path, rounds: list[str], steps: list[str], final_loss: float,
                       natural: int = 1, notes: dict | None = None) -> None:
     """tiny-llava's model card; `rounds`: the settings and measurements of each round of stage 2, as text;
@@ -636,8 +644,19 @@ def main(argv: list[str] | None = None) -> dict:
                         "--out (the shipped model's last round: `--from-round 13`)")
     p.add_argument("--eval-only", action="store_true", help="measure the weights already in --out")
     p.add_argument("--only", nargs="+", choices=EVALUATIONS, help="with --eval-only: these measurements only")
+    p.add_argument("--natural-data", type=int, metavar="K",
+                   help="build natural-use round K's records only (K=9: <work>-natural9/mix_natural.json, which "
+                        "`make tower-ablation` retrains on), and train nothing")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.natural_data is not None:
+        scale = SCALES[a.scale]
+        if not 1 <= a.natural_data <= scale.natural_rounds:
+            p.error(f"--natural-data: scale {a.scale} has natural-use rounds 1 to {scale.natural_rounds}, "
+                    f"got {a.natural_data}")
+        path = natural_mix(Path(a.work), scale, a.seed, a.natural_data - 1)
+        print(f"natural-use round {a.natural_data}: {path}")
+        return {"natural_data": str(path)}
     if a.only and not a.eval_only:
         p.error("--only goes with --eval-only")
     if a.eval_only and (a.no_eval or a.start != STEPS[0]):
@@ -650,4 +669,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     summary = main()
-    print(json.dumps(summary.get("seconds") or {"eval": summary.get("eval_seconds")}, indent=1))
+    if "natural_data" not in summary:
+        print(json.dumps(summary.get("seconds") or {"eval": summary.get("eval_seconds")}, indent=1))

@@ -57,24 +57,37 @@ def drop_negatives(records: list[Record]) -> list[Record]:
     return out
 
 
-def train_arms(a: argparse.Namespace, runs: dict[str, tuple[Path, dict]]) -> dict[str, float | None]:
+def train_arms(a: argparse.Namespace, runs: dict[str, tuple[Path, dict]], keep=()) -> dict[str, float | None]:
     """An ablation's arms: {arm: (records file, more TrainConfig settings)} -> stage 2 from `a.before`, `a.steps`
     steps of `a.batch_size` at peak rate `a.lr`, each into `a.arms / arm`, with their seconds. An arm whose folder
-    already holds a model is not trained again (it is measured as often as needed) and keeps the seconds that the
-    results file `a.out` has for it, if any."""
+    already holds a model, or named in `keep` (measured by an earlier run), is not trained again and keeps the
+    seconds that the results file `a.out` has for it, if any. Each arm's folder records how it was trained
+    (`arm.json`: its start, its records' sha256, the settings); a folder trained otherwise is refused, not mixed
+    into this run."""
+    import hashlib
+
     from ..training import TrainConfig, train
 
     out = Path(a.out)
     seconds = read_json(out, what="results file").get("train_seconds", {}) if out.is_file() else {}
     for arm, (data, settings) in runs.items():
         folder = Path(a.arms) / arm
+        how = {"before": str(a.before), "records_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
+               "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed, **settings}
         if (folder / "model.safetensors").is_file():
+            had = read_json(folder / "arm.json", what="arm record") if (folder / "arm.json").is_file() else None
+            if had != how:
+                raise SystemExit(f"arm '{arm}' in {folder}: trained {'otherwise' if had else 'by an unknown run'} "
+                                 f"({had}), not as this run asks ({how}); remove the folder to train it again")
+            continue
+        if arm in keep:
             continue
         t = time.perf_counter()
         train(TrainConfig(stage=2, data=str(data), out=str(folder), init=a.before, seed=a.seed, device=a.device,
                           batch_size=a.batch_size, micro_batch_size=a.batch_size, max_steps=a.steps, lr=a.lr,
                           **settings))
         seconds[arm] = time.perf_counter() - t
+        write_json(folder / "arm.json", how)
     return {arm: seconds.get(arm) for arm in runs}
 
 

@@ -8,22 +8,26 @@ answers far worse than on the test split. Two questions, measured here:
    regression on the feature layer's flattened patch features, trained on `--n-probe` pictures, scored on half as
    many others) reads the first object's (the top-left-most's) shape, colour and size: from ShapesWorld's
    pictures, from `varied` ones and from redrawn ones, and trained on ShapesWorld's, from redrawn ones.
-2. Does training on more varied pictures help, and does it need the tower to train? From tiny-llava, two arms
-   train on the first `--steps` x `--batch-size` records of `--data` for the same steps with the same seed, each
-   single-picture record's picture re-rendered with probability 1/2 by ShapesWorld's own renderer with wider
-   jitter (`varied`: any rotation, shades up to 25 levels off, darker and more saturated backgrounds with more
-   noise and a wider gradient), the rest as they were. Arm "frozen" trains projector and language model, as
-   LLaVA-1.5 does; arm "tower" trains the tower too, at a fifth of the rate (`vision_lr`, OneVision's ratio).
-   Each arm, and the start, answers the test records' questions on ShapesWorld's pictures, on varied ones and
-   on redrawn ones. (With a natural-use round's records, the start has trained on them already: part of what
-   the arms change may come from training again at all; this tool runs no arm without varied pictures.)
+2. Does training on more varied pictures help, and does it need the tower to train? From tiny-llava, three arms
+   train on the first `--steps` x `--batch-size` records of `--data` for the same steps with the same seed. Arm
+   "control" trains on them as they are (projector and language model, as LLaVA-1.5 does): what training again
+   at all changes. The other two see each single-picture record's picture re-rendered with probability 1/2 by
+   ShapesWorld's own renderer with wider jitter (`varied`: any rotation, shades up to 25 levels off, darker and
+   more saturated backgrounds with more noise and a wider gradient), the rest as they were: arm "frozen" trains
+   what the control does; arm "tower" trains the tower too, at a fifth of the rate (`vision_lr`, OneVision's
+   ratio). Each arm, and the start, answers the test records' questions on ShapesWorld's pictures, on varied
+   ones and on redrawn ones.
 
 The redrawn pictures still differ from anything trained on: shapes off-centre in their cell and of varying size,
-outlines, aliased edges, two-tone backgrounds, other image sizes. Arms already in `--arms` are measured again,
-not retrained. Run (about 65 minutes on 2 CPU cores, 46 of them training):
+other proportions, outlines, aliased edges, two-tone backgrounds, other image sizes (`python -m
+minillava.tools.redrawn --factors` measures which of these costs what). Arms already in `--arms` are measured
+again, not retrained; an arm whose folder is gone but which `--out` holds, measured with the same settings, is
+kept as measured there (a key that an older file lacks counts as its default). Run (about 90 minutes on 2 CPU
+cores, 66 of them training; `make tower-ablation` builds the records first, the round's with `python -m
+minillava.tools.build_zoo --natural-data 9` and the test split's, as `make zoo` builds it, into a folder of its own):
 
     python -m minillava.tools.tower_ablation --data build/shapesworld-natural9/mix_natural.json \
-        --steps 600 --out data/results/tower_ablation.json
+        --test build/shapesworld-test/instruct_test.json --steps 600 --out data/results/tower_ablation.json
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ import torch
 
 from ..data import shapesworld as sw
 from ..data.records import Record, load_records, save_records
-from ..utils import atomic_file, write_json
-from .ablations import weights_digest
+from ..utils import atomic_file, read_json, write_json
+from ..zoo import weights_digest
 from .negatives import train_arms
-from .redrawn import SIZES, redraw, shade
 from .redrawn import evaluate as evaluate_redrawn
+from .redrawn import redraw, shade
 
 PROBED = ("shape", "color", "size")
+ARMS = ("control", "frozen", "tower")  # the trained arms (and "before", their start)
 
 
 def varied(scene: sw.Scene, rng: np.random.Generator) -> sw.Scene:
@@ -90,7 +95,7 @@ def pictures(path: str | Path, n: int = 5, seed: int = 0) -> None:
     scenes = [sw.sample_scene(rng) for _ in range(n)]
     rows = {"ShapesWorld's renderer (what tiny-clip saw)": [sw.render(s) for s in scenes],
             "varied (half of the arms' training pictures)": [vary(s, rng) for s in scenes],
-            "redrawn by other code (the check)": [redraw(s, rng, int(rng.choice(SIZES))) for s in scenes]}
+            "redrawn by other code (the check)": [redraw(s, rng) for s in scenes]}
     fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.4))
     for row, (title, images) in zip(axes, rows.items()):
         for ax, img in zip(row, images):
@@ -135,7 +140,7 @@ def probes(model, processor, n_train: int = 2000, n_test: int = 1000, seed: int 
               "color": [list(sw.COLORS).index(s.objects[0].color) for s in scenes],
               "size": [list(sw.SIZES).index(s.objects[0].size) for s in scenes]}
     rendered = _features(model, processor, [sw.render(s) for s in scenes])
-    redrawn = _features(model, processor, [redraw(s, rng, int(rng.choice(SIZES))) for s in scenes])
+    redrawn = _features(model, processor, [redraw(s, rng) for s in scenes])
     turned = _features(model, processor, [vary(s, rng) for s in scenes])
     tr, te = slice(0, n_train), slice(n_train, None)
     out = {}
@@ -185,16 +190,24 @@ def main(argv: list[str] | None = None) -> dict:
     a.arms = arms = Path(a.arms).resolve()  # the mix names its pictures relative to itself
     records = load_records(Path(a.data).resolve())[: a.steps * a.batch_size]
     mix = varied_records(records, arms / "images", seed=a.seed)
-    path = arms / "mix_varied.json"
+    path, plain = arms / "mix_varied.json", arms / "mix_plain.json"
     save_records(mix, path, image_dir=path.parent)
-    seconds = train_arms(a, {"frozen": (path, {}), "tower": (path, {"vision_lr": a.lr * a.vision_ratio})})
+    save_records(records, plain, image_dir=plain.parent)
     test = load_records(a.test)[: a.n_eval]
-    result = {"before_sha256": weights_digest(a.before), "steps": a.steps, "batch_size": a.batch_size,
-              "lr": a.lr, "vision_lr": a.lr * a.vision_ratio,
-              "records": len(mix), "varied": sum(bool(r.meta.get("varied")) for r in mix),
-              "train_seconds": seconds, "n_eval_records": len(test),
-              "arms": {arm: measure(src, test, a.n_probe) for arm, src in
-                       (("before", a.before), ("frozen", arms / "frozen"), ("tower", arms / "tower"))},
+    settings = {"before_sha256": weights_digest(a.before), "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
+                "vision_lr": a.lr * a.vision_ratio, "seed": a.seed, "records": len(mix),
+                "varied": sum(bool(r.meta.get("varied")) for r in mix), "n_eval_records": len(test),
+                "n_probe": a.n_probe}
+    earlier = read_json(a.out, what="results file") if Path(a.out).is_file() else {}
+    keep = [arm for arm in ARMS if arm in earlier.get("arms", {}) and not (arms / arm / "model.safetensors").is_file()
+            and all(earlier.get(k, v) == v for k, v in settings.items())]
+    if keep:
+        print(f"kept as measured in {a.out} (same settings; their folders are gone): {', '.join(keep)}")
+    seconds = train_arms(a, {"control": (plain, {}), "frozen": (path, {}),
+                             "tower": (path, {"vision_lr": a.lr * a.vision_ratio})}, keep)
+    result = {**settings, "train_seconds": seconds, "kept": keep,
+              "arms": {arm: earlier["arms"][arm] if arm in keep else measure(src, test, a.n_probe) for arm, src in
+                       (("before", a.before), *((arm, arms / arm) for arm in ARMS))},
               "command": "python -m minillava.tools.tower_ablation " + " ".join(sys.argv[1:] if argv is None else argv)}
     write_json(a.out, result)
     pictures(Path(a.out).with_suffix(".png"))

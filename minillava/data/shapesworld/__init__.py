@@ -6,7 +6,7 @@ stage 2 (LLaVA-Instruct-150K, llava_v1_5_mix665k). Real images need GPUs; Shapes
 square, triangle, star) in six colours and two sizes, on a pale textured background. Everything an answer
 depends on lives in a `Scene`, so every answer is computed, exact and short ("Red.", "3.", "Top left.").
 
-* The world: `sample_scene`, `render`, `bbox`, `caption`, `describe`, `change_scene`.
+* The world: `sample_scene`, `render` (`paint`, `geometry`, `polygon`), `bbox`, `caption`, `describe`, `change_scene`.
 * In memory: `generate_records(split, n, seed)` -> caption and instruction records (LLaVA's "conversation",
   "detail" and "reasoning" kinds, plus two-image questions) and the scene of every image they name;
   `text_chats(n, seed)` -> text-only chats (scenes told in words, `tell`) for pretraining the language model.
@@ -64,8 +64,11 @@ from .scenes import (
     combo_frequencies,
     cooccurrence_counts,
     describe,
+    geometry,
     hard_negative,
     objects_present,
+    paint,
+    polygon,
     render,
     render_background,
     sample_scene,

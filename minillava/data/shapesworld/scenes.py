@@ -191,13 +191,13 @@ def _cooccurring(combos: list, rng: np.random.Generator, p: float, exclude) -> l
     return combos
 
 
-def _geometry(o: Obj, image_size: int) -> tuple[float, float, float]:
+def geometry(o: Obj, image_size: int) -> tuple[float, float, float]:
     """(cx, cy, r) in pixels: the centre of the object's cell and its nominal radius."""
     cell = image_size / 3
     return (o.cell[1] + 0.5) * cell, (o.cell[0] + 0.5) * cell, SIZES[o.size] * image_size
 
 
-def _polygon(o: Obj, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+def polygon(o: Obj, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     """Corner points of a square, triangle or star that fits inside the box (cx +- r, cy +- r)."""
     if o.shape == "square":  # half side 0.8 r: still inside the box when rotated by up to 17 degrees
         radii, start, cy0 = [0.8 * 2**0.5 * r] * 4, 45.0, cy
@@ -221,27 +221,33 @@ def render_background(bg: Background, size: int = 64) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
 
 
-def render(scene: Scene) -> Image.Image:
-    """Scene -> an RGB image of `scene.size` pixels. A pure function of the scene (noise is seeded in it)."""
-    S, k = scene.size, SUPERSAMPLE
-    base = render_background(scene.background, S).convert("RGBA")
+def paint(base: Image.Image, shapes, k: int = SUPERSAMPLE) -> Image.Image:
+    """`base` (a square RGB image) with what `shapes(draw, k)` draws on a transparent layer k times its size,
+    reduced to its size: anti-aliased edges (k=1: drawn at its size, aliased)."""
+    S = base.size[0]
     layer = Image.new("RGBA", (S * k, S * k), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    for o in scene.objects:
-        cx, cy, r = (v * k for v in _geometry(o, S))
-        fill = (*(o.rgb or COLORS[o.color]), 255)
-        if o.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            draw.polygon(_polygon(o, cx, cy, r), fill=fill)
+    shapes(ImageDraw.Draw(layer), k)
     # LANCZOS after a 2x box reduction (reducing_gap): half the time, same look. Pillow premultiplies alpha.
     layer = layer.resize((S, S), Image.Resampling.LANCZOS, reducing_gap=2.0)
-    return Image.alpha_composite(base, layer).convert("RGB")
+    return Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
+
+
+def render(scene: Scene) -> Image.Image:
+    """Scene -> an RGB image of `scene.size` pixels. A pure function of the scene (noise is seeded in it)."""
+    def shapes(draw: ImageDraw.ImageDraw, k: int) -> None:
+        for o in scene.objects:
+            cx, cy, r = (v * k for v in geometry(o, scene.size))
+            fill = (*(o.rgb or COLORS[o.color]), 255)
+            if o.shape == "circle":
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            else:
+                draw.polygon(polygon(o, cx, cy, r), fill=fill)
+    return paint(render_background(scene.background, scene.size), shapes)
 
 
 def bbox(obj: Obj, image_size: int = 64) -> str:
     """LLaVA-1.5's grounding answer: the object's box as normalised '[x1, y1, x2, y2]', two decimals."""
-    cx, cy, r = _geometry(obj, image_size)
+    cx, cy, r = geometry(obj, image_size)
     box = [min(max(v / image_size, 0.0), 1.0) for v in (cx - r, cy - r, cx + r, cy + r)]
     return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
 
