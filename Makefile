@@ -120,7 +120,7 @@ told-comparisons: $(STAMP)
 
 # Regenerate data/results/tower_ablation.json and .png (chapter 10.2): tiny-llava trained again on a natural-use
 # round's records, as they are or with half their pictures varied, its vision tower frozen or trained, measured on
-# pictures drawn by other code; about 90 minutes on 2 CPU cores (66 of them training), after building the records.
+# pictures drawn by other code; about 90 minutes on 2 CPU cores (65 of them training), after building the records.
 tower-ablation: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.build_zoo --natural-data 9
 	$(RUN_ENV) $(BIN)/python -m minillava.data.shapesworld build/shapesworld-test --n-train 0 --n-val 0 --n-comp 0 \
@@ -129,7 +129,7 @@ tower-ablation: $(STAMP)
 	  --test build/shapesworld-test/instruct_test.json --steps 600 --out data/results/tower_ablation.json
 
 # Regenerate data/results/redrawn_factors.json and .png (chapter 10.2): tiny-llava's test questions on pictures
-# redrawn one difference at a time; about 25 minutes on 2 CPU cores.
+# redrawn one difference at a time; about 26 minutes on 2 CPU cores.
 redrawn-factors: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.redrawn --factors --n 1000 --out data/results/redrawn_factors.json
 

@@ -100,12 +100,20 @@ def test_the_tool_trains_three_arms_keeps_what_it_measured_and_refuses_bad_sizes
     again = tower_ablation(args)  # the arms are there: measured again, not retrained, their times kept
     assert again["train_seconds"] == result["train_seconds"] and all(s > 0 for s in again["train_seconds"].values())
     assert again["arms"]["tower"]["test"] == result["arms"]["tower"]["test"]
-    shutil.rmtree(tmp_path / "arms" / "frozen")  # its folder gone, its measurement in --out: kept, not retrained
-    kept = tower_ablation(args)
+    shutil.rmtree(tmp_path / "arms" / "frozen")  # its folder gone, its measurement in --out: kept, if asked
+    kept = tower_ablation([*args, "--keep-measured"])
     assert kept["kept"] == ["frozen"] and kept["arms"]["frozen"] == result["arms"]["frozen"]
     assert not (tmp_path / "arms" / "frozen").exists() and "kept as measured" in capsys.readouterr().out
+    sw.build(tmp_path / "w2", n_train=0, n_val=0, n_test=3, n_comp=0, n_para=0, n_multiturn=0, n_cooccur=0,
+             n_text=0, n_text_val=0, seed=1)  # other test records, as many
+    other = [*args[:3], str(tmp_path / "w2" / "instruct_test.json"), *args[4:], "--keep-measured"]
+    assert tower_ablation(other)["kept"] == [] and (tmp_path / "arms" / "frozen").is_dir()  # trained again
+    assert "other settings (test_sha256): nothing kept" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"arm 'control' in .*control: trained otherwise .* remove the folder"):
         tower_ablation([*args[:-2], "--lr", "1e-4", "--out", str(tmp_path / "other.json")])  # other settings
+    (tmp_path / "arms" / "tower" / "arm.json").unlink()  # a folder with no record of how it was trained
+    with pytest.raises(SystemExit, match=r"arm 'tower' in .*tower: trained by an unknown run"):
+        tower_ablation(args)
     with pytest.raises(SystemExit, match="--n-probe: must be at least 2, got 1"):
         tower_ablation(["--data", "x.json", "--n-probe", "1"])
 

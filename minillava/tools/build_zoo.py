@@ -468,7 +468,7 @@ def natural_round(work: Path, scale: Scale, seed: int, k: int = 0) -> list:
 
 def natural_mix(work: Path, scale: Scale, seed: int, k: int = 0) -> Path:
     """Natural-use round `k`'s training file, `natural_folder(work, k)/mix_natural.json` beside its images, as the
-    round trained on it (built if missing; nothing is trained)."""
+    round trained on it (the round's data folder built if missing, the file written again; nothing is trained)."""
     path = natural_folder(work, k) / "mix_natural.json"
     save_records(natural_round(work, scale, seed, k), path, image_dir=path.parent)
     return path

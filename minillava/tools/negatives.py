@@ -12,7 +12,8 @@ bias, and on the true-premise questions:
         --data build/shapesworld-natural/mix_natural.json --steps 500 --out data/results/negatives_ablation.json
 
 `--steps` keeps the two runs short (the shipped round is 1,937 steps); on 2 CPU cores each 500 steps take
-about 12 minutes.
+about 12 minutes. Arms already in `--arms` are measured again, not retrained, if their `arm.json` says they were
+trained as this run asks; a folder trained otherwise, or before the tool wrote that record, is refused (remove it).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..data import shapesworld as sw
 from ..data.records import Record, load_records, save_records
 from ..evaluation import exact_match
 from ..utils import read_json, write_json
+from ..zoo import weights_digest
 
 LRV = ("LRV-Instruction (Liu et al., ICLR 2024): LMMs hallucinate most on negative instructions; fine-tuning on a "
        "mix of positive and negative instructions reduces hallucination while keeping or improving accuracy on "
@@ -62,8 +64,8 @@ def train_arms(a: argparse.Namespace, runs: dict[str, tuple[Path, dict]], keep=(
     steps of `a.batch_size` at peak rate `a.lr`, each into `a.arms / arm`, with their seconds. An arm whose folder
     already holds a model, or named in `keep` (measured by an earlier run), is not trained again and keeps the
     seconds that the results file `a.out` has for it, if any. Each arm's folder records how it was trained
-    (`arm.json`: its start, its records' sha256, the settings); a folder trained otherwise is refused, not mixed
-    into this run."""
+    (`arm.json`: its start and the start's weights, its records' sha256, the settings); a folder trained otherwise,
+    or with no such record (trained before the tools wrote one), is refused, not mixed into this run."""
     import hashlib
 
     from ..training import TrainConfig, train
@@ -72,7 +74,8 @@ def train_arms(a: argparse.Namespace, runs: dict[str, tuple[Path, dict]], keep=(
     seconds = read_json(out, what="results file").get("train_seconds", {}) if out.is_file() else {}
     for arm, (data, settings) in runs.items():
         folder = Path(a.arms) / arm
-        how = {"before": str(a.before), "records_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
+        how = {"before": str(a.before), "before_sha256": weights_digest(a.before),
+               "records_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
                "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed, **settings}
         if (folder / "model.safetensors").is_file():
             had = read_json(folder / "arm.json", what="arm record") if (folder / "arm.json").is_file() else None

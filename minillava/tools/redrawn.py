@@ -10,7 +10,7 @@ bounding boxes (the geometry moved), whose turns are kept as history only.
     python -m minillava.tools.redrawn [--model tiny-llava] [--n 300] [--out data/results/redrawn.json]
 
 Which of those differences costs what: `redraw` can paint any of its `FACTORS` ShapesWorld's way instead, and
-`--factors` measures each alone and every one but each, on the same random draws (about 25 min on 2 CPU cores):
+`--factors` measures each alone and every one but each, on the same random draws (about 26 min on 2 CPU cores):
 
     python -m minillava.tools.redrawn --factors --n 1000 --out data/results/redrawn_factors.json
 """

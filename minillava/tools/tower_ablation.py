@@ -21,10 +21,12 @@ answers far worse than on the test split. Two questions, measured here:
 The redrawn pictures still differ from anything trained on: shapes off-centre in their cell and of varying size,
 other proportions, outlines, aliased edges, two-tone backgrounds, other image sizes (`python -m
 minillava.tools.redrawn --factors` measures which of these costs what). Arms already in `--arms` are measured
-again, not retrained; an arm whose folder is gone but which `--out` holds, measured with the same settings, is
-kept as measured there (a key that an older file lacks counts as its default). Run (about 90 minutes on 2 CPU
-cores, 66 of them training; `make tower-ablation` builds the records first, the round's with `python -m
-minillava.tools.build_zoo --natural-data 9` and the test split's, as `make zoo` builds it, into a folder of its own):
+again, not retrained, if they were trained as this run asks (`arm.json`). With `--keep-measured`, an arm whose
+folder is gone but which `--out` measured with the same settings (the start's weights, the training and test
+records by digest, steps, rates, seed and sizes) is kept as measured there, provided the start answers exactly as it
+did then. Run (about 90 minutes on 2 CPU cores, 65 of them training; `make tower-ablation` builds the records
+first, the round's with `python -m minillava.tools.build_zoo --natural-data 9` and the test split's, as `make zoo`
+builds it, into a folder of its own):
 
     python -m minillava.tools.tower_ablation --data build/shapesworld-natural9/mix_natural.json \
         --test build/shapesworld-test/instruct_test.json --steps 600 --out data/results/tower_ablation.json
@@ -35,6 +37,8 @@ from __future__ import annotations
 import argparse
 import colorsys
 import dataclasses
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -153,6 +157,12 @@ def probes(model, processor, n_train: int = 2000, n_test: int = 1000, seed: int 
     return out
 
 
+def records_digest(records: list[Record]) -> str:
+    """The first 16 hex digits of the sha256 of the records' ids, messages and image names: which records."""
+    key = [(r.id, r.messages, [Path(i).name for i in r.images]) for r in records]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
 def measure(model_dir, test: list[Record], n_probe: int = 2000, progress: bool = True) -> dict:
     """VQA exact match on the test records' pictures, on the same scenes `varied` (as half the arms' training
     pictures were) and redrawn, and the tower's probes (trained on `n_probe` pictures, scored on half as many)."""
@@ -170,7 +180,7 @@ def measure(model_dir, test: list[Record], n_probe: int = 2000, progress: bool =
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m minillava.tools.tower_ablation", description=__doc__.splitlines()[0])
-    p.add_argument("--before", default="tiny-llava", help="both arms' start")
+    p.add_argument("--before", default="tiny-llava", help="the arms' start")
     p.add_argument("--data", required=True, help="training records with ShapesWorld scenes (a natural-use round's)")
     p.add_argument("--test", default="build/shapesworld/instruct_test.json", help="ShapesWorld test records")
     p.add_argument("--arms", default="build/tower_ablation", help="where the arms and their pictures go")
@@ -183,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="data/results/tower_ablation.json")
     p.add_argument("--device", default=None)
+    p.add_argument("--keep-measured", action="store_true",
+                   help="keep the arms that --out measured with the same settings and whose folders are gone")
     a = p.parse_args(argv)
     for name, value, least in (("steps", a.steps, 1), ("n-eval", a.n_eval, 1), ("n-probe", a.n_probe, 2)):
         if value < least:
@@ -194,20 +206,28 @@ def main(argv: list[str] | None = None) -> dict:
     save_records(mix, path, image_dir=path.parent)
     save_records(records, plain, image_dir=plain.parent)
     test = load_records(a.test)[: a.n_eval]
-    settings = {"before_sha256": weights_digest(a.before), "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
+    settings = {"before_sha256": weights_digest(a.before), "data_sha256": records_digest(records),
+                "test_sha256": records_digest(test), "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
                 "vision_lr": a.lr * a.vision_ratio, "seed": a.seed, "records": len(mix),
                 "varied": sum(bool(r.meta.get("varied")) for r in mix), "n_eval_records": len(test),
                 "n_probe": a.n_probe}
-    earlier = read_json(a.out, what="results file") if Path(a.out).is_file() else {}
-    keep = [arm for arm in ARMS if arm in earlier.get("arms", {}) and not (arms / arm / "model.safetensors").is_file()
-            and all(earlier.get(k, v) == v for k, v in settings.items())]
+    earlier = read_json(a.out, what="results file") if a.keep_measured and Path(a.out).is_file() else {}
+    if differs := [k for k, v in settings.items() if earlier and earlier.get(k) != v]:
+        print(f"--keep-measured: {a.out} was measured with other settings ({', '.join(differs)}): nothing kept")
+    keep = [arm for arm in ARMS if earlier and not differs and arm in earlier.get("arms", {})
+            and not (arms / arm / "model.safetensors").is_file()]
     if keep:
-        print(f"kept as measured in {a.out} (same settings; their folders are gone): {', '.join(keep)}")
+        print(f"kept as measured in {a.out} (the same settings; their folders are gone): {', '.join(keep)}")
     seconds = train_arms(a, {"control": (plain, {}), "frozen": (path, {}),
                              "tower": (path, {"vision_lr": a.lr * a.vision_ratio})}, keep)
+    measured = {arm: measure(src, test, a.n_probe) for arm, src in (("before", a.before),
+                                                                     *((arm, arms / arm) for arm in ARMS))
+                if arm not in keep}
+    if keep and measured["before"] != earlier["arms"]["before"]:
+        raise SystemExit(f"--keep-measured: the start answers otherwise than when {a.out} was measured, so its kept "
+                         "arms would not compare with this run's; run without --keep-measured")
     result = {**settings, "train_seconds": seconds, "kept": keep,
-              "arms": {arm: earlier["arms"][arm] if arm in keep else measure(src, test, a.n_probe) for arm, src in
-                       (("before", a.before), *((arm, arms / arm) for arm in ARMS))},
+              "arms": {arm: measured.get(arm) or earlier["arms"][arm] for arm in ("before", *ARMS)},
               "command": "python -m minillava.tools.tower_ablation " + " ".join(sys.argv[1:] if argv is None else argv)}
     write_json(a.out, result)
     pictures(Path(a.out).with_suffix(".png"))
