@@ -19,6 +19,7 @@ trained as this run asks; a folder trained otherwise, or before the tool wrote t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -66,15 +67,14 @@ def train_arms(a: argparse.Namespace, runs: dict[str, tuple[Path, dict]], keep=(
     seconds that the results file `a.out` has for it, if any. Each arm's folder records how it was trained
     (`arm.json`: its start and the start's weights, its records' sha256, the settings); a folder trained otherwise,
     or with no such record (trained before the tools wrote one), is refused, not mixed into this run."""
-    import hashlib
-
     from ..training import TrainConfig, train
 
     out = Path(a.out)
     seconds = read_json(out, what="results file").get("train_seconds", {}) if out.is_file() else {}
+    start = {"before": str(a.before), "before_sha256": weights_digest(a.before)}
     for arm, (data, settings) in runs.items():
         folder = Path(a.arms) / arm
-        how = {"before": str(a.before), "before_sha256": weights_digest(a.before),
+        how = {**start,
                "records_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
                "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed, **settings}
         if (folder / "model.safetensors").is_file():
