@@ -29,7 +29,7 @@ BOOK_SRC   := build/book
 BOOK_HTML  := _build/html
 NB_TIMEOUT ?= 600
 
-.PHONY: venv lint test test-fast book check-book zoo smol-llava zoo-eval ablations negatives told-comparisons tower-ablation redrawn-factors clean distclean
+.PHONY: venv lint test test-fast book check-book zoo smol-llava zoo-eval ablations negatives told-comparisons reasoned-ablation tower-ablation redrawn-factors clean distclean
 
 venv: $(STAMP)
 
@@ -114,9 +114,19 @@ negatives: $(STAMP)
 
 # Regenerate data/results/told_comparisons.json (chapter 7.6): named comparisons about scenes told in words, the
 # language models of tiny-llava-stage1 (tiny-lm) and tiny-llava fine-tuned on them alone, scored as they learn;
-# 73 minutes on 2 CPU cores.
+# 73 minutes on 2 CPU cores. Then told_comparisons_reasoned.json: tiny-llava's, on the same comparisons answered
+# step by step; 19 minutes.
 told-comparisons: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.told_comparisons --steps 3000 --out data/results/told_comparisons.json
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.told_comparisons --start tiny-llava --steps 1500 --reasoned \
+	  --out data/results/told_comparisons_reasoned.json
+
+# Regenerate data/results/reasoned_ablation.json (chapter 7.6): tiny-llava trained again on the first 19,200
+# records of natural-use round 9, as built and with its named comparisons answered step by step, each arm measured
+# on the test, paraphrase and multi-turn splits; about 55 minutes on 2 CPU cores (38 of them training), records
+# built first.
+reasoned-ablation: $(STAMP)
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.reasoned --steps 600 --out data/results/reasoned_ablation.json
 
 # Regenerate data/results/tower_ablation.json and .png (chapter 10.2): tiny-llava trained again on a natural-use
 # round's records, as they are or with half their pictures varied, its vision tower frozen or trained, measured on

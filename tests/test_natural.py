@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from test_shapesworld import attribute, check_answer, parse, resolve_phrase, same
+from test_shapesworld import attribute, check_answer, parse, qa_turns, resolve_phrase, same
 
 from minillava import load, zoo
 from minillava.data import shapesworld as sw
@@ -23,8 +23,10 @@ from minillava.data.shapesworld import (
 )
 from minillava.evaluation import questions
 from minillava.tools.negatives import drop_negatives
+from minillava.tools.reasoned import aligned
+from minillava.tools.reasoned import main as reasoned_ablation
 from minillava.tools.redrawn import redraw, redrawn_records
-from minillava.tools.told_comparisons import GROUPS, lm_digest, told_chats
+from minillava.tools.told_comparisons import GROUPS, conclusions, lm_digest, told_chats
 from minillava.tools.told_comparisons import main as told_comparisons
 
 ATTRS = ("color", "shape", "position", "size")
@@ -352,6 +354,24 @@ def test_told_comparisons_tell_the_whole_scene_and_answer_from_it():
     assert set(groups) == {"size", "position", "count"} and min(groups.values()) >= 40, groups
 
 
+def test_told_comparisons_step_by_step_are_the_same_chats_and_score_their_conclusions():
+    plain, steps = told_chats(200, seed=3), told_chats(200, seed=3, reasoned=True)
+    changed = 0
+    for r, s in zip(plain, steps, strict=True):
+        assert (r.id, r.messages[0], r.meta) == (s.id, s.messages[0], s.meta)
+        (group,) = r.meta["qtypes"]
+        a, b = r.messages[1]["content"], s.messages[1]["content"]
+        assert (a == b) == (group == "count"), (a, b)  # counts have no step to say
+        changed += a != b
+        check_answer(s.messages[0]["content"].split(". ", 1)[1], b, "compare_named", Scene.from_dict(s.meta["scene"]))
+    assert changed >= 100
+    reference = "The circle is small and the square is large, so the square is bigger."
+    rows = [{"qtype": "size", "answer": a, "reference": reference} for a in (
+        "The circle is large and the square is large, so the square is bigger.",  # a wrong step, a right conclusion
+        "The square.", "The circle is small and the square is large, so the circle is bigger.")]
+    assert conclusions(rows) == {"size conclusion": 2 / 3, "size steps": 1 / 3, "size conclusion, steps right": 0.0}
+
+
 def test_told_comparisons_tool_measures_a_curve_and_refuses_bad_sizes(tmp_path, capsys):
     out = tmp_path / "told.json"
     assert told_comparisons(["--start", "tiny-llava", "--steps", "2", "--every", "1", "--batch", "2",
@@ -367,11 +387,14 @@ def test_told_comparisons_tool_measures_a_curve_and_refuses_bad_sizes(tmp_path, 
     assert "--steps must be at least 1, got 0" in capsys.readouterr().err
 
 
-def test_the_shipped_told_comparisons_measured_the_shipped_models_on_todays_chats():
-    """data/results/told_comparisons.json (chapter 7.6): its held-out chats are the ones the generator draws today
-    and its starts are the shipped weights; a rebuilt zoo needs `make told-comparisons` again."""
-    saved = json.loads((zoo.data_dir() / "results" / "told_comparisons.json").read_text())
-    held_out = told_chats(saved["eval"]["n"], seed=1)
+@pytest.mark.parametrize("name", ["told_comparisons", "told_comparisons_reasoned"])
+def test_the_shipped_told_comparisons_measured_the_shipped_models_on_todays_chats(name):
+    """data/results/told_comparisons*.json (chapter 7.6): their held-out chats are the ones the generator draws
+    today (one-step or step-by-step answers) and their starts are the shipped weights; a rebuilt zoo needs `make
+    told-comparisons` again."""
+    saved = json.loads((zoo.data_dir() / "results" / f"{name}.json").read_text())
+    assert saved["settings"].get("reasoned", False) == name.endswith("reasoned")
+    held_out = told_chats(saved["eval"]["n"], seed=1, reasoned=name.endswith("reasoned"))
     assert saved["eval"]["example"] == held_out[0].messages
     assert saved["eval"]["by_group"] == dict(Counter(r.meta["qtypes"][0] for r in held_out))
     for start, run in saved["runs"].items():
@@ -379,3 +402,52 @@ def test_the_shipped_told_comparisons_measured_the_shipped_models_on_todays_chat
         steps = [row["step"] for row in run["curve"]]
         last = saved["settings"]["steps"]
         assert steps == sorted({*range(0, last + 1, saved["settings"]["every"]), last})
+
+
+@pytest.mark.parametrize("split", ["train", "test", "paraphrase", "multiturn"])
+def test_reasoned_comparisons_say_each_object_first_and_change_nothing_else(split):
+    kw = dict(weights=sw.NATURAL_WEIGHTS, more_phrasings=True, short_p=0.35) if split == "train" else {}
+    plain = generate_records(split, 300, seed=5, **kw).instruct
+    steps = generate_records(split, 300, seed=5, reasoned=True, **kw).instruct
+    said, short = 0, 0
+    for r, s in zip(plain, steps, strict=True):
+        assert (r.id, r.images, r.meta) == (s.id, s.images, s.meta)
+        for m, n, t in zip(r.messages[1::2], s.messages[1::2], r.meta["qtypes"], strict=True):
+            if m != n:  # only a named comparison, answered step by step; its conclusion is the one-step answer
+                assert t in ("compare_named", "context") and ", so " in n["content"], (m, n)
+                assert sw.short_form(n["content"]) == sw.short_form(m["content"])
+                said += 1
+        assert r.messages[0::2] == s.messages[0::2]  # the same questions
+        short += sum(q["content"].endswith(SHORT_ANSWER) and t == "compare_named"
+                     for q, t in zip(s.messages[0::2], s.meta["qtypes"]))
+    assert said >= 10, said
+    assert split != "train" or short >= 3, short  # suffixed named comparisons keep their one-word answer
+    for q, a, t, scene in qa_turns(steps):  # every answer, steps included, recomputed from the scene
+        if t == "compare_named" and scene is not None:
+            check_answer(q, a, t, scene[0] if isinstance(scene, list) else scene)
+    assert aligned(plain, steps) == said
+    other = [Record(r.id, r.images, [*r.messages[:-1], {"role": "assistant", "content": "Red, so blue."}], r.meta)
+             for r in steps]
+    with pytest.raises(ValueError, match=f"record '{plain[0].id}'"):
+        aligned(plain, other)
+
+
+def test_the_shipped_reasoned_ablation_started_from_the_shipped_model_on_todays_splits():
+    """data/results/reasoned_ablation.json (chapter 7.6): both arms started from the shipped tiny-llava, and the
+    step-by-step references it was scored against are the ones the generator writes today."""
+    saved = json.loads((zoo.data_dir() / "results" / "reasoned_ablation.json").read_text())
+    assert saved["settings"]["before_sha256"] == zoo.weights_digest(saved["settings"]["before"])
+    for arm, reasoned in (("control", False), ("reasoned", True)):
+        examples = saved["arms"][arm]["test"]["examples"]
+        n = max(int(e["id"].rsplit("-", 1)[1]) for e in examples) + 1
+        records = {r.id: r for r in generate_records("test", n, reasoned=reasoned).instruct}
+        for e in examples:
+            assert records[e["id"]].messages[2 * e["turn"] + 1]["content"] == e["reference"], (arm, e)
+        assert any(", so " in e["reference"] for e in examples) == reasoned
+
+
+def test_reasoned_ablation_refuses_bad_settings(capsys):
+    for argv, said in ((["--steps", "0"], "--steps"), (["--round", "10"], "--round")):
+        with pytest.raises(SystemExit):
+            reasoned_ablation(argv)
+        assert said in capsys.readouterr().err

@@ -195,6 +195,15 @@ def check_answer(q: str, a: str, t: str, scene: Scene):
                 (x,), (y,) = resolve_phrase(slots["{a}"], scene), resolve_phrase(slots["{b}"], scene)
                 key, sign = KEYS[slots["{more}"]]
                 d = sign * (key(x) - key(y))
+                if ", so " in a:  # step by step (`Ctx.reasoned`): each object's size or place, then the conclusion
+                    said = [(o.size if slots["{more}"] in ("bigger", "larger", "smaller") else WHERE[o.position])
+                            for o in (x, y)]
+                    steps, conclusion = a.split(", so ")
+                    assert steps == f"{slots['{a}'].capitalize()} is {said[0]} and {slots['{b}']} is {said[1]}", (q, a)
+                    end = f" is {slots['{more}']}."
+                    a = (conclusion.removeprefix("the answer is ").capitalize() if k == "compare_yn"
+                         else conclusion.capitalize() if d == 0 else
+                         conclusion.removesuffix(end).capitalize() + "." if conclusion.endswith(end) else conclusion)
                 ok = (same(a, "Yes." if d > 0 else "No.") if k == "compare_yn" else
                       a.startswith("They are") if d == 0 else
                       same(a, (slots["{a}"] if d > 0 else slots["{b}"]).capitalize() + "."))

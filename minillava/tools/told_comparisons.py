@@ -15,9 +15,12 @@ model is tiny-lm as it was before any image (stage 1 freezes it), and `tiny-llav
 tuning (whose chats compared shown objects, never told ones).
 
     python -m minillava.tools.told_comparisons [--start tiny-llava-stage1 tiny-llava] [--steps 2000]
-        [--out data/results/told_comparisons.json]
+        [--reasoned] [--out data/results/told_comparisons.json]
 
-On 2 CPU cores `--steps 3000` takes about 36 minutes a start (the shipped result file: 73 minutes for both).
+`--reasoned` answers step by step instead ('The circle is at the top left and the square is at the bottom, so the
+circle is higher.', `Ctx.reasoned`), and each curve row also scores the answers in parts (`conclusions`). On 2
+CPU cores `--steps 3000` takes about 36 minutes a start (the shipped result file: 73 minutes for both); the shipped
+step-by-step file, `--start tiny-llava --steps 1500 --reasoned`, 19 minutes.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from .. import zoo
 from ..data import shapesworld as sw
 from ..data.records import Record
 from ..data.shapesworld import questions as swq
+from ..evaluation import exact_match
 from ..pretrain import chat_loss, fit
 from ..utils import write_json
 
@@ -53,10 +57,11 @@ def group(question: str) -> str:
     return "count"
 
 
-def told_stream(seed: int) -> Iterator[Record]:
+def told_stream(seed: int, reasoned: bool = False) -> Iterator[Record]:
     """One-turn chats without end: a scene told in words, then a named comparison about it (`q_compare_named`),
-    tagged with its `group` as the question type. Deterministic in `seed`."""
-    rng, ctx, k = np.random.default_rng([seed, 7]), swq.Ctx(negatives=False), 0
+    tagged with its `group` as the question type; `reasoned`: answered step by step (`swq.Ctx.reasoned`), the
+    same chats otherwise. Deterministic in `seed`."""
+    rng, ctx, k = np.random.default_rng([seed, 7]), swq.Ctx(negatives=False, reasoned=reasoned), 0
     while True:
         scene = sw.sample_scene(rng)
         qa = swq.q_compare_named(scene, rng, ctx)
@@ -70,17 +75,19 @@ def told_stream(seed: int) -> Iterator[Record]:
         k += 1
 
 
-def told_chats(n: int, seed: int) -> list[Record]:
-    """The first n chats of `told_stream(seed)`."""
-    return list(itertools.islice(told_stream(seed), n))
+def told_chats(n: int, seed: int, reasoned: bool = False) -> list[Record]:
+    """The first n chats of `told_stream(seed, reasoned)`."""
+    return list(itertools.islice(told_stream(seed, reasoned), n))
 
 
 def learning_curve(start: str, steps: int, every: int, batch: int, lr: float, eval_records: list[Record],
-                   seed: int = 0, progress: bool = True) -> dict:
+                   seed: int = 0, progress: bool = True, reasoned: bool = False) -> dict:
     """Fine-tune the language model of zoo model `start` on fresh told chats (`batch` a step, drawn with `seed`)
     and score `eval_records` at step 0 and every `every` steps. Returns {"curve": [{"step", "chats seen",
     "size", "position", "count", "overall"}], "seconds", "final_loss", "weights"} ("weights": `lm_digest` of the
-    language model before fine-tuning, so a reader can tell whether the curve predates the shipped model)."""
+    language model before fine-tuning, so a reader can tell whether the curve predates the shipped model).
+    `reasoned`: trained on step-by-step answers, and each row also scores their conclusions alone against the
+    one-step answers ("size conclusion", ...)."""
     from .. import load
 
     model, processor = load(start)
@@ -97,11 +104,13 @@ def learning_curve(start: str, steps: int, every: int, batch: int, lr: float, ev
         lm.train()
         row = {"step": step, "chats seen": step * batch,
                **{k: v["exact"] for k, v in result["by_type"].items()}, "overall": result["overall"]["exact"]}
+        if reasoned:
+            row.update(conclusions(result["predictions"]))
         curve.append(row)
         print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
               flush=True)
 
-    stream = told_stream(seed)  # drawn as the steps need them
+    stream = told_stream(seed, reasoned)  # drawn as the steps need them
 
     def loss(_generator) -> torch.Tensor:
         rows = [template.tokenize(r.messages, tok, sample_id=r.id) for r in (next(stream) for _ in range(batch))]
@@ -115,6 +124,24 @@ def learning_curve(start: str, steps: int, every: int, batch: int, lr: float, ev
     run = fit(lm, loss, steps, lr, (0.9, 0.95), seed, f"{start} on told comparisons", progress, on_step=measure)
     return {"curve": curve, "seconds": round(run["train_seconds"]), "final_loss": run["curve"][-1]["loss"],
             "weights": digest}
+
+
+def conclusions(predictions: list[dict]) -> dict[str, float]:
+    """Step-by-step answers read in parts, per group: the share whose conclusion (`swq.verdict`) is the one-step
+    answer ("size conclusion"; an answer not in that form counts as its own conclusion), whose steps are the
+    reference's ("size steps": both objects' size or place said right), and whose conclusion is right among
+    those with the steps right ("size conclusion, steps right": the comparison of two words just written)."""
+    said = lambda text: swq.verdict(text) if swq.reasoned(text) else text  # noqa: E731
+    steps = lambda text: text.split(", so ")[0] if swq.reasoned(text) else None  # noqa: E731
+    by: dict[str, list[bool]] = {}
+    for p in predictions:
+        right = exact_match(said(p["answer"]), said(p["reference"]))
+        by.setdefault(f"{p['qtype']} conclusion", []).append(right)
+        if steps(p["reference"]) is not None:
+            by.setdefault(f"{p['qtype']} steps", []).append(steps(p["answer"]) == steps(p["reference"]))
+            if steps(p["answer"]) == steps(p["reference"]):
+                by.setdefault(f"{p['qtype']} conclusion, steps right", []).append(right)
+    return {k: sum(v) / len(v) for k, v in sorted(by.items())}
 
 
 def lm_digest(lm: torch.nn.Module) -> str:
@@ -136,23 +163,25 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (stage 2's natural-use rounds')")
     ap.add_argument("--n-eval", type=int, default=600, help="held-out told comparisons")
     ap.add_argument("--out", type=Path, default=Path("data/results/told_comparisons.json"))
+    ap.add_argument("--reasoned", action="store_true",
+                    help="answers step by step: each object's size or place, then the conclusion (`Ctx.reasoned`)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     for name, v in (("--steps", a.steps), ("--every", a.every), ("--batch", a.batch), ("--n-eval", a.n_eval)):
         if v < 1:
             ap.error(f"{name} must be at least 1, got {v}")
     torch.manual_seed(0)
-    eval_records = told_chats(a.n_eval, seed=1)  # another stream than training's (seed 0)
+    eval_records = told_chats(a.n_eval, seed=1, reasoned=a.reasoned)  # another stream than training's (seed 0)
     counts = {g: sum(r.meta["qtypes"] == [g] for r in eval_records) for g in (*GROUPS, "count")}
     t0, runs = time.perf_counter(), {}
     for start in a.start:
         runs[start] = learning_curve(start, a.steps, a.every, a.batch, a.lr, eval_records,
-                                     progress=not a.no_progress)
+                                     progress=not a.no_progress, reasoned=a.reasoned)
     write_json(a.out, {
         "about": ("Named comparisons about scenes told in words (minillava.tools.told_comparisons): each start's "
                   "language model fine-tuned on such chats alone, exact match on held-out ones along the way."),
         "command": "python -m minillava.tools.told_comparisons " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {"steps": a.steps, "batch": a.batch, "lr": a.lr, "every": a.every},
+        "settings": {"steps": a.steps, "batch": a.batch, "lr": a.lr, "every": a.every, "reasoned": a.reasoned},
         "eval": {"n": a.n_eval, "by_group": counts, "example": eval_records[0].messages},
         "runs": runs})
     last = {s: r["curve"][-1] for s, r in runs.items()}

@@ -276,14 +276,15 @@ _BUCKETS = {"train": range(2, 10), "val": (0,), "test": (1,), "compositional": r
 def generate_records(split: str, n: int, seed: int = 0, image_size: int = 64, kinds=KINDS,
                      image_dir: str | Path = "images", negatives: bool = True,
                      cooccur: float | None = None, weights: dict | None = None, short_p: float = 0.2,
-                     more_phrasings: bool = False) -> SplitData:
+                     more_phrasings: bool = False, reasoned: bool = False) -> SplitData:
     """n images of a split -> one caption record and one instruction record each, plus their scenes.
 
     The instruction record's kind is drawn from `kinds` with `weights` (default KIND_WEIGHTS, which gives the
     natural-use training kinds none; NATURAL_WEIGHTS is their mix); a "multi_image" or "long_pair" record adds a
     second image named '<first>_b.png' (given with the first, or with a later question), a "no_image" record
     has an image only if it comes at a later turn. `short_p`: the share of short-answer questions that carry
-    LLaVA-1.5's suffix; `more_phrasings`: ask `MORE_PHRASINGS` too (a training split only). The "multiturn" split
+    LLaVA-1.5's suffix; `more_phrasings`: ask `MORE_PHRASINGS` too (a training split only); `reasoned`: answer
+    named comparisons step by step (`Ctx.reasoned`; with the suffix, still in a word). The "multiturn" split
     makes three instruction records per image instead (`_multiturn`). Records name images as
     `image_dir / name`. negatives: ask false-premise questions (False for the ablation without them);
     cooccur: the co-occurrence bias of the scenes (default: `COOCCUR_P` in the "cooccur" split, else none).
@@ -311,7 +312,7 @@ def generate_records(split: str, n: int, seed: int = 0, image_size: int = 64, ki
         name, sd = f"{split}_{i:06d}.png", scene.to_dict()
         data.scenes[name] = scene
         ctx = Ctx(exclude, tuple(o for o in scene.objects if (o.color, o.shape) in require),
-                  paraphrase=split == "paraphrase", negatives=negatives, more=more_phrasings)
+                  paraphrase=split == "paraphrase", negatives=negatives, more=more_phrasings, reasoned=reasoned)
         instr = _pick(rng, BRIEF_INSTRUCTIONS)
         user = f"{IMAGE}\n{instr}" if rng.random() < 0.5 else f"{instr}\n{IMAGE}"
         data.captions.append(Record(f"cap-{split}-{i:06d}", [image_dir / name],

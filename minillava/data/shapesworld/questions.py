@@ -182,6 +182,7 @@ class Ctx:
     paraphrase: bool = False
     negatives: bool = True  # false-premise questions (LRV-Instruction's negative instructions)
     more: bool = False  # the natural-use rounds: training also asks `MORE_PHRASINGS`, and "the other one" more often
+    reasoned: bool = False  # named comparisons answered step by step (`reasoned`), not in one word
 
 
 def phrasing(rng, ctx: Ctx, qtype: str) -> str:
@@ -400,10 +401,34 @@ def q_compare_named(scene, rng, ctx):
             q = phrasing(rng, ctx, _pick(rng, ("compare_which", "compare_yn"))).format(a=rx, b=ry, more=more)
             return q, no_such(fake), "false_premise"
     d = sign * (key(x) - key(y))
+    steps = f"{_cap(rx)} is {_said(x, hide)} and {ry} is {_said(y, hide)}, so " if ctx.reasoned else ""
     if rng.random() < 0.5:
-        answer = tie if d == 0 else f"{_cap(rx if d > 0 else ry)}."
-        return phrasing(rng, ctx, "compare_which").format(a=rx, b=ry, more=more), answer
-    return _cap(phrasing(rng, ctx, "compare_yn").format(a=rx, b=ry, more=more)), "Yes." if d > 0 else "No."
+        q = phrasing(rng, ctx, "compare_which").format(a=rx, b=ry, more=more)
+        if steps:
+            return q, steps + (tie[0].lower() + tie[1:] if d == 0 else f"{rx if d > 0 else ry} is {more}.")
+        return q, tie if d == 0 else f"{_cap(rx if d > 0 else ry)}."
+    q = _cap(phrasing(rng, ctx, "compare_yn").format(a=rx, b=ry, more=more))
+    return q, f"{steps}the answer is {'yes' if d > 0 else 'no'}." if steps else "Yes." if d > 0 else "No."
+
+
+def _said(o: Obj, hide: str) -> str:
+    """What a step-by-step comparison says of `o` first: its size ('large') or where it is ('at the top left')."""
+    return o.size if hide == "size" else _where(o.position)
+
+
+def reasoned(answer: str) -> bool:
+    """Whether `answer` is a named comparison answered step by step: 'The circle is small and the red square is
+    large, so the red square is bigger.' (`Ctx.reasoned`)."""
+    return ", so " in answer and " and " in answer.split(", so ")[0]
+
+
+def verdict(answer: str) -> str:
+    """A step-by-step comparison's conclusion as the one-step answer: '..., so the red square is bigger.' -> 'The
+    red square.'; '..., so the answer is no.' -> 'No.'; '..., so they are the same size.' -> that sentence."""
+    said = answer.split(", so ", 1)[1]
+    if said.startswith("the answer is "):
+        return _cap(said.removeprefix("the answer is "))
+    return _cap(said) if said.startswith("they ") else _cap(said.rsplit(" is ", 1)[0]) + "."
 
 
 # -------------------------------------------------------------------------------------------- world facts
@@ -454,6 +479,8 @@ NO_IMAGE_HELD_OUT = ("What colour is the square?", "How many stars are in the pi
 def short_form(answer: str) -> str:
     """The one-word or short-phrase answer LLaVA-1.5's VQA data pairs with its short-answer suffix:
     'A circle.' -> 'Circle', 'Top left.' -> 'Top left', '3.' -> '3'; sentences are kept."""
+    if reasoned(answer):  # a step-by-step comparison: its conclusion
+        answer = verdict(answer)
     words = answer.rstrip(".").split()
     if answer.startswith(("There is", "They ", "I ", "[")) or {"is", "was", "moved"} & set(words):
         return answer  # a sentence (an absence, a tie, a change) or a box
