@@ -382,6 +382,11 @@ def test_told_comparisons_tool_measures_a_curve_and_refuses_bad_sizes(tmp_path, 
     assert all(0 <= row["overall"] <= 1 for row in curve) and sum(result["eval"]["by_group"].values()) == 12
     assert result["runs"]["tiny-llava"]["weights"] == lm_digest(load("tiny-llava")[0].language_model)  # before
     assert "told comparisons: 2 steps of 2" in capsys.readouterr().out
+    assert told_comparisons(["--start", "tiny-llava", "--steps", "1", "--every", "1", "--batch", "2", "--n-eval", "12",
+                             "--reasoned", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["reasoned"] and ", so " in result["eval"]["example"][1]["content"]
+    assert {"size conclusion", "position conclusion", "size steps"} <= set(result["runs"]["tiny-llava"]["curve"][0])
     with pytest.raises(SystemExit):
         told_comparisons(["--steps", "0", "--out", str(out)])
     assert "--steps must be at least 1, got 0" in capsys.readouterr().err
@@ -418,10 +423,12 @@ def test_reasoned_comparisons_say_each_object_first_and_change_nothing_else(spli
                 assert sw.short_form(n["content"]) == sw.short_form(m["content"])
                 said += 1
         assert r.messages[0::2] == s.messages[0::2]  # the same questions
-        short += sum(q["content"].endswith(SHORT_ANSWER) and t == "compare_named"
-                     for q, t in zip(s.messages[0::2], s.meta["qtypes"]))
+        for q, m, n, t in zip(s.messages[0::2], r.messages[1::2], s.messages[1::2], s.meta["qtypes"]):
+            if q["content"].endswith(SHORT_ANSWER) and t == "compare_named":
+                assert m == n and ", so " not in n["content"], (q, n)  # suffixed: the same one-word answer
+                short += 1
     assert said >= 10, said
-    assert split != "train" or short >= 3, short  # suffixed named comparisons keep their one-word answer
+    assert split != "train" or short >= 3, short
     for q, a, t, scene in qa_turns(steps):  # every answer, steps included, recomputed from the scene
         if t == "compare_named" and scene is not None:
             check_answer(q, a, t, scene[0] if isinstance(scene, list) else scene)
@@ -430,6 +437,14 @@ def test_reasoned_comparisons_say_each_object_first_and_change_nothing_else(spli
              for r in steps]
     with pytest.raises(ValueError, match=f"record '{plain[0].id}'"):
         aligned(plain, other)
+    k, turn = next((k, i) for k, r in enumerate(steps) for i, m in enumerate(r.messages)
+                   if ", so " in m["content"] and not m["content"].split(", so ")[1].startswith(("the answer", "they")))
+    wrong = [dict(m) for m in steps[k].messages]  # step by step, but concluding with the other object
+    steps_part, said = wrong[turn]["content"].split(", so ")
+    others = [x for x in re.findall(r"(?:^|and )(.+?) is ", steps_part) if x.lower() != said.split(" is ")[0]]
+    wrong[turn]["content"] = f"{steps_part}, so {others[0][0].lower() + others[0][1:]} is {said.split(' is ')[1]}"
+    with pytest.raises(ValueError, match=f"record '{steps[k].id}'"):
+        aligned(plain, [*steps[:k], Record(steps[k].id, steps[k].images, wrong, steps[k].meta), *steps[k + 1:]])
 
 
 def test_the_shipped_reasoned_ablation_started_from_the_shipped_model_on_todays_splits():

@@ -21,7 +21,8 @@ steps with the same seed: `control` on the round as built, `reasoned` on the sam
 the test, paraphrase and multi-turn splits and the test's short questions with the suffix, each as its training
 asked: the control the splits as built, the reasoned arm the same splits built with `reasoned=True`. Exact match
 of the whole answer; for named comparisons also in parts (`told_comparisons.conclusions`): the conclusion alone
-(`verdict`) against the one-step answer, the steps, and the conclusion where the steps were right.
+(`conclusion`: the object named, yes, no or a tie) against the one-step answer, the steps, and the conclusion
+where the steps were right.
 
     python -m minillava.tools.reasoned --steps 600 --out data/results/reasoned_ablation.json
 
@@ -42,7 +43,7 @@ import torch
 
 from ..data import shapesworld as sw
 from ..data.records import Record, load_records, save_records
-from ..data.shapesworld.questions import reasoned, verdict
+from ..data.shapesworld.questions import conclusion, reasoning
 from ..utils import write_json
 from ..zoo import weights_digest
 from .build_zoo import FULL, natural_mix
@@ -53,27 +54,33 @@ ARMS = ("control", "reasoned")
 SPLITS = {"test": "vqa", "paraphrase": "vqa", "multiturn": "multiturn"}
 
 
-def held_out(work: Path, steps: bool) -> Path:
-    """The test, paraphrase and multi-turn splits as `build_zoo` builds them (`steps`: reasoned), in a folder of
-    their own under `work`."""
-    folder = work / ("held-out-reasoned" if steps else "held-out")
+def held_out(work: Path, reasoned: bool) -> Path:
+    """The test, paraphrase and multi-turn splits as `build_zoo` builds them (`reasoned`: named comparisons answered
+    step by step), in a folder of their own under `work`."""
+    folder = work / ("held-out-reasoned" if reasoned else "held-out")
     sw.ensure_built(folder, n_train=0, n_val=0, n_test=FULL.n_test, n_comp=0, n_text=0, n_text_val=0,
                     n_para=FULL.n_para, n_multiturn=FULL.n_multiturn, n_cooccur=0, seed=0,
-                    image_size=FULL.clip.image_size, reasoned=steps)
+                    image_size=FULL.clip.image_size, reasoned=reasoned)
     return folder
 
 
-def aligned(plain: list[Record], steps: list[Record]) -> int:
+def aligned(plain: list[Record], stepwise: list[Record]) -> int:
     """The number of named comparisons answered differently; raises unless the two lists are the same records
-    (ids, images, questions, other answers) but for step-by-step named comparisons."""
-    if [r.id for r in plain] != [r.id for r in steps]:
+    (ids, image file names, meta, questions, other answers) but for named comparisons answered step by step whose
+    conclusion is the one-step answer."""
+    if [r.id for r in plain] != [r.id for r in stepwise]:
         raise ValueError("the plain and the reasoned records differ in ids or order")
     changed = 0
-    for a, b in zip(plain, steps):
-        for m, n in zip(a.messages, b.messages, strict=True):
+    for a, b in zip(plain, stepwise):
+        if [p.name for p in a.images] != [p.name for p in b.images] or a.meta != b.meta:
+            raise ValueError(f"record '{a.id}': the two builds differ in images or meta")
+        if len(a.messages) != len(b.messages):
+            raise ValueError(f"record '{a.id}': the two builds differ in their number of turns")
+        for m, n in zip(a.messages, b.messages):
             if m == n:
                 continue
-            if m["role"] != "assistant" or not reasoned(n["content"]) or verdict(n["content"]) != m["content"]:
+            if (m["role"] != "assistant" or reasoning(n["content"]) is None
+                    or conclusion(n["content"]) != m["content"]):
                 raise ValueError(f"record '{a.id}': {m['content']!r} and {n['content']!r} differ otherwise than "
                                  "in a step-by-step named comparison")
             changed += 1
@@ -123,6 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     mixes = {arm: load_records(natural_mix(work / arm, dataclasses.replace(FULL, reasoned=arm == "reasoned"),
                                            0, a.round - 1))[:n] for arm in ARMS}
+    if len(mixes["control"]) < n:
+        p.error(f"--steps {a.steps} x --batch-size {a.batch_size} = {n} records; round {a.round} has "
+                f"{len(mixes['control'])}")
     changed = aligned(mixes["control"], mixes["reasoned"])
     runs = {}
     for arm, records in mixes.items():
@@ -133,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     seconds = train_arms(a, runs)
     folders = {arm: held_out(work, arm == "reasoned") for arm in ARMS}
-    aligned(*(load_records(f / "instruct_test.json") for f in folders.values()))
+    for split in SPLITS:
+        aligned(*(load_records(f / f"instruct_{split}.json") for f in folders.values()))
     digest = lambda path: hashlib.sha256(Path(path).read_bytes()).hexdigest()  # noqa: E731
     result = {"about": __doc__.split("\n\n")[0].replace("\n", " "),
               "command": "python -m minillava.tools.reasoned " + " ".join(sys.argv[1:] if argv is None else argv),

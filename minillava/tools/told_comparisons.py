@@ -127,19 +127,20 @@ def learning_curve(start: str, steps: int, every: int, batch: int, lr: float, ev
 
 
 def conclusions(predictions: list[dict]) -> dict[str, float]:
-    """Step-by-step answers read in parts, per group: the share whose conclusion (`swq.verdict`) is the one-step
-    answer ("size conclusion"; an answer not in that form counts as its own conclusion), whose steps are the
-    reference's ("size steps": both objects' size or place said right), and whose conclusion is right among
-    those with the steps right ("size conclusion, steps right": the comparison of two words just written)."""
-    said = lambda text: swq.verdict(text) if swq.reasoned(text) else text  # noqa: E731
-    steps = lambda text: text.split(", so ")[0] if swq.reasoned(text) else None  # noqa: E731
+    """Step-by-step answers read in parts, per group: the share whose conclusion (`swq.conclusion`: the object
+    named, yes, no or a tie, scored as a one-step answer is) is right ("size conclusion"; an answer not in that form
+    counts as its own conclusion), whose steps are the reference's word for word ("size steps": both objects' size
+    or place said right), and whose conclusion is right among those with the steps right ("size conclusion, steps
+    right": the comparison of two words just written)."""
+    steps = lambda text: (swq.reasoning(text) or (None,))[0]  # noqa: E731
     by: dict[str, list[bool]] = {}
     for p in predictions:
-        right = exact_match(said(p["answer"]), said(p["reference"]))
+        right = exact_match(swq.conclusion(p["answer"]), swq.conclusion(p["reference"]))
         by.setdefault(f"{p['qtype']} conclusion", []).append(right)
         if steps(p["reference"]) is not None:
-            by.setdefault(f"{p['qtype']} steps", []).append(steps(p["answer"]) == steps(p["reference"]))
-            if steps(p["answer"]) == steps(p["reference"]):
+            said_right = steps(p["answer"]) == steps(p["reference"])
+            by.setdefault(f"{p['qtype']} steps", []).append(said_right)
+            if said_right:
                 by.setdefault(f"{p['qtype']} conclusion, steps right", []).append(right)
     return {k: sum(v) / len(v) for k, v in sorted(by.items())}
 

@@ -182,7 +182,7 @@ class Ctx:
     paraphrase: bool = False
     negatives: bool = True  # false-premise questions (LRV-Instruction's negative instructions)
     more: bool = False  # the natural-use rounds: training also asks `MORE_PHRASINGS`, and "the other one" more often
-    reasoned: bool = False  # named comparisons answered step by step (`reasoned`), not in one word
+    reasoned: bool = False  # named comparisons answered step by step (`reasoning`), not in one word
 
 
 def phrasing(rng, ctx: Ctx, qtype: str) -> str:
@@ -416,16 +416,23 @@ def _said(o: Obj, hide: str) -> str:
     return o.size if hide == "size" else _where(o.position)
 
 
-def reasoned(answer: str) -> bool:
-    """Whether `answer` is a named comparison answered step by step: 'The circle is small and the red square is
-    large, so the red square is bigger.' (`Ctx.reasoned`)."""
-    return ", so " in answer and " and " in answer.split(", so ")[0]
+def reasoning(answer: str) -> tuple[str, str] | None:
+    """A named comparison answered step by step (`Ctx.reasoned`), in its two parts: 'The circle is small and the
+    red square is large, so the red square is bigger.' -> ('The circle is small and the red square is large', 'the
+    red square is bigger.'); None for any other answer."""
+    steps, so, said = answer.partition(", so ")
+    return (steps, said) if so and said and " and " in steps else None
 
 
-def verdict(answer: str) -> str:
-    """A step-by-step comparison's conclusion as the one-step answer: '..., so the red square is bigger.' -> 'The
-    red square.'; '..., so the answer is no.' -> 'No.'; '..., so they are the same size.' -> that sentence."""
-    said = answer.split(", so ", 1)[1]
+def conclusion(answer: str) -> str:
+    """What a step-by-step comparison concludes, said as the one-step answer says it: the object it names ('...,
+    so the red square is bigger.' -> 'The red square.'), yes or no ('..., so the answer is no.' -> 'No.') or the
+    tie ('..., so they are the same size.' -> 'They are the same size.'). The comparison word is dropped, as the
+    one-step answer has none. Any other answer is returned as it is."""
+    parts = reasoning(answer)
+    if parts is None:
+        return answer
+    said = parts[1]
     if said.startswith("the answer is "):
         return _cap(said.removeprefix("the answer is "))
     return _cap(said) if said.startswith("they ") else _cap(said.rsplit(" is ", 1)[0]) + "."
@@ -479,8 +486,7 @@ NO_IMAGE_HELD_OUT = ("What colour is the square?", "How many stars are in the pi
 def short_form(answer: str) -> str:
     """The one-word or short-phrase answer LLaVA-1.5's VQA data pairs with its short-answer suffix:
     'A circle.' -> 'Circle', 'Top left.' -> 'Top left', '3.' -> '3'; sentences are kept."""
-    if reasoned(answer):  # a step-by-step comparison: its conclusion
-        answer = verdict(answer)
+    answer = conclusion(answer)  # a step-by-step comparison: what it concludes
     words = answer.rstrip(".").split()
     if answer.startswith(("There is", "They ", "I ", "[")) or {"is", "was", "moved"} & set(words):
         return answer  # a sentence (an absence, a tie, a change) or a box
