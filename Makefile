@@ -115,11 +115,17 @@ negatives: $(STAMP)
 # Regenerate data/results/told_comparisons.json (chapter 7.6): named comparisons about scenes told in words, the
 # language models of tiny-llava-stage1 (tiny-lm) and tiny-llava fine-tuned on them alone, scored as they learn;
 # 73 minutes on 2 CPU cores. Then told_comparisons_reasoned.json: tiny-llava's, on the same comparisons answered
-# step by step; 19 minutes.
+# step by step; 19 minutes. Then told_comparisons_rows.json: the same, a place said by its row or column; 21 minutes.
+# Then told_comparisons_value_first.json: by row or column, and a "which" answer says the winner's value before naming
+# it; 24 minutes.
 told-comparisons: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.told_comparisons --steps 3000 --out data/results/told_comparisons.json
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.told_comparisons --start tiny-llava --steps 1500 --reasoned \
 	  --out data/results/told_comparisons_reasoned.json
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.told_comparisons --start tiny-llava --steps 1500 --reasoned --rows \
+	  --out data/results/told_comparisons_rows.json
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.told_comparisons --start tiny-llava --steps 1500 --reasoned --rows \
+	  --value-first --out data/results/told_comparisons_value_first.json
 
 # Regenerate data/results/reasoned_ablation.json (chapter 7.6): tiny-llava trained again on the first 19,200
 # records of natural-use round 9, as built and with its named comparisons answered step by step, each arm measured

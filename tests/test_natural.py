@@ -21,12 +21,13 @@ from minillava.data.shapesworld import (
     generate_records,
     text_chats,
 )
+from minillava.data.shapesworld.questions import conclusion
 from minillava.evaluation import questions
 from minillava.tools.negatives import drop_negatives
 from minillava.tools.reasoned import aligned
 from minillava.tools.reasoned import main as reasoned_ablation
 from minillava.tools.redrawn import redraw, redrawn_records
-from minillava.tools.told_comparisons import GROUPS, conclusions, lm_digest, told_chats
+from minillava.tools.told_comparisons import FORMS, GROUPS, conclusions, lm_digest, told_chats
 from minillava.tools.told_comparisons import main as told_comparisons
 
 ATTRS = ("color", "shape", "position", "size")
@@ -372,6 +373,43 @@ def test_told_comparisons_step_by_step_are_the_same_chats_and_score_their_conclu
     assert conclusions(rows) == {"size conclusion": 2 / 3, "size steps": 1 / 3, "size conclusion, steps right": 0.0}
 
 
+def test_told_comparisons_by_rows_say_only_the_line_a_position_needs():
+    places, rows = told_chats(200, seed=3, reasoned=True), told_chats(200, seed=3, reasoned=True, rows=True)
+    said = Counter()
+    for r, s in zip(places, rows, strict=True):
+        assert (r.id, r.messages[0], r.meta) == (s.id, s.messages[0], s.meta)
+        (group,) = r.meta["qtypes"]
+        a, b = r.messages[1]["content"], s.messages[1]["content"]
+        assert (a == b) == (group != "position"), (a, b)  # sizes and counts are said as before
+        assert conclusion(a) == conclusion(b)  # the same conclusion, reached through other steps
+        check_answer(s.messages[0]["content"].split(". ", 1)[1], b, "compare_named", Scene.from_dict(s.meta["scene"]))
+        said.update(re.findall(r"in the (\w+ (?:row|column))", b))
+    assert set(said) == {f"{w} row" for w in ("top", "middle", "bottom")} | {
+        f"{w} column" for w in ("left", "middle", "right")}, said
+    for form in (dict(rows=True), dict(value_first=True), dict(reasoned=False, rows=True)):
+        with pytest.raises(ValueError, match="need reasoned=True"):
+            told_chats(1, seed=3, **form)
+    with pytest.raises(ValueError, match="unknown answer form"):
+        told_chats(1, seed=3, reasoned=True, columns=True)
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_told_comparisons_value_first_name_the_winning_value_then_the_object(rows):
+    plain, first = (told_chats(200, seed=3, reasoned=True, rows=rows, value_first=v) for v in (False, True))
+    changed = 0
+    for r, s in zip(plain, first, strict=True):
+        assert (r.id, r.messages[0], r.meta) == (s.id, s.messages[0], s.meta)
+        a, b = r.messages[1]["content"], s.messages[1]["content"]
+        q = s.messages[0]["content"].split(". ", 1)[1]
+        named = r.meta["qtypes"] != ["count"] and conclusion(a) not in ("Yes.", "No.") and not (
+            conclusion(a).startswith("They "))
+        assert (a != b) == named, (a, b)  # only a 'which' with a winner changes: its value comes first
+        assert conclusion(a) == conclusion(b)
+        check_answer(q, b, "compare_named", Scene.from_dict(s.meta["scene"]))
+        changed += a != b
+    assert changed >= 40
+
+
 def test_told_comparisons_tool_measures_a_curve_and_refuses_bad_sizes(tmp_path, capsys):
     out = tmp_path / "told.json"
     assert told_comparisons(["--start", "tiny-llava", "--steps", "2", "--every", "1", "--batch", "2",
@@ -381,6 +419,9 @@ def test_told_comparisons_tool_measures_a_curve_and_refuses_bad_sizes(tmp_path, 
     assert [row["step"] for row in curve] == [0, 1, 2] and [row["chats seen"] for row in curve] == [0, 2, 4]
     assert all(0 <= row["overall"] <= 1 for row in curve) and sum(result["eval"]["by_group"].values()) == 12
     assert result["runs"]["tiny-llava"]["weights"] == lm_digest(load("tiny-llava")[0].language_model)  # before
+    last = result["runs"]["tiny-llava"]["last answers"]  # the last step's, for reading what fails
+    assert len(last) == sum(result["eval"]["by_group"].get(g, 0) for g in ("size", "position"))
+    assert all(p["group"] in ("size", "position") and p["question"].endswith("?") for p in last)
     assert "told comparisons: 2 steps of 2" in capsys.readouterr().out
     assert told_comparisons(["--start", "tiny-llava", "--steps", "1", "--every", "1", "--batch", "2", "--n-eval", "12",
                              "--reasoned", "--out", str(out), "--no-progress"]) == 0
@@ -390,16 +431,24 @@ def test_told_comparisons_tool_measures_a_curve_and_refuses_bad_sizes(tmp_path, 
     with pytest.raises(SystemExit):
         told_comparisons(["--steps", "0", "--out", str(out)])
     assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        told_comparisons(["--rows", "--value-first", "--out", str(out)])
+    assert "--rows and --value-first change the steps of a step-by-step answer: they need --reasoned" in (
+        capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("name", ["told_comparisons", "told_comparisons_reasoned"])
+@pytest.mark.parametrize("name", ["told_comparisons", "told_comparisons_reasoned", "told_comparisons_rows",
+                                  "told_comparisons_value_first"])
 def test_the_shipped_told_comparisons_measured_the_shipped_models_on_todays_chats(name):
     """data/results/told_comparisons*.json (chapter 7.6): their held-out chats are the ones the generator draws
     today (one-step or step-by-step answers) and their starts are the shipped weights; a rebuilt zoo needs `make
     told-comparisons` again."""
     saved = json.loads((zoo.data_dir() / "results" / f"{name}.json").read_text())
-    assert saved["settings"].get("reasoned", False) == name.endswith("reasoned")
-    held_out = told_chats(saved["eval"]["n"], seed=1, reasoned=name.endswith("reasoned"))
+    form = {k: saved["settings"].get(k, False) for k in FORMS}
+    assert [k for k, v in form.items() if v] == {"told_comparisons": [], "told_comparisons_reasoned": ["reasoned"],
+                                                 "told_comparisons_rows": ["reasoned", "rows"],
+                                                 "told_comparisons_value_first": list(FORMS)}[name]
+    held_out = told_chats(saved["eval"]["n"], seed=1, **form)
     assert saved["eval"]["example"] == held_out[0].messages
     assert saved["eval"]["by_group"] == dict(Counter(r.meta["qtypes"][0] for r in held_out))
     for start, run in saved["runs"].items():

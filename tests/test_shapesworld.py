@@ -144,6 +144,13 @@ KEYS = {"bigger": (lambda o: SIZES[o.size], 1), "larger": (lambda o: SIZES[o.siz
         "further right": (lambda o: o.cell[1], 1)}
 
 
+def line(position: str, more: str) -> str:
+    """The row or column a step-by-step comparison with `Ctx.rows` says of an object at `position` ('top left')."""
+    if more in ("higher", "lower"):
+        return f"in the {'top' if 'top' in position else 'bottom' if 'bottom' in position else 'middle'} row"
+    return f"in the {'left' if 'left' in position else 'right' if 'right' in position else 'middle'} column"
+
+
 def check_answer(q: str, a: str, t: str, scene: Scene):
     """Recompute the answer to one question from the scene, independently of the generator."""
     if t in ("color", "shape", "position", "size", "grounding"):
@@ -196,11 +203,17 @@ def check_answer(q: str, a: str, t: str, scene: Scene):
                 key, sign = KEYS[slots["{more}"]]
                 d = sign * (key(x) - key(y))
                 if ", so " in a:  # step by step (`Ctx.reasoned`): each object's size or place, then the conclusion
-                    said = [(o.size if slots["{more}"] in ("bigger", "larger", "smaller") else WHERE[o.position])
-                            for o in (x, y)]
+                    said = [(o.size if slots["{more}"] in ("bigger", "larger", "smaller") else
+                             line(o.position, slots["{more}"]) if re.search(r" (row|column), so ", a) else
+                             WHERE[o.position]) for o in (x, y)]
                     steps, conclusion = a.split(", so ")
                     assert steps == f"{slots['{a}'].capitalize()} is {said[0]} and {slots['{b}']} is {said[1]}", (q, a)
                     end = f" is {slots['{more}']}."
+                    if k == "compare_which" and d != 0 and conclusion.endswith(f",{end}"):  # `Ctx.value_first`
+                        size = slots["{more}"] in ("bigger", "larger", "smaller")
+                        value = f"the {said[0 if d > 0 else 1]} one" if size else f"the one {said[0 if d > 0 else 1]}"
+                        assert conclusion.startswith(f"{value}, "), (q, a)  # the winner's value, then the object
+                        conclusion = conclusion.removeprefix(f"{value}, ").replace(f",{end}", end)
                     a = (conclusion.removeprefix("the answer is ").capitalize() if k == "compare_yn"
                          else conclusion.capitalize() if d == 0 else
                          conclusion.removesuffix(end).capitalize() + "." if conclusion.endswith(end) else conclusion)

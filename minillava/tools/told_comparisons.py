@@ -15,12 +15,17 @@ model is tiny-lm as it was before any image (stage 1 freezes it), and `tiny-llav
 tuning (whose chats compared shown objects, never told ones).
 
     python -m minillava.tools.told_comparisons [--start tiny-llava-stage1 tiny-llava] [--steps 2000]
-        [--reasoned] [--out data/results/told_comparisons.json]
+        [--reasoned [--rows]] [--out data/results/told_comparisons.json]
 
 `--reasoned` answers step by step instead ('The circle is at the top left and the square is at the bottom, so the
 circle is higher.', `Ctx.reasoned`), and each curve row also scores the answers in parts (`conclusions`). On 2
 CPU cores `--steps 3000` takes about 36 minutes a start (the shipped result file: 73 minutes for both); the shipped
-step-by-step file, `--start tiny-llava --steps 1500 --reasoned`, 19 minutes.
+step-by-step file, `--start tiny-llava --steps 1500 --reasoned`, 19 minutes. `--rows` says a place by the one line
+of the grid the comparison needs ('The circle is in the top row and the square is in the bottom row, so the circle
+is higher.', `Ctx.rows`): told_comparisons_rows.json, 21 minutes. `--value-first` also says the winner's value
+before naming it in the answer to a 'which' question ('..., so the one in the top row, the circle, is higher.',
+`Ctx.value_first`): told_comparisons_value_first.json (with `--rows`), 24 minutes. Each run keeps its last step's
+size and position answers ("last answers") for reading what fails.
 """
 
 from __future__ import annotations
@@ -57,11 +62,20 @@ def group(question: str) -> str:
     return "count"
 
 
-def told_stream(seed: int, reasoned: bool = False) -> Iterator[Record]:
+FORMS = ("reasoned", "rows", "value_first")  # how the answers are said: `swq.Ctx`'s fields of the same names
+
+
+def told_stream(seed: int, **form: bool) -> Iterator[Record]:
     """One-turn chats without end: a scene told in words, then a named comparison about it (`q_compare_named`),
-    tagged with its `group` as the question type; `reasoned`: answered step by step (`swq.Ctx.reasoned`), the
-    same chats otherwise. Deterministic in `seed`."""
-    rng, ctx, k = np.random.default_rng([seed, 7]), swq.Ctx(negatives=False, reasoned=reasoned), 0
+    tagged with its `group` as the question type. `form`: reasoned=True answers step by step (`swq.Ctx.reasoned`),
+    and then rows=True says a place by its row or column (`swq.Ctx.rows`), value_first=True names the winning value
+    before the object (`swq.Ctx.value_first`); the same chats otherwise. Deterministic in `seed`."""
+    if set(form) - set(FORMS):
+        raise ValueError(f"told comparisons: unknown answer form {sorted(set(form) - set(FORMS))}; known: {FORMS}")
+    if not form.get("reasoned") and any(form.values()):
+        raise ValueError(f"told comparisons: {sorted(k for k, v in form.items() if v)} change the steps of a "
+                         "step-by-step answer, so they need reasoned=True")
+    rng, ctx, k = np.random.default_rng([seed, 7]), swq.Ctx(negatives=False, **form), 0
     while True:
         scene = sw.sample_scene(rng)
         qa = swq.q_compare_named(scene, rng, ctx)
@@ -75,26 +89,29 @@ def told_stream(seed: int, reasoned: bool = False) -> Iterator[Record]:
         k += 1
 
 
-def told_chats(n: int, seed: int, reasoned: bool = False) -> list[Record]:
-    """The first n chats of `told_stream(seed, reasoned)`."""
-    return list(itertools.islice(told_stream(seed, reasoned), n))
+def told_chats(n: int, seed: int, **form: bool) -> list[Record]:
+    """The first n chats of `told_stream(seed, **form)`."""
+    return list(itertools.islice(told_stream(seed, **form), n))
 
 
 def learning_curve(start: str, steps: int, every: int, batch: int, lr: float, eval_records: list[Record],
-                   seed: int = 0, progress: bool = True, reasoned: bool = False) -> dict:
+                   seed: int = 0, progress: bool = True, **form: bool) -> dict:
     """Fine-tune the language model of zoo model `start` on fresh told chats (`batch` a step, drawn with `seed`)
     and score `eval_records` at step 0 and every `every` steps. Returns {"curve": [{"step", "chats seen",
-    "size", "position", "count", "overall"}], "seconds", "final_loss", "weights"} ("weights": `lm_digest` of the
-    language model before fine-tuning, so a reader can tell whether the curve predates the shipped model).
-    `reasoned`: trained on step-by-step answers, and each row also scores their conclusions alone against the
-    one-step answers ("size conclusion", ...)."""
+    "size", "position", "count", "overall"}], "seconds", "final_loss", "weights", "last answers"} ("weights":
+    `lm_digest` of the language model before fine-tuning, so a reader can tell whether the curve predates the
+    shipped model; "last answers": the size and position comparisons at the last step, {"question", "group",
+    "answer", "reference"}, for reading what fails).
+    `form` (`told_stream`'s): with reasoned=True, trained on step-by-step answers, and each row also scores their
+    conclusions alone against the one-step answers ("size conclusion", ...)."""
     from .. import load
 
     model, processor = load(start)
     if processor.template.name == "plain":  # stage 1's caption template; tiny-lm chats in vicuna_v1 (`chat_sft`)
         processor = processor.with_template("vicuna_v1")
     lm, template, tok = model.language_model, processor.template, processor.tokenizer
-    curve, digest = [], lm_digest(lm)
+    curve, digest, last = [], lm_digest(lm), []
+    questions = {r.id: r.messages[0]["content"].split(". ", 1)[1] for r in eval_records}  # without the scene told
 
     def measure(step: int) -> None:
         if step % every and step != steps:
@@ -104,13 +121,15 @@ def learning_curve(start: str, steps: int, every: int, batch: int, lr: float, ev
         lm.train()
         row = {"step": step, "chats seen": step * batch,
                **{k: v["exact"] for k, v in result["by_type"].items()}, "overall": result["overall"]["exact"]}
-        if reasoned:
+        if form.get("reasoned"):
             row.update(conclusions(result["predictions"]))
         curve.append(row)
+        last[:] = [{"question": questions[p["id"]], "group": p["qtype"], "answer": p["answer"],
+                    "reference": p["reference"]} for p in result["predictions"] if p["qtype"] != "count"]
         print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
               flush=True)
 
-    stream = told_stream(seed, reasoned)  # drawn as the steps need them
+    stream = told_stream(seed, **form)  # drawn as the steps need them
 
     def loss(_generator) -> torch.Tensor:
         rows = [template.tokenize(r.messages, tok, sample_id=r.id) for r in (next(stream) for _ in range(batch))]
@@ -123,7 +142,7 @@ def learning_curve(start: str, steps: int, every: int, batch: int, lr: float, ev
     measure(0)  # (leaves the language model in training mode)
     run = fit(lm, loss, steps, lr, (0.9, 0.95), seed, f"{start} on told comparisons", progress, on_step=measure)
     return {"curve": curve, "seconds": round(run["train_seconds"]), "final_loss": run["curve"][-1]["loss"],
-            "weights": digest}
+            "weights": digest, "last answers": last}
 
 
 def conclusions(predictions: list[dict]) -> dict[str, float]:
@@ -166,23 +185,32 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("data/results/told_comparisons.json"))
     ap.add_argument("--reasoned", action="store_true",
                     help="answers step by step: each object's size or place, then the conclusion (`Ctx.reasoned`)")
+    ap.add_argument("--rows", action="store_true",
+                    help="with --reasoned: a place said by its row or column ('in the top row'; `Ctx.rows`)")
+    ap.add_argument("--value-first", action="store_true",
+                    help="with --reasoned: 'which' says the winning value, then the object ('so the large one, the "
+                         "square, is bigger'; `Ctx.value_first`)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     for name, v in (("--steps", a.steps), ("--every", a.every), ("--batch", a.batch), ("--n-eval", a.n_eval)):
         if v < 1:
             ap.error(f"{name} must be at least 1, got {v}")
+    form = {k: getattr(a, k) for k in FORMS}
+    if not a.reasoned and any(form.values()):
+        ap.error(f"{' and '.join('--' + k.replace('_', '-') for k, v in form.items() if v)} change the steps of a "
+                 "step-by-step answer: they need --reasoned")
     torch.manual_seed(0)
-    eval_records = told_chats(a.n_eval, seed=1, reasoned=a.reasoned)  # another stream than training's (seed 0)
+    eval_records = told_chats(a.n_eval, seed=1, **form)  # another stream than training's (seed 0)
     counts = {g: sum(r.meta["qtypes"] == [g] for r in eval_records) for g in (*GROUPS, "count")}
     t0, runs = time.perf_counter(), {}
     for start in a.start:
         runs[start] = learning_curve(start, a.steps, a.every, a.batch, a.lr, eval_records,
-                                     progress=not a.no_progress, reasoned=a.reasoned)
+                                     progress=not a.no_progress, **form)
     write_json(a.out, {
         "about": ("Named comparisons about scenes told in words (minillava.tools.told_comparisons): each start's "
                   "language model fine-tuned on such chats alone, exact match on held-out ones along the way."),
         "command": "python -m minillava.tools.told_comparisons " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {"steps": a.steps, "batch": a.batch, "lr": a.lr, "every": a.every, "reasoned": a.reasoned},
+        "settings": {"steps": a.steps, "batch": a.batch, "lr": a.lr, "every": a.every, **form},
         "eval": {"n": a.n_eval, "by_group": counts, "example": eval_records[0].messages},
         "runs": runs})
     last = {s: r["curve"][-1] for s, r in runs.items()}

@@ -183,6 +183,9 @@ class Ctx:
     negatives: bool = True  # false-premise questions (LRV-Instruction's negative instructions)
     more: bool = False  # the natural-use rounds: training also asks `MORE_PHRASINGS`, and "the other one" more often
     reasoned: bool = False  # named comparisons answered step by step (`reasoning`), not in one word
+    rows: bool = False  # with `reasoned`: a place said by its row or column ('in the top row'), not by its name
+    value_first: bool = False  # with `reasoned`: 'which' names the winning value, then the object ('the large one,
+    #                            the square, is bigger')
 
 
 def phrasing(rng, ctx: Ctx, qtype: str) -> str:
@@ -401,19 +404,32 @@ def q_compare_named(scene, rng, ctx):
             q = phrasing(rng, ctx, _pick(rng, ("compare_which", "compare_yn"))).format(a=rx, b=ry, more=more)
             return q, no_such(fake), "false_premise"
     d = sign * (key(x) - key(y))
-    steps = f"{_cap(rx)} is {_said(x, hide)} and {ry} is {_said(y, hide)}, so " if ctx.reasoned else ""
+    said = lambda o: _said(o, more, ctx.rows)  # noqa: E731
+    steps = f"{_cap(rx)} is {said(x)} and {ry} is {said(y)}, so " if ctx.reasoned else ""
     if rng.random() < 0.5:
         q = phrasing(rng, ctx, "compare_which").format(a=rx, b=ry, more=more)
         if steps:
-            return q, steps + (tie[0].lower() + tie[1:] if d == 0 else f"{rx if d > 0 else ry} is {more}.")
+            w, rw = (x, rx) if d > 0 else (y, ry)
+            if ctx.value_first:
+                rw = f"the {w.size} one, {rw}," if hide == "size" else f"the one {said(w)}, {rw},"
+            return q, steps + (tie[0].lower() + tie[1:] if d == 0 else f"{rw} is {more}.")
         return q, tie if d == 0 else f"{_cap(rx if d > 0 else ry)}."
     q = _cap(phrasing(rng, ctx, "compare_yn").format(a=rx, b=ry, more=more))
     return q, f"{steps}the answer is {'yes' if d > 0 else 'no'}." if steps else "Yes." if d > 0 else "No."
 
 
-def _said(o: Obj, hide: str) -> str:
-    """What a step-by-step comparison says of `o` first: its size ('large') or where it is ('at the top left')."""
-    return o.size if hide == "size" else _where(o.position)
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "middle", "right")
+
+
+def _said(o: Obj, more: str, rows: bool = False) -> str:
+    """What a step-by-step comparison by `more` says of `o` first: its size ('large') or where it is ('at the top
+    left'); with `rows`, the one line of the grid the comparison needs ('in the top row' for higher or lower, 'in
+    the left column' for further left or right)."""
+    if more in ("bigger", "larger", "smaller"):
+        return o.size
+    if not rows:
+        return _where(o.position)
+    return f"in the {ROWS[o.cell[0]]} row" if more in ("higher", "lower") else f"in the {COLUMNS[o.cell[1]]} column"
 
 
 def reasoning(answer: str) -> tuple[str, str] | None:
@@ -427,15 +443,19 @@ def reasoning(answer: str) -> tuple[str, str] | None:
 def conclusion(answer: str) -> str:
     """What a step-by-step comparison concludes, said as the one-step answer says it: the object it names ('...,
     so the red square is bigger.' -> 'The red square.'), yes or no ('..., so the answer is no.' -> 'No.') or the
-    tie ('..., so they are the same size.' -> 'They are the same size.'). The comparison word is dropped, as the
-    one-step answer has none. Any other answer is returned as it is."""
+    tie ('..., so they are the same size.' -> 'They are the same size.'); with `Ctx.value_first`, the object after
+    its value ('..., so the large one, the red square, is bigger.' -> 'The red square.'). The comparison word is
+    dropped, as the one-step answer has none. Any other answer is returned as it is."""
     parts = reasoning(answer)
     if parts is None:
         return answer
     said = parts[1]
     if said.startswith("the answer is "):
         return _cap(said.removeprefix("the answer is "))
-    return _cap(said) if said.startswith("they ") else _cap(said.rsplit(" is ", 1)[0]) + "."
+    if said.startswith("they "):
+        return _cap(said)
+    named = said.rsplit(" is ", 1)[0]  # with `Ctx.value_first`: 'the large one, the square,'
+    return _cap(named.rstrip(",").split(", ")[-1]) + "."
 
 
 # -------------------------------------------------------------------------------------------- world facts
