@@ -433,7 +433,7 @@ def test_told_comparisons_tool_measures_a_curve_and_refuses_bad_sizes(tmp_path, 
     assert "--steps must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         told_comparisons(["--rows", "--value-first", "--out", str(out)])
-    assert "--rows and --value-first change the steps of a step-by-step answer: they need --reasoned" in (
+    assert "rows=True, value_first=True: these change the steps of a step-by-step answer, so they need " in (
         capsys.readouterr().err)
 
 
@@ -494,6 +494,28 @@ def test_reasoned_comparisons_say_each_object_first_and_change_nothing_else(spli
     wrong[turn]["content"] = f"{steps_part}, so {others[0][0].lower() + others[0][1:]} is {said.split(' is ')[1]}"
     with pytest.raises(ValueError, match=f"record '{steps[k].id}'"):
         aligned(plain, [*steps[:k], Record(steps[k].id, steps[k].images, wrong, steps[k].meta), *steps[k + 1:]])
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_the_generator_says_steps_by_row_and_value_first_as_the_told_runs_do(split):
+    kw = dict(weights=sw.NATURAL_WEIGHTS, more_phrasings=True, short_p=0.35) if split == "train" else {}
+    places = generate_records(split, 300, seed=5, reasoned=True, **kw).instruct
+    lines = generate_records(split, 300, seed=5, reasoned=True, rows=True, value_first=True, **kw).instruct
+    changed = 0
+    for r, s in zip(places, lines, strict=True):
+        assert (r.id, r.images, r.meta, r.messages[0::2]) == (s.id, s.images, s.meta, s.messages[0::2])
+        for m, n, t in zip(r.messages[1::2], s.messages[1::2], r.meta["qtypes"], strict=True):
+            if m != n:  # a position's steps, or a 'which' answer naming the winner's value first
+                assert t in ("compare_named", "context") and conclusion(m["content"]) == conclusion(n["content"])
+                changed += 1
+    assert changed >= 5, changed
+    for q, a, t, scene in qa_turns(lines):
+        if t == "compare_named" and scene is not None:
+            check_answer(q, a, t, scene[0] if isinstance(scene, list) else scene)
+    assert any(" row" in a and ", the " in a.split(", so ")[-1] for _, a, _, _ in qa_turns(lines))
+    for form in (dict(rows=True), dict(value_first=True)):
+        with pytest.raises(ValueError, match="need reasoned=True"):
+            generate_records(split, 1, seed=5, **form)
 
 
 def test_the_shipped_reasoned_ablation_started_from_the_shipped_model_on_todays_splits():

@@ -274,6 +274,16 @@ def test_cli(tmp_path):
                      "3", "--n-text-val", "2", "--seed", "7", "--kinds", "conversation"])
     assert manifest["seed"] == 7 and "instruct_compositional.json" not in manifest["files"]
     assert {r.meta["kind"] for r in load_records(out / "instruct_train.json")} == {"conversation"}
+    with pytest.raises(SystemExit):  # a step form without step-by-step answers: refused, nothing written
+        main([str(tmp_path / "rows"), "--n-train", "1", "--rows", "--value-first"])
+    assert not (tmp_path / "rows").exists()
+    manifest = main([str(tmp_path / "steps"), "--n-train", "200", "--n-val", "0", "--n-test", "0", "--n-comp", "0",
+                     "--n-text", "0", "--n-text-val", "0", "--n-para", "0", "--n-multiturn", "0", "--n-cooccur", "0",
+                     "--reasoned", "--rows", "--value-first"])
+    form = ("reasoned", "rows", "value_first")
+    assert {k: manifest["arguments"][k] for k in form} == dict.fromkeys(form, True)
+    said = [m["content"] for r in load_records(tmp_path / "steps" / "instruct_train.json") for m in r.messages[1::2]]
+    assert any(re.search(r" (row|column), so the one in the \w+ (row|column), ", a) for a in said), said
 
 
 # ------------------------------------------------------------------------------------------------ scenes

@@ -65,6 +65,8 @@ class Scale:
     text_in_natural: int = 6000  # text-only chats of each natural-use round (its own: some ask of an absent image)
     natural_short_p: float = 0.35  # the share of short-answer questions with LLaVA-1.5's suffix in those rounds
     reasoned: bool = False  # named comparisons answered step by step in every split (`minillava.tools.reasoned`)
+    rows: bool = False  # ... with a place said by its row or column (chapter 7.6's told runs)
+    value_first: bool = False  # ... with the winner's value said before it is named
     stage2_natural: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=1.0,
                                                               lr=3e-4, save_every=500))
     caption_docs: int = 4000  # documents of captions, one a line, in the LM's pretraining text (see `lm_corpus`)
@@ -462,7 +464,7 @@ def natural_round(work: Path, scale: Scale, seed: int, k: int = 0) -> list:
     sw.ensure_built(folder, n_train=scale.n_natural, n_val=0, n_test=0, n_comp=0, n_para=0, n_multiturn=0,
                     n_cooccur=0, n_text=scale.text_in_natural, n_text_val=0, seed=seed + 1 + k,
                     image_size=scale.clip.image_size, cooccur=sw.COOCCUR_P, weights=sw.NATURAL_WEIGHTS,
-                    short_p=scale.natural_short_p, more_phrasings=True, reasoned=scale.reasoned)
+                    short_p=scale.natural_short_p, more_phrasings=True, **answer_form(scale))
     return load_records(folder / "instruct_train.json") + load_records(folder / "text_train.json",
                                                                        check_files=False)
 
@@ -507,12 +509,17 @@ def store_half(folder: Path) -> None:
                  metadata={"format": "pt"})
 
 
+def answer_form(scale: Scale) -> dict:
+    """How `scale` has named comparisons answered, as the generator's arguments (`sw.generate_records`)."""
+    return dict(reasoned=scale.reasoned, rows=scale.rows, value_first=scale.value_first)
+
+
 def build_data(work: Path, scale: Scale, seed: int) -> dict:
     """The ShapesWorld datasets of `scale` in `work` (reused when `work` already holds exactly them)."""
     return sw.ensure_built(work, n_train=scale.n_train + scale.n_fresh, n_val=scale.n_val, n_test=scale.n_test,
                            n_comp=scale.n_comp, n_text=scale.n_text, n_text_val=scale.n_text_val, seed=seed,
                            image_size=scale.clip.image_size, n_para=scale.n_para, n_multiturn=scale.n_multiturn,
-                           n_cooccur=scale.n_cooccur, reasoned=scale.reasoned)
+                           n_cooccur=scale.n_cooccur, **answer_form(scale))
 
 
 def eval_data(work: Path, scale: Scale, seed: int) -> dict:
@@ -521,7 +528,7 @@ def eval_data(work: Path, scale: Scale, seed: int) -> dict:
     the same either way)."""
     held_out = dict(n_val=scale.n_val, n_test=scale.n_test, n_comp=scale.n_comp, n_text_val=scale.n_text_val,
                     seed=seed, image_size=scale.clip.image_size, n_para=scale.n_para, n_multiturn=scale.n_multiturn,
-                    n_cooccur=scale.n_cooccur, reasoned=scale.reasoned)
+                    n_cooccur=scale.n_cooccur, **answer_form(scale))
     return sw.built_with(work, **held_out) or sw.ensure_built(work, n_train=0, n_text=0, **held_out)
 
 

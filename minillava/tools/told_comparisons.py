@@ -15,7 +15,7 @@ model is tiny-lm as it was before any image (stage 1 freezes it), and `tiny-llav
 tuning (whose chats compared shown objects, never told ones).
 
     python -m minillava.tools.told_comparisons [--start tiny-llava-stage1 tiny-llava] [--steps 2000]
-        [--reasoned [--rows]] [--out data/results/told_comparisons.json]
+        [--reasoned [--rows] [--value-first]] [--out data/results/told_comparisons.json]
 
 `--reasoned` answers step by step instead ('The circle is at the top left and the square is at the bottom, so the
 circle is higher.', `Ctx.reasoned`), and each curve row also scores the answers in parts (`conclusions`). On 2
@@ -72,9 +72,6 @@ def told_stream(seed: int, **form: bool) -> Iterator[Record]:
     before the object (`swq.Ctx.value_first`); the same chats otherwise. Deterministic in `seed`."""
     if set(form) - set(FORMS):
         raise ValueError(f"told comparisons: unknown answer form {sorted(set(form) - set(FORMS))}; known: {FORMS}")
-    if not form.get("reasoned") and any(form.values()):
-        raise ValueError(f"told comparisons: {sorted(k for k, v in form.items() if v)} change the steps of a "
-                         "step-by-step answer, so they need reasoned=True")
     rng, ctx, k = np.random.default_rng([seed, 7]), swq.Ctx(negatives=False, **form), 0
     while True:
         scene = sw.sample_scene(rng)
@@ -196,11 +193,11 @@ def main(argv=None) -> int:
         if v < 1:
             ap.error(f"{name} must be at least 1, got {v}")
     form = {k: getattr(a, k) for k in FORMS}
-    if not a.reasoned and any(form.values()):
-        ap.error(f"{' and '.join('--' + k.replace('_', '-') for k, v in form.items() if v)} change the steps of a "
-                 "step-by-step answer: they need --reasoned")
     torch.manual_seed(0)
-    eval_records = told_chats(a.n_eval, seed=1, **form)  # another stream than training's (seed 0)
+    try:
+        eval_records = told_chats(a.n_eval, seed=1, **form)  # another stream than training's (seed 0)
+    except ValueError as e:  # a step form without --reasoned
+        ap.error(str(e))
     counts = {g: sum(r.meta["qtypes"] == [g] for r in eval_records) for g in (*GROUPS, "count")}
     t0, runs = time.perf_counter(), {}
     for start in a.start:

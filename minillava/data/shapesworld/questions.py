@@ -187,6 +187,11 @@ class Ctx:
     value_first: bool = False  # with `reasoned`: 'which' names the winning value, then the object ('the large one,
     #                            the square, is bigger')
 
+    def __post_init__(self):
+        if (self.rows or self.value_first) and not self.reasoned:
+            raise ValueError(f"rows={self.rows}, value_first={self.value_first}: these change the steps of a "
+                             "step-by-step answer, so they need reasoned=True")
+
 
 def phrasing(rng, ctx: Ctx, qtype: str) -> str:
     """One phrasing of `qtype`: a training one (with `ctx.more`, from the wider pool too), or a held-out one in
