@@ -409,14 +409,14 @@ def q_compare_named(scene, rng, ctx):
             q = phrasing(rng, ctx, _pick(rng, ("compare_which", "compare_yn"))).format(a=rx, b=ry, more=more)
             return q, no_such(fake), "false_premise"
     d = sign * (key(x) - key(y))
-    said = lambda o: _said(o, more, ctx.rows)  # noqa: E731
+    said = lambda o: _said(o, hide, more, ctx.rows)  # noqa: E731
     steps = f"{_cap(rx)} is {said(x)} and {ry} is {said(y)}, so " if ctx.reasoned else ""
     if rng.random() < 0.5:
         q = phrasing(rng, ctx, "compare_which").format(a=rx, b=ry, more=more)
         if steps:
             w, rw = (x, rx) if d > 0 else (y, ry)
             if ctx.value_first:
-                rw = f"the {w.size} one, {rw}," if hide == "size" else f"the one {said(w)}, {rw},"
+                rw = f"the {said(w)} one, {rw}," if hide == "size" else f"the one {said(w)}, {rw},"
             return q, steps + (tie[0].lower() + tie[1:] if d == 0 else f"{rw} is {more}.")
         return q, tie if d == 0 else f"{_cap(rx if d > 0 else ry)}."
     q = _cap(phrasing(rng, ctx, "compare_yn").format(a=rx, b=ry, more=more))
@@ -426,11 +426,11 @@ def q_compare_named(scene, rng, ctx):
 ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "middle", "right")
 
 
-def _said(o: Obj, more: str, rows: bool = False) -> str:
-    """What a step-by-step comparison by `more` says of `o` first: its size ('large') or where it is ('at the top
-    left'); with `rows`, the one line of the grid the comparison needs ('in the top row' for higher or lower, 'in
-    the left column' for further left or right)."""
-    if more in ("bigger", "larger", "smaller"):
+def _said(o: Obj, hide: str, more: str, rows: bool = False) -> str:
+    """What a step-by-step comparison by `more` says of `o` first: its size ('large', when `hide` is "size") or
+    where it is ('at the top left'); with `rows`, the one line of the grid the comparison needs ('in the top row'
+    for higher or lower, 'in the left column' for further left or right)."""
+    if hide == "size":
         return o.size
     if not rows:
         return _where(o.position)
