@@ -117,7 +117,7 @@ negatives: $(STAMP)
 # 73 minutes on 2 CPU cores. Then told_comparisons_reasoned.json: tiny-llava's, on the same comparisons answered
 # step by step; 19 minutes. Then told_comparisons_rows.json: the same, a place said by its row or column; 21 minutes.
 # Then told_comparisons_value_first.json: by row or column, and a "which" answer says the winner's value before naming
-# it; 24 minutes.
+# it; 24 minutes. Then told_comparisons_value_led.json: each value said before its object as well; 28 minutes.
 told-comparisons: $(STAMP)
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.told_comparisons --steps 3000 --out data/results/told_comparisons.json
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.told_comparisons --start tiny-llava --steps 1500 --reasoned \
@@ -126,6 +126,8 @@ told-comparisons: $(STAMP)
 	  --out data/results/told_comparisons_rows.json
 	$(RUN_ENV) $(BIN)/python -m minillava.tools.told_comparisons --start tiny-llava --steps 1500 --reasoned --rows \
 	  --value-first --out data/results/told_comparisons_value_first.json
+	$(RUN_ENV) $(BIN)/python -m minillava.tools.told_comparisons --start tiny-llava --steps 1500 --reasoned --rows \
+	  --value-first --value-led --out data/results/told_comparisons_value_led.json
 
 # Regenerate data/results/reasoned_ablation.json (chapter 7.6): tiny-llava trained again on the first 19,200
 # records of natural-use round 9, as built and with its named comparisons answered step by step, each arm measured

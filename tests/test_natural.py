@@ -386,7 +386,7 @@ def test_told_comparisons_by_rows_say_only_the_line_a_position_needs():
         said.update(re.findall(r"in the (\w+ (?:row|column))", b))
     assert set(said) == {f"{w} row" for w in ("top", "middle", "bottom")} | {
         f"{w} column" for w in ("left", "middle", "right")}, said
-    for form in (dict(rows=True), dict(value_first=True), dict(reasoned=False, rows=True)):
+    for form in (dict(rows=True), dict(value_first=True), dict(value_led=True), dict(reasoned=False, rows=True)):
         with pytest.raises(ValueError, match="need reasoned=True"):
             told_chats(1, seed=3, **form)
     with pytest.raises(ValueError, match="unknown answer form"):
@@ -408,6 +408,24 @@ def test_told_comparisons_value_first_name_the_winning_value_then_the_object(row
         check_answer(q, b, "compare_named", Scene.from_dict(s.meta["scene"]))
         changed += a != b
     assert changed >= 40
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_told_comparisons_value_led_say_each_value_before_its_object(rows):
+    """`Ctx.value_led`: the steps say each value first ('The large one is the square and ...'), and a 'which' with a
+    winner repeats the winner's step word for word before the comparison word, so the same conclusion is reached."""
+    first, led = (told_chats(200, seed=3, reasoned=True, rows=rows, value_first=True, value_led=v) for v in (0, 1))
+    repeated = 0
+    for r, s in zip(first, led, strict=True):
+        assert (r.id, r.messages[0], r.meta) == (s.id, s.messages[0], s.meta)
+        a, b = r.messages[1]["content"], s.messages[1]["content"]
+        assert conclusion(a) == conclusion(b) and (a == b) == (r.meta["qtypes"] == ["count"]), (a, b)
+        check_answer(s.messages[0]["content"].split(". ", 1)[1], b, "compare_named", Scene.from_dict(s.meta["scene"]))
+        if ", which is " in b:
+            steps, said = b.split(", so ")
+            assert said.split(", which is ")[0] in (steps[0].lower() + steps[1:]).split(" and "), b
+            repeated += 1
+    assert repeated >= 40, repeated
 
 
 def test_told_comparisons_tool_measures_a_curve_and_refuses_bad_sizes(tmp_path, capsys):
@@ -433,12 +451,12 @@ def test_told_comparisons_tool_measures_a_curve_and_refuses_bad_sizes(tmp_path, 
     assert "--steps must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         told_comparisons(["--rows", "--value-first", "--out", str(out)])
-    assert "rows=True, value_first=True: these change the steps of a step-by-step answer, so they need " in (
+    assert "rows=True, value_first=True, value_led=False: these change the steps of a step-by-step answer, so " in (
         capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("name", ["told_comparisons", "told_comparisons_reasoned", "told_comparisons_rows",
-                                  "told_comparisons_value_first"])
+                                  "told_comparisons_value_first", "told_comparisons_value_led"])
 def test_the_shipped_told_comparisons_measured_the_shipped_models_on_todays_chats(name):
     """data/results/told_comparisons*.json (chapter 7.6): their held-out chats are the ones the generator draws
     today (one-step or step-by-step answers) and their starts are the shipped weights; a rebuilt zoo needs `make
@@ -447,7 +465,8 @@ def test_the_shipped_told_comparisons_measured_the_shipped_models_on_todays_chat
     form = {k: saved["settings"].get(k, False) for k in FORMS}
     assert [k for k, v in form.items() if v] == {"told_comparisons": [], "told_comparisons_reasoned": ["reasoned"],
                                                  "told_comparisons_rows": ["reasoned", "rows"],
-                                                 "told_comparisons_value_first": list(FORMS)}[name]
+                                                 "told_comparisons_value_first": list(FORMS[:3]),
+                                                 "told_comparisons_value_led": list(FORMS)}[name]
     held_out = told_chats(saved["eval"]["n"], seed=1, **form)
     assert saved["eval"]["example"] == held_out[0].messages
     assert saved["eval"]["by_group"] == dict(Counter(r.meta["qtypes"][0] for r in held_out))
@@ -496,11 +515,12 @@ def test_reasoned_comparisons_say_each_object_first_and_change_nothing_else(spli
         aligned(plain, [*steps[:k], Record(steps[k].id, steps[k].images, wrong, steps[k].meta), *steps[k + 1:]])
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_the_generator_says_steps_by_row_and_value_first_as_the_told_runs_do(split):
+@pytest.mark.parametrize("split,led", [("train", False), ("test", False), ("train", True)])
+def test_the_generator_says_steps_by_row_and_value_first_as_the_told_runs_do(split, led):
     kw = dict(weights=sw.NATURAL_WEIGHTS, more_phrasings=True, short_p=0.35) if split == "train" else {}
     places = generate_records(split, 300, seed=5, reasoned=True, **kw).instruct
-    lines = generate_records(split, 300, seed=5, reasoned=True, rows=True, value_first=True, **kw).instruct
+    lines = generate_records(split, 300, seed=5, reasoned=True, rows=True, value_first=True, value_led=led,
+                             **kw).instruct
     changed = 0
     for r, s in zip(places, lines, strict=True):
         assert (r.id, r.images, r.meta, r.messages[0::2]) == (s.id, s.images, s.meta, s.messages[0::2])
@@ -512,8 +532,9 @@ def test_the_generator_says_steps_by_row_and_value_first_as_the_told_runs_do(spl
     for q, a, t, scene in qa_turns(lines):
         if t == "compare_named" and scene is not None:
             check_answer(q, a, t, scene[0] if isinstance(scene, list) else scene)
-    assert any(" row" in a and ", the " in a.split(", so ")[-1] for _, a, _, _ in qa_turns(lines))
-    for form in (dict(rows=True), dict(value_first=True)):
+    assert any(" row" in a and (", which is " if led else ", the ") in a.split(", so ")[-1]
+               for _, a, _, _ in qa_turns(lines))
+    for form in (dict(rows=True), dict(value_first=True), dict(value_led=True)):
         with pytest.raises(ValueError, match="need reasoned=True"):
             generate_records(split, 1, seed=5, **form)
 

@@ -203,15 +203,20 @@ def check_answer(q: str, a: str, t: str, scene: Scene):
                 key, sign = KEYS[slots["{more}"]]
                 d = sign * (key(x) - key(y))
                 if ", so " in a:  # step by step (`Ctx.reasoned`): each object's size or place, then the conclusion
-                    said = [(o.size if slots["{more}"] in ("bigger", "larger", "smaller") else
-                             line(o.position, slots["{more}"]) if re.search(r" (row|column), so ", a) else
-                             WHERE[o.position]) for o in (x, y)]
+                    size = slots["{more}"] in ("bigger", "larger", "smaller")
+                    said = [(o.size if size else line(o.position, slots["{more}"])
+                             if re.search(r" (row|column)(,| and| is) ", a) else WHERE[o.position]) for o in (x, y)]
                     steps, conclusion = a.split(", so ")
-                    assert steps == f"{slots['{a}'].capitalize()} is {said[0]} and {slots['{b}']} is {said[1]}", (q, a)
+                    refs, values = (slots["{a}"], slots["{b}"]), [f"the {v} one" if size else v for v in said]
+                    led = steps == f"{values[0].capitalize()} is {refs[0]} and {values[1]} is {refs[1]}"  # value_led
+                    assert led or steps == f"{refs[0].capitalize()} is {said[0]} and {refs[1]} is {said[1]}", (q, a)
                     end = f" is {slots['{more}']}."
+                    w = 0 if d > 0 else 1
+                    if led and k == "compare_which" and d != 0 and conclusion.endswith(f", which{end}"):
+                        assert conclusion == f"{values[w]} is {refs[w]}, which{end}", (q, a)  # the winner's step again
+                        conclusion = f"{refs[w]}{end}"
                     if k == "compare_which" and d != 0 and conclusion.endswith(f",{end}"):  # `Ctx.value_first`
-                        size = slots["{more}"] in ("bigger", "larger", "smaller")
-                        value = f"the {said[0 if d > 0 else 1]} one" if size else f"the one {said[0 if d > 0 else 1]}"
+                        value = f"the {said[w]} one" if size else f"the one {said[w]}"
                         assert conclusion.startswith(f"{value}, "), (q, a)  # the winner's value, then the object
                         conclusion = conclusion.removeprefix(f"{value}, ").replace(f",{end}", end)
                     a = (conclusion.removeprefix("the answer is ").capitalize() if k == "compare_yn"
@@ -277,13 +282,16 @@ def test_cli(tmp_path):
     with pytest.raises(SystemExit):  # a step form without step-by-step answers: refused, nothing written
         main([str(tmp_path / "rows"), "--n-train", "1", "--rows", "--value-first"])
     assert not (tmp_path / "rows").exists()
-    manifest = main([str(tmp_path / "steps"), "--n-train", "200", "--n-val", "0", "--n-test", "0", "--n-comp", "0",
-                     "--n-text", "0", "--n-text-val", "0", "--n-para", "0", "--n-multiturn", "0", "--n-cooccur", "0",
-                     "--reasoned", "--rows", "--value-first"])
-    form = ("reasoned", "rows", "value_first")
-    assert {k: manifest["arguments"][k] for k in form} == dict.fromkeys(form, True)
-    said = [m["content"] for r in load_records(tmp_path / "steps" / "instruct_train.json") for m in r.messages[1::2]]
-    assert any(re.search(r" (row|column), so the one in the \w+ (row|column), ", a) for a in said), said
+    small = ["--n-train", "200", "--n-val", "0", "--n-test", "0", "--n-comp", "0", "--n-text", "0", "--n-text-val",
+             "0", "--n-para", "0", "--n-multiturn", "0", "--n-cooccur", "0", "--reasoned", "--rows", "--value-first"]
+    form = ("reasoned", "rows", "value_first", "value_led")
+    for led, said_so in ((False, r" (row|column), so the one in the \w+ (row|column), "),
+                         (True, r"^In the \w+ (row|column) is .*, so in the \w+ (row|column) is .*, which is ")):
+        manifest = main([str(tmp_path / "steps"), *small, *["--value-led"][:led]])
+        assert {k: manifest["arguments"][k] for k in form} == {**dict.fromkeys(form, True), "value_led": led}
+        records = load_records(tmp_path / "steps" / "instruct_train.json")
+        said = [m["content"] for r in records for m in r.messages[1::2]]
+        assert any(re.search(said_so, a) for a in said), said
 
 
 # ------------------------------------------------------------------------------------------------ scenes

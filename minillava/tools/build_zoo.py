@@ -67,6 +67,7 @@ class Scale:
     reasoned: bool = False  # named comparisons answered step by step in every split (`minillava.tools.reasoned`)
     rows: bool = False  # ... with a place said by its row or column (chapter 7.6's told runs)
     value_first: bool = False  # ... with the winner's value said before it is named
+    value_led: bool = False  # ... with each value said before its object
     stage2_natural: dict = field(default_factory=lambda: dict(batch_size=32, micro_batch_size=32, epochs=1.0,
                                                               lr=3e-4, save_every=500))
     caption_docs: int = 4000  # documents of captions, one a line, in the LM's pretraining text (see `lm_corpus`)
@@ -511,7 +512,7 @@ def store_half(folder: Path) -> None:
 
 def answer_form(scale: Scale) -> dict:
     """How `scale` has named comparisons answered, as the generator's arguments (`sw.generate_records`)."""
-    return dict(reasoned=scale.reasoned, rows=scale.rows, value_first=scale.value_first)
+    return dict(reasoned=scale.reasoned, rows=scale.rows, value_first=scale.value_first, value_led=scale.value_led)
 
 
 def build_data(work: Path, scale: Scale, seed: int) -> dict:

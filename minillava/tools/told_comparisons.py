@@ -15,7 +15,7 @@ model is tiny-lm as it was before any image (stage 1 freezes it), and `tiny-llav
 tuning (whose chats compared shown objects, never told ones).
 
     python -m minillava.tools.told_comparisons [--start tiny-llava-stage1 tiny-llava] [--steps 2000]
-        [--reasoned [--rows] [--value-first]] [--out data/results/told_comparisons.json]
+        [--reasoned [--rows] [--value-first] [--value-led]] [--out data/results/told_comparisons.json]
 
 `--reasoned` answers step by step instead ('The circle is at the top left and the square is at the bottom, so the
 circle is higher.', `Ctx.reasoned`), and each curve row also scores the answers in parts (`conclusions`). On 2
@@ -24,8 +24,11 @@ step-by-step file, `--start tiny-llava --steps 1500 --reasoned`, 19 minutes. `--
 of the grid the comparison needs ('The circle is in the top row and the square is in the bottom row, so the circle
 is higher.', `Ctx.rows`): told_comparisons_rows.json, 21 minutes. `--value-first` also says the winner's value
 before naming it in the answer to a 'which' question ('..., so the one in the top row, the circle, is higher.',
-`Ctx.value_first`): told_comparisons_value_first.json (with `--rows`), 24 minutes. Each run keeps its last step's
-size and position answers ("last answers") for reading what fails.
+`Ctx.value_first`): told_comparisons_value_first.json (with `--rows`), 24 minutes. `--value-led` says each value
+before its object, in the steps and in that conclusion ('In the top row is the circle and in the bottom row is the
+square, so in the top row is the circle, which is higher.', `Ctx.value_led`), so naming the winner copies the words
+that followed its value: told_comparisons_value_led.json (with `--rows --value-first`), 26 minutes. Each run keeps
+its last step's size and position answers ("last answers") for reading what fails.
 """
 
 from __future__ import annotations
@@ -62,14 +65,15 @@ def group(question: str) -> str:
     return "count"
 
 
-FORMS = ("reasoned", "rows", "value_first")  # how the answers are said: `swq.Ctx`'s fields of the same names
+FORMS = ("reasoned", "rows", "value_first", "value_led")  # how the answers are said: `swq.Ctx`'s fields
 
 
 def told_stream(seed: int, **form: bool) -> Iterator[Record]:
     """One-turn chats without end: a scene told in words, then a named comparison about it (`q_compare_named`),
     tagged with its `group` as the question type. `form`: reasoned=True answers step by step (`swq.Ctx.reasoned`),
     and then rows=True says a place by its row or column (`swq.Ctx.rows`), value_first=True names the winning value
-    before the object (`swq.Ctx.value_first`); the same chats otherwise. Deterministic in `seed`."""
+    before the object (`swq.Ctx.value_first`), value_led=True says each value before its object
+    (`swq.Ctx.value_led`); the same chats otherwise. Deterministic in `seed`."""
     if set(form) - set(FORMS):
         raise ValueError(f"told comparisons: unknown answer form {sorted(set(form) - set(FORMS))}; known: {FORMS}")
     rng, ctx, k = np.random.default_rng([seed, 7]), swq.Ctx(negatives=False, **form), 0
@@ -187,6 +191,9 @@ def main(argv=None) -> int:
     ap.add_argument("--value-first", action="store_true",
                     help="with --reasoned: 'which' says the winning value, then the object ('so the large one, the "
                          "square, is bigger'; `Ctx.value_first`)")
+    ap.add_argument("--value-led", action="store_true",
+                    help="with --reasoned: each value said before its object, in the steps and in --value-first's "
+                         "conclusion ('the large one is the square, which is bigger'; `Ctx.value_led`)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     for name, v in (("--steps", a.steps), ("--every", a.every), ("--batch", a.batch), ("--n-eval", a.n_eval)):

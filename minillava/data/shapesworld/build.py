@@ -81,15 +81,16 @@ def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: in
           n_text: int = 20000, n_text_val: int = 1000, seed: int = 0, image_size: int = 64,
           kinds=KINDS, n_para: int = 500, n_multiturn: int = 300, n_cooccur: int = 500, negatives: bool = True,
           cooccur: float = 0.0, weights: dict | None = None, short_p: float = 0.2,
-          more_phrasings: bool = False, reasoned: bool = False, rows: bool = False, value_first: bool = False) -> dict:
+          more_phrasings: bool = False, reasoned: bool = False, rows: bool = False, value_first: bool = False,
+          value_led: bool = False) -> dict:
     """Write every dataset under out_dir, atomically, and return the manifest.
 
     ``out_dir/images/*.png``, captions_{train,test}.json, instruct_{split}.json for every split of `SPLITS`,
     text_{train,val}.json (LLaVA JSON, images relative to out_dir) and manifest.json (counts, seed, sizes,
     sha256 of each JSON). Byte-identical for the same arguments. An existing out_dir is replaced only if it is
     empty or a previous build (it has a manifest.json); files with no records are not written. `negatives`,
-    `cooccur`, `weights` (of the kinds), `short_p` and `more_phrasings` apply to the train split, `reasoned`, `rows`
-    and `value_first` to every split (see `generate_records`).
+    `cooccur`, `weights` (of the kinds), `short_p` and `more_phrasings` apply to the train split, `reasoned`, `rows`,
+    `value_first` and `value_led` to every split (see `generate_records`).
     """
     arguments = _arguments(locals())  # first: exactly the parameters
     out_dir = Path(out_dir)
@@ -101,7 +102,7 @@ def build(out_dir: str | Path, n_train: int = 8000, n_val: int = 500, n_test: in
     counts = {"train": n_train, "val": n_val, "test": n_test, "compositional": n_comp, "paraphrase": n_para,
               "multiturn": n_multiturn, "cooccur": n_cooccur}
     data = {s: generate_records(s, n, seed, image_size, kinds, out_dir / "images", reasoned=reasoned,
-                                rows=rows, value_first=value_first,
+                                rows=rows, value_first=value_first, value_led=value_led,
                                 **(dict(negatives=negatives, cooccur=cooccur, weights=weights, short_p=short_p,
                                         more_phrasings=more_phrasings)
                                    if s == "train" else {}))
@@ -155,12 +156,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--value-first", action="store_true",
                    help="with --reasoned: the winner's value said before it is named ('so the large one, the circle, "
                         "is bigger')")
+    p.add_argument("--value-led", action="store_true",
+                   help="with --reasoned: each value said before its object ('the large one is the circle')")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         manifest = build(a.out_dir, a.n_train, a.n_val, a.n_test, a.n_comp, a.n_text, a.n_text_val, a.seed,
                          a.image_size, tuple(a.kinds), a.n_para, a.n_multiturn, a.n_cooccur, reasoned=a.reasoned,
-                         rows=a.rows, value_first=a.value_first)
+                         rows=a.rows, value_first=a.value_first, value_led=a.value_led)
     except (FileExistsError, NotADirectoryError, ValueError) as e:
         p.error(str(e))
     for fname, info in manifest["files"].items():

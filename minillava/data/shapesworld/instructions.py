@@ -277,7 +277,7 @@ def generate_records(split: str, n: int, seed: int = 0, image_size: int = 64, ki
                      image_dir: str | Path = "images", negatives: bool = True,
                      cooccur: float | None = None, weights: dict | None = None, short_p: float = 0.2,
                      more_phrasings: bool = False, reasoned: bool = False, rows: bool = False,
-                     value_first: bool = False) -> SplitData:
+                     value_first: bool = False, value_led: bool = False) -> SplitData:
     """n images of a split -> one caption record and one instruction record each, plus their scenes.
 
     The instruction record's kind is drawn from `kinds` with `weights` (default KIND_WEIGHTS, which gives the
@@ -286,8 +286,8 @@ def generate_records(split: str, n: int, seed: int = 0, image_size: int = 64, ki
     has an image only if it comes at a later turn. `short_p`: the share of short-answer questions that carry
     LLaVA-1.5's suffix; `more_phrasings`: ask `MORE_PHRASINGS` too (a training split only); `reasoned`: answer
     named comparisons step by step (`Ctx.reasoned`; with the suffix, still in a word), with `rows` a place said by
-    its row or column (`Ctx.rows`) and with `value_first` the winner's value said before it is named
-    (`Ctx.value_first`). The "multiturn" split
+    its row or column (`Ctx.rows`), with `value_first` the winner's value said before it is named
+    (`Ctx.value_first`) and with `value_led` each value before its object (`Ctx.value_led`). The "multiturn" split
     makes three instruction records per image instead (`_multiturn`). Records name images as
     `image_dir / name`. negatives: ask false-premise questions (False for the ablation without them);
     cooccur: the co-occurrence bias of the scenes (default: `COOCCUR_P` in the "cooccur" split, else none).
@@ -303,7 +303,7 @@ def generate_records(split: str, n: int, seed: int = 0, image_size: int = 64, ki
         raise ValueError(f"kinds {list(kinds)}: their weights {p.tolist()} must be >= 0 and not all 0")
     if more_phrasings and split != "train":
         raise ValueError(f"more_phrasings: only for the train split, not '{split}' (its phrasings are measured)")
-    Ctx(reasoned=reasoned, rows=rows, value_first=value_first)  # refuses a step form without reasoned
+    Ctx(reasoned=reasoned, rows=rows, value_first=value_first, value_led=value_led)  # a step form needs reasoned
     if not 0 <= short_p <= 1:
         raise ValueError(f"short_p {short_p}: the share of short questions with the suffix, expected 0 to 1")
     bias = (COOCCUR_P if split == "cooccur" else 0.0) if cooccur is None else cooccur
@@ -317,7 +317,7 @@ def generate_records(split: str, n: int, seed: int = 0, image_size: int = 64, ki
         data.scenes[name] = scene
         ctx = Ctx(exclude, tuple(o for o in scene.objects if (o.color, o.shape) in require),
                   paraphrase=split == "paraphrase", negatives=negatives, more=more_phrasings, reasoned=reasoned,
-                  rows=rows, value_first=value_first)
+                  rows=rows, value_first=value_first, value_led=value_led)
         instr = _pick(rng, BRIEF_INSTRUCTIONS)
         user = f"{IMAGE}\n{instr}" if rng.random() < 0.5 else f"{instr}\n{IMAGE}"
         data.captions.append(Record(f"cap-{split}-{i:06d}", [image_dir / name],

@@ -186,11 +186,14 @@ class Ctx:
     rows: bool = False  # with `reasoned`: a place said by its row or column ('in the top row'), not by its name
     value_first: bool = False  # with `reasoned`: 'which' names the winning value, then the object ('the large one,
     #                            the square, is bigger')
+    value_led: bool = False  # with `reasoned`: each value said before its object ('the large one is the square'), in
+    #                          the steps and in value_first's conclusion ('so the large one is the square, which is
+    #                          bigger'): naming the winner copies what followed its value, forwards
 
     def __post_init__(self):
-        if (self.rows or self.value_first) and not self.reasoned:
-            raise ValueError(f"rows={self.rows}, value_first={self.value_first}: these change the steps of a "
-                             "step-by-step answer, so they need reasoned=True")
+        if (self.rows or self.value_first or self.value_led) and not self.reasoned:
+            raise ValueError(f"rows={self.rows}, value_first={self.value_first}, value_led={self.value_led}: these "
+                             "change the steps of a step-by-step answer, so they need reasoned=True")
 
 
 def phrasing(rng, ctx: Ctx, qtype: str) -> str:
@@ -410,11 +413,15 @@ def q_compare_named(scene, rng, ctx):
             return q, no_such(fake), "false_premise"
     d = sign * (key(x) - key(y))
     said = lambda o: _said(o, hide, more, ctx.rows)  # noqa: E731
-    steps = f"{_cap(rx)} is {said(x)} and {ry} is {said(y)}, so " if ctx.reasoned else ""
+    value = lambda o: f"the {said(o)} one" if hide == "size" else said(o)  # noqa: E731  # said as a subject
+    step = (lambda o, r: f"{value(o)} is {r}") if ctx.value_led else (lambda o, r: f"{r} is {said(o)}")  # noqa: E731
+    steps = f"{_cap(step(x, rx))} and {step(y, ry)}, so " if ctx.reasoned else ""
     if rng.random() < 0.5:
         q = phrasing(rng, ctx, "compare_which").format(a=rx, b=ry, more=more)
         if steps:
             w, rw = (x, rx) if d > 0 else (y, ry)
+            if d and ctx.value_first and ctx.value_led:  # the winner's step again, word for word
+                return q, steps + f"{step(w, rw)}, which is {more}."
             if ctx.value_first:
                 rw = f"the {said(w)} one, {rw}," if hide == "size" else f"the one {said(w)}, {rw},"
             return q, steps + (tie[0].lower() + tie[1:] if d == 0 else f"{rw} is {more}.")
@@ -449,7 +456,8 @@ def conclusion(answer: str) -> str:
     """What a step-by-step comparison concludes, said as the one-step answer says it: the object it names ('...,
     so the red square is bigger.' -> 'The red square.'), yes or no ('..., so the answer is no.' -> 'No.') or the
     tie ('..., so they are the same size.' -> 'They are the same size.'); with `Ctx.value_first`, the object after
-    its value ('..., so the large one, the red square, is bigger.' -> 'The red square.'). The comparison word is
+    its value ('..., so the large one, the red square, is bigger.' -> 'The red square.'; with `Ctx.value_led` too,
+    '..., so the large one is the red square, which is bigger.' -> 'The red square.'). The comparison word is
     dropped, as the one-step answer has none. Any other answer is returned as it is."""
     parts = reasoning(answer)
     if parts is None:
@@ -459,6 +467,8 @@ def conclusion(answer: str) -> str:
         return _cap(said.removeprefix("the answer is "))
     if said.startswith("they "):
         return _cap(said)
+    if ", which is " in said:  # with `Ctx.value_led` too: 'the large one is the square, which is bigger.'
+        return _cap(said.split(", which is ")[0].rsplit(" is ", 1)[1]) + "."
     named = said.rsplit(" is ", 1)[0]  # with `Ctx.value_first`: 'the large one, the square,'
     return _cap(named.rstrip(",").split(", ")[-1]) + "."
 
