@@ -23,6 +23,7 @@ from minillava.data.shapesworld import (
 )
 from minillava.data.shapesworld.questions import conclusion
 from minillava.evaluation import questions
+from minillava.tools import build_zoo
 from minillava.tools.negatives import drop_negatives
 from minillava.tools.reasoned import aligned
 from minillava.tools.reasoned import main as reasoned_ablation
@@ -371,6 +372,10 @@ def test_told_comparisons_step_by_step_are_the_same_chats_and_score_their_conclu
         "The circle is large and the square is large, so the square is bigger.",  # a wrong step, a right conclusion
         "The square.", "The circle is small and the square is large, so the circle is bigger.")]
     assert conclusions(rows) == {"size conclusion": 2 / 3, "size steps": 1 / 3, "size conclusion, steps right": 0.0}
+    led = ("The small one is the circle and the large one is the square, so the large one is the square, which is "
+           "bigger.")
+    assert conclusion(led) == "The square." == conclusion(f"{reference[:-len(' is bigger.')]}, which is bigger.")
+    assert conclusion("The circle is small and the square is large, so the square, which is bigger.") == "The square."
 
 
 def test_told_comparisons_by_rows_say_only_the_line_a_position_needs():
@@ -410,21 +415,28 @@ def test_told_comparisons_value_first_name_the_winning_value_then_the_object(row
     assert changed >= 40
 
 
-@pytest.mark.parametrize("rows", [False, True])
-def test_told_comparisons_value_led_say_each_value_before_its_object(rows):
-    """`Ctx.value_led`: the steps say each value first ('The large one is the square and ...'), and a 'which' with a
-    winner repeats the winner's step word for word before the comparison word, so the same conclusion is reached."""
-    first, led = (told_chats(200, seed=3, reasoned=True, rows=rows, value_first=True, value_led=v) for v in (0, 1))
+@pytest.mark.parametrize("rows,first", [(False, True), (True, True), (True, False)])
+def test_told_comparisons_value_led_say_each_value_before_its_object(rows, first):
+    """`Ctx.value_led`: the steps say each value first ('The large one is the square and ...'); with value_first a
+    'which' with a winner repeats the winner's step word for word before the comparison word, without it names the
+    winner as the object-first steps do; the same conclusion either way."""
+    before, led = (told_chats(200, seed=3, reasoned=True, rows=rows, value_first=first, value_led=v) for v in (0, 1))
     repeated = 0
-    for r, s in zip(first, led, strict=True):
+    for r, s in zip(before, led, strict=True):
         assert (r.id, r.messages[0], r.meta) == (s.id, s.messages[0], s.meta)
         a, b = r.messages[1]["content"], s.messages[1]["content"]
         assert conclusion(a) == conclusion(b) and (a == b) == (r.meta["qtypes"] == ["count"]), (a, b)
         check_answer(s.messages[0]["content"].split(". ", 1)[1], b, "compare_named", Scene.from_dict(s.meta["scene"]))
-        if ", which is " in b:
-            steps, said = b.split(", so ")
-            assert said.split(", which is ")[0] in (steps[0].lower() + steps[1:]).split(" and "), b
-            repeated += 1
+        if r.meta["qtypes"] == ["count"]:
+            continue
+        steps, said = b.split(", so ")
+        winner = not said.startswith(("the answer is ", "they "))
+        assert (", which is " in said) == (winner and first), b  # every winner, in the form asked
+        assert not (winner and first) or said.partition(", which is ")[0] in (
+            steps[0].lower() + steps[1:]).split(" and "), b  # the winner's step again, word for word
+        if not first:
+            assert said == a.split(", so ")[1], (a, b)  # the conclusion as the object-first steps say it
+        repeated += winner
     assert repeated >= 40, repeated
 
 
@@ -525,7 +537,7 @@ def test_the_generator_says_steps_by_row_and_value_first_as_the_told_runs_do(spl
     for r, s in zip(places, lines, strict=True):
         assert (r.id, r.images, r.meta, r.messages[0::2]) == (s.id, s.images, s.meta, s.messages[0::2])
         for m, n, t in zip(r.messages[1::2], s.messages[1::2], r.meta["qtypes"], strict=True):
-            if m != n:  # a position's steps, or a 'which' answer naming the winner's value first
+            if m != n:  # a position's steps (with led, every step), or a 'which' naming the winner's value first
                 assert t in ("compare_named", "context") and conclusion(m["content"]) == conclusion(n["content"])
                 changed += 1
     assert changed >= 5, changed
@@ -537,6 +549,18 @@ def test_the_generator_says_steps_by_row_and_value_first_as_the_told_runs_do(spl
     for form in (dict(rows=True), dict(value_first=True), dict(value_led=True)):
         with pytest.raises(ValueError, match="need reasoned=True"):
             generate_records(split, 1, seed=5, **form)
+
+
+def test_a_zoo_scale_builds_its_rounds_in_any_step_form_the_told_runs_measure():
+    """`build_zoo.Scale`'s answer form names every step form of the told runs, and the generator takes it as is."""
+    from dataclasses import replace
+
+    scale = replace(build_zoo.TOY, reasoned=True, rows=True, value_led=True)
+    form = build_zoo.answer_form(scale)
+    assert form == {**dict.fromkeys(FORMS, True), "value_first": False}
+    said = [a for _, a, t, _ in qa_turns(generate_records("train", 300, seed=5, **form).instruct)
+            if t == "compare_named" and ", so " in a]
+    assert said and all(re.match(r"(In the \w+ (row|column)|At |On |The (small|large) one) ", a) for a in said), said
 
 
 def test_the_shipped_reasoned_ablation_started_from_the_shipped_model_on_todays_splits():

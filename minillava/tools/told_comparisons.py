@@ -27,7 +27,7 @@ before naming it in the answer to a 'which' question ('..., so the one in the to
 `Ctx.value_first`): told_comparisons_value_first.json (with `--rows`), 24 minutes. `--value-led` says each value
 before its object, in the steps and in that conclusion ('In the top row is the circle and in the bottom row is the
 square, so in the top row is the circle, which is higher.', `Ctx.value_led`), so naming the winner copies the words
-that followed its value: told_comparisons_value_led.json (with `--rows --value-first`), 26 minutes. Each run keeps
+that followed its value: told_comparisons_value_led.json (with `--rows --value-first`), 28 minutes. Each run keeps
 its last step's size and position answers ("last answers") for reading what fails.
 """
 

@@ -468,7 +468,7 @@ def conclusion(answer: str) -> str:
     if said.startswith("they "):
         return _cap(said)
     if ", which is " in said:  # with `Ctx.value_led` too: 'the large one is the square, which is bigger.'
-        return _cap(said.split(", which is ")[0].rsplit(" is ", 1)[1]) + "."
+        return _cap(said.partition(", which is ")[0].split(" is ", 1)[-1]) + "."  # (a value holds no ' is ')
     named = said.rsplit(" is ", 1)[0]  # with `Ctx.value_first`: 'the large one, the square,'
     return _cap(named.rstrip(",").split(", ")[-1]) + "."
 
